@@ -1,0 +1,47 @@
+# Switchboard: every target does its own set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 50051
+METRICS_PORT ?= 9400
+SERVE_ARGS ?=
+
+.PHONY: setup model serve test test-slow lint format protos bench soak clean
+
+$(STAMP): requirements/cpu.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/cpu.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(PY) -m server.model_store
+
+serve: model
+	$(VENV)/bin/switchboard serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+
+protos: setup
+	$(PY) protos/generate.py
+
+test: model lint
+	$(PY) -m pytest -q
+
+test-slow: model
+	$(PY) -m pytest -q -m slow
+
+bench: model
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache
