@@ -1,0 +1,157 @@
+"""Proto <-> domain conversion, with every field validated against the server's limits."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+import grpc
+
+from server.api.errors import InvalidArgument
+from server.config import Limits
+from server.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    StoppingParams,
+    Timings,
+)
+from switchboard.v1 import switchboard_pb2 as pb
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class RequestConverter:
+    def __init__(self, tokenizer, vocab_size: int, max_seq_len: int, limits: Limits) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.limits = limits
+
+    # ---- inputs -------------------------------------------------------------------
+    def prompt_ids(self, msg) -> list[int]:
+        """The token ids of a GenerateRequest's or TokenizeRequest's input."""
+        kind = msg.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgument("input is empty: set one of prompt, messages, token_ids")
+        if kind == "prompt":
+            if not msg.prompt:
+                raise InvalidArgument("input.prompt is empty")
+            self._check_chars("input.prompt", len(msg.prompt))
+            return list(self.tokenizer.encode(msg.prompt))
+        if kind == "messages":
+            return self._chat_ids(msg.messages)
+        ids = list(msg.token_ids.ids)
+        if not ids:
+            raise InvalidArgument("input.token_ids is empty")
+        bad = [i for i in ids if i >= self.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"input.token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})"
+            )
+        return ids
+
+    def _chat_ids(self, chat) -> list[int]:
+        if not chat.messages:
+            raise InvalidArgument("input.messages is empty")
+        messages = []
+        total = 0
+        for i, m in enumerate(chat.messages):
+            if m.role not in _ROLES:
+                raise InvalidArgument(
+                    f"input.messages[{i}].role {m.role!r} is not one of {', '.join(_ROLES)}"
+                )
+            total += len(m.content)
+            messages.append({"role": m.role, "content": m.content})
+        self._check_chars("input.messages", total)
+        add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        try:
+            out = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_prompt, tokenize=True
+            )
+        except Exception as e:  # template errors (e.g. roles out of order) are the caller's
+            raise InvalidArgument(f"input.messages cannot be rendered: {e}") from e
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return list(ids)
+
+    def _check_chars(self, field: str, n: int) -> None:
+        if n > self.limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"{field} has {n} characters; the limit is {self.limits.max_prompt_chars}"
+            )
+
+    # ---- GenerateRequest ----------------------------------------------------------
+    def generation_request(self, msg: pb.GenerateRequest, context) -> GenerationRequest:
+        lim = self.limits
+        s, st = msg.sampling, msg.stopping
+        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= 100):
+            raise InvalidArgument(f"sampling.temperature must be in [0, 100] (got {s.temperature})")
+        top_p = s.top_p or 1.0
+        if not (math.isfinite(s.top_p) and 0 < top_p <= 1):
+            raise InvalidArgument(f"sampling.top_p must be in (0, 1] (got {s.top_p})")
+        if s.top_k > self.vocab_size:
+            raise InvalidArgument(
+                f"sampling.top_k {s.top_k} is greater than the vocabulary size {self.vocab_size}"
+            )
+        rep = s.repetition_penalty or 1.0
+        if not (math.isfinite(s.repetition_penalty) and 0 < rep <= 10):
+            raise InvalidArgument(
+                f"sampling.repetition_penalty must be in (0, 10] (got {s.repetition_penalty})"
+            )
+        max_new = st.max_new_tokens or lim.default_max_new_tokens
+        if max_new > lim.max_new_tokens:
+            raise InvalidArgument(
+                f"stopping.max_new_tokens {max_new} is greater than the limit {lim.max_new_tokens}"
+            )
+        if len(st.stop_sequences) > lim.max_stop_sequences:
+            raise InvalidArgument(
+                f"stopping.stop_sequences has {len(st.stop_sequences)} entries; "
+                f"the limit is {lim.max_stop_sequences}"
+            )
+        for i, seq in enumerate(st.stop_sequences):
+            if not seq:
+                raise InvalidArgument(f"stopping.stop_sequences[{i}] is empty")
+            if len(seq) > lim.max_stop_sequence_chars:
+                raise InvalidArgument(
+                    f"stopping.stop_sequences[{i}] has {len(seq)} characters; "
+                    f"the limit is {lim.max_stop_sequence_chars}"
+                )
+        ids = self.prompt_ids(msg)
+        if len(ids) + max_new > self.max_seq_len:
+            raise InvalidArgument(
+                f"input has {len(ids)} tokens and stopping.max_new_tokens is {max_new}: "
+                f"together {len(ids) + max_new}, more than the context limit {self.max_seq_len}"
+            )
+        remaining = context.time_remaining() if context is not None else None
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return GenerationRequest(
+            request_id=msg.request_id or uuid.uuid4().hex,
+            prompt_ids=ids,
+            adapter_id=msg.adapter_id,
+            sampling=SamplingParams(
+                temperature=s.temperature, top_p=top_p, top_k=s.top_k,
+                repetition_penalty=rep, seed=s.seed if s.HasField("seed") else None,
+            ),
+            stopping=StoppingParams(max_new, tuple(st.stop_sequences), st.ignore_eos),
+            logprobs=msg.response.logprobs,
+            deadline=deadline,
+        )
+
+
+def timings_pb(t: Timings) -> pb.Timings:
+    return pb.Timings(
+        queue_seconds=t.queue_seconds,
+        time_to_first_token_seconds=t.time_to_first_token_seconds,
+        total_seconds=t.total_seconds,
+    )
+
+
+def grpc_code_name(code: grpc.StatusCode) -> str:
+    return code.name

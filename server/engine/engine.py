@@ -1,0 +1,378 @@
+"""The PyTorch engine: continuous batching over one resident base model with per-row
+adapters. A single engine thread owns the model, the KV cache and the slot tables; other
+threads only submit requests and read events."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.adapters.lora import AdapterError
+from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
+from server.adapters.slots import LoraHooks, LoraSlotTable
+from server.engine.detokenizer import TextStream
+from server.engine.model import KVCache, StepInputs, load_model
+from server.engine.sampling import select_tokens
+from server.engine.types import (
+    EngineError,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    RequestHandle,
+    Timings,
+    TokenEvent,
+)
+from server.model_store import model_fingerprint
+from server.scheduler.scheduler import (
+    Entry,
+    QueueFullError,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    StepPlan,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    max_batch_size: int = 32
+    max_tokens_per_step: int = 512
+    max_queue: int = 1024
+    max_seq_len: int = 2048
+    kv_cache_bytes: int = 3 << 30
+    max_active_adapters: int = 16
+    max_lora_rank: int = 16
+    allow_pickle: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16, float16") from None
+
+
+class _State:
+    """Engine-side state of one request (Sequence.payload)."""
+
+    def __init__(self, req, handle, entry, stream, generator) -> None:
+        self.req: GenerationRequest = req
+        self.handle: RequestHandle = handle
+        self.entry: AdapterEntry | None = entry
+        self.slot: int | None = None
+        self.stream: TextStream = stream
+        self.generator: torch.Generator | None = generator
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+
+
+class Engine:
+    def __init__(self, model_dir: Path | str, adapter_root: Path, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = load_model(model_dir, self.dtype, self.device)
+        self.spec = self.model.spec
+        self.max_seq_len = min(config.max_seq_len, self.spec.max_positions)
+        self.model.build_rope(self.max_seq_len)
+        per_row = KVCache.bytes_per_token(self.spec, self.dtype) * self.max_seq_len
+        rows = min(config.max_batch_size, config.kv_cache_bytes // per_row)
+        if rows < 1:
+            raise ValueError(
+                f"kv cache memory {config.kv_cache_bytes} bytes holds no row of "
+                f"{self.max_seq_len} tokens ({per_row} bytes); raise --kv-cache-memory "
+                "or lower --max-seq-len"
+            )
+        self.kv = KVCache(self.spec, rows, self.max_seq_len, self.dtype, self.device)
+        self.table = LoraSlotTable(self.spec, config.max_active_adapters, config.max_lora_rank,
+                                   self.dtype, self.device)
+        self.fingerprint = model_fingerprint(model_dir)
+        self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
+                                        allow_pickle=config.allow_pickle)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch_size=rows,
+            max_tokens_per_step=max(config.max_tokens_per_step, rows),
+            max_queue=config.max_queue,
+            kv_rows=rows,
+        ))
+        self.eos_ids = self._eos_ids()
+        self.metrics = None  # set by the app: server.metrics.ServerMetrics
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- public interface (shared with other engines) ----------------------------------
+    @property
+    def max_batch_size(self) -> int:
+        return self.kv.rows
+
+    def memory(self) -> dict[str, int]:
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        adapters = sum(e.size_bytes for e in self.registry.entries())
+        return {"base_model": weights, "kv_cache": self.kv.nbytes,
+                "adapter_slots": self.table.nbytes, "adapters_host": adapters}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.scheduler.has_work.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def submit(self, req: GenerationRequest) -> RequestHandle:
+        entry = None
+        if req.adapter_id:
+            try:
+                entry = self.registry.get(req.adapter_id)
+            except AdapterNotFoundError as e:
+                raise EngineError("NOT_FOUND", str(e)) from None
+        handle = RequestHandle(req.request_id, req.adapter_id, entry.version if entry else "")
+        generator = None
+        if not req.sampling.greedy:
+            seed = req.sampling.seed
+            if seed is None:
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        state = _State(req, handle, entry, TextStream(self.tokenizer, req.stopping.stop_sequences),
+                       generator)
+        seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
+
+        def cancel() -> None:
+            seq.cancelled = True
+            self.scheduler.has_work.set()
+
+        handle._cancel = cancel
+        try:
+            self.scheduler.submit(seq)
+        except QueueFullError as e:
+            raise EngineError("RESOURCE_EXHAUSTED", str(e)) from None
+        return handle
+
+    def warmup(self) -> None:
+        """One short generation through the whole path before the server reports SERVING."""
+        from server.engine.types import StoppingParams
+
+        ids = self.tokenizer.encode("Hello")[:8] or [0]
+        handle = self.submit(GenerationRequest("warmup", ids,
+                                               stopping=StoppingParams(4, ignore_eos=True)))
+        while True:
+            ev = handle.events.get(timeout=300)
+            if isinstance(ev, ErrorEvent):
+                raise RuntimeError(f"warm-up failed: {ev.message}")
+            if isinstance(ev, FinishEvent):
+                return
+
+    # ---- engine thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping.is_set():
+            if not self.scheduler.has_work.wait(timeout=0.5):
+                continue
+            plan = self.scheduler.schedule(self._can_admit)
+            for seq in plan.dropped:
+                self._finish_dropped(seq)
+            if not plan.entries:
+                if plan.dropped:
+                    continue
+                time.sleep(0.001)  # waiting requests that cannot be admitted yet
+                continue
+            try:
+                self._run(plan)
+            except Exception as e:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                for entry in plan.entries:
+                    self._fail(entry.seq, "INTERNAL", f"engine step failed: {e}")
+            self._report_gauges()
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        state: _State = seq.payload
+        if state.entry is None:
+            return True
+        slot = self.registry.acquire(state.entry)
+        if slot is None:
+            return False
+        state.slot = slot
+        return True
+
+    def _run(self, plan: StepPlan) -> None:
+        t0 = time.perf_counter()
+        # Tokens ordered by adapter slot (base model first): each slot is one segment.
+        entries = sorted(plan.entries, key=lambda e: -1 if e.seq.payload.slot is None
+                         else e.seq.payload.slot)
+        ids, pos, rows = [], [], []
+        dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
+        segments: list[list[int]] = []
+        for e in entries:
+            seq, start = e.seq, len(ids)
+            ids.extend(seq.token_at(i) for i in range(e.start, e.start + e.n))
+            pos.extend(range(e.start, e.start + e.n))
+            rows.extend([seq.row] * e.n)
+            if e.n == 1:
+                dec_tok.append(start)
+                dec_rows.append(seq.row)
+                dec_lens.append(e.start + 1)
+            else:
+                prefill.append((start, start + e.n, seq.row, e.start))
+            slot = seq.payload.slot
+            if slot is not None:
+                if segments and segments[-1][0] == slot:
+                    segments[-1][2] = start + e.n
+                else:
+                    segments.append([slot, start, start + e.n])
+            if e.samples:
+                sample_idx.append(start + e.n - 1)
+                sampled.append(e)
+        dev = self.device
+        step = StepInputs(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(pos, device=dev),
+            rows=torch.tensor(rows, device=dev),
+            decode_tok=torch.tensor(dec_tok, dtype=torch.long, device=dev),
+            decode_rows=torch.tensor(dec_rows, dtype=torch.long, device=dev),
+            decode_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
+            prefill=prefill,
+            sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
+        )
+        hooks = LoraHooks(self.table, [tuple(s) for s in segments]) if segments else None
+        logits = self.model(step, self.kv, hooks)
+        self.scheduler.advance(plan)
+        if sampled:
+            self._sample(sampled, logits)
+        if self.metrics is not None:
+            self.metrics.observe_step(len(entries), len(ids), time.perf_counter() - t0)
+
+    def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
+        states: list[_State] = [e.seq.payload for e in sampled]
+        params = [s.req.sampling for s in states]
+        histories = [
+            (e.seq.prompt_ids + e.seq.output_ids) if p.repetition_penalty != 1.0 else None
+            for e, p in zip(sampled, params, strict=True)
+        ]
+        tokens, logprobs = select_tokens(
+            logits.cpu(), params, histories, [s.generator for s in states],
+            [s.req.logprobs for s in states],
+        )
+        now = time.monotonic()
+        for e, state, tok, lp in zip(sampled, states, tokens, logprobs, strict=True):
+            seq = e.seq
+            seq.output_ids.append(tok)
+            if state.first_token is None:
+                state.first_token = now
+            stop = state.req.stopping
+            reason = None
+            if tok in self.eos_ids and not stop.ignore_eos:
+                reason = FinishReason.EOS
+                text = ""
+            else:
+                text = state.stream.push(tok)
+                if state.stream.stopped:
+                    reason = FinishReason.STOP_SEQUENCE
+            if reason is None and len(seq.output_ids) >= stop.max_new_tokens:
+                reason = FinishReason.LENGTH
+            if reason is None and seq.num_tokens >= self.max_seq_len:
+                reason = FinishReason.LENGTH
+            state.handle.events.put(TokenEvent(text, [tok], [lp] if lp is not None else []))
+            if reason is not None:
+                self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        state: _State = seq.payload
+        self.scheduler.finish(seq)
+        self._release(state)
+        now = time.monotonic()
+        started = seq.first_scheduled or now
+        timings = Timings(
+            queue_seconds=started - state.arrival,
+            time_to_first_token_seconds=(state.first_token or now) - state.arrival,
+            total_seconds=now - state.arrival,
+        )
+        tail = state.stream.flush() if reason != FinishReason.STOP_SEQUENCE else ""
+        state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids), len(seq.output_ids),
+                                            timings, tail))
+
+    def _finish_dropped(self, seq: Sequence) -> None:
+        state: _State = seq.payload
+        self._release(state)
+        if seq.cancelled:
+            self._finish_cancelled(seq)
+        else:
+            waited = time.monotonic() - state.arrival
+            state.handle.events.put(ErrorEvent(
+                "DEADLINE_EXCEEDED",
+                f"deadline exceeded after {waited:.3f}s with {len(seq.output_ids)} tokens "
+                f"generated ({'waiting for a slot' if seq.first_scheduled is None else 'running'})",
+            ))
+
+    def _finish_cancelled(self, seq: Sequence) -> None:
+        state: _State = seq.payload
+        now = time.monotonic()
+        timings = Timings(total_seconds=now - state.arrival)
+        state.handle.events.put(FinishEvent(FinishReason.CANCELLED, len(seq.prompt_ids),
+                                            len(seq.output_ids), timings))
+
+    def _fail(self, seq: Sequence, code: str, message: str) -> None:
+        self.scheduler.finish(seq)
+        self._release(seq.payload)
+        seq.payload.handle.events.put(ErrorEvent(code, message))
+
+    def _release(self, state: _State) -> None:
+        if state.entry is not None and state.slot is not None:
+            self.registry.release(state.entry)
+            state.slot = None
+
+    def _report_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        running, waiting = self.scheduler.counts()
+        self.metrics.set_requests(running, waiting)
+        used = sum(s.num_tokens for s in list(self.scheduler.running))
+        self.metrics.set_kv_cache_usage(used / (self.kv.rows * self.kv.max_len))
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(str(self.model_dir))
+            eos = gen.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+
+def load_engine_adapters(engine: Engine) -> list[str]:
+    """Scan the adapter root at start; return the ids that failed to load."""
+    try:
+        return engine.registry.scan()
+    except AdapterError as e:
+        log.error("adapter scan failed: %s", e)
+        return []

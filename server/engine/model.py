@@ -1,0 +1,308 @@
+"""A Llama-family decoder written for serving: packed tokens, a slot KV cache, adapter hooks.
+
+The model has no generation logic. `forward` takes one step's packed tokens (rows in
+prefill and rows in decode mixed, sorted by adapter slot) and returns logits for the
+positions that need a next token. Adapters are applied by an `AdapterHooks` object that
+the engine passes in; the model only says where ("qkv", "o", "gate_up", "down").
+Weights come from any Hugging Face LlamaForCausalLM directory (Llama, SmolLM, Mistral
+without sliding window, ...); q/k/v and gate/up are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class ModelLoadError(Exception):
+    """A model directory that cannot be served; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_positions: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> ModelSpec:
+        archs = getattr(cfg, "architectures", None) or []
+        if not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ModelLoadError(
+                f"architecture {archs} is not supported (supported: {SUPPORTED_ARCHITECTURES})"
+            )
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+        if getattr(cfg, "sliding_window", None):
+            raise ModelLoadError("sliding-window attention is not supported")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            rms_norm_eps=cfg.rms_norm_eps,
+            max_positions=cfg.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(cfg, "attention_bias", False)),
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        )
+
+
+class AdapterHooks(Protocol):
+    """Adds per-row adapter effects; the engine implements it for the current step."""
+
+    def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[rows] += delta(x[rows]) for each adapter segment (in place)."""
+
+
+@dataclass
+class StepInputs:
+    """One step's packed tokens. T = tokens in the step; tokens of a row are contiguous.
+
+    input_ids [T]; positions [T]; rows [T] (KV-cache row of each token);
+    decode_tok [Bd] indices of single-token (decode) entries, decode_rows [Bd] their rows;
+    prefill: (tok_start, tok_end, row, pos_start) per multi-token chunk;
+    kv_len_max: longest cache length after this step among decode rows;
+    sample_idx [R] token indices whose logits are returned.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+    decode_tok: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_lens: torch.Tensor
+    prefill: list[tuple[int, int, int, int]]
+    sample_idx: torch.Tensor
+    input_embeds: torch.Tensor | None = None  # [T, hidden] overrides input_ids where given
+
+
+class KVCache:
+    """Per-row KV cache allocated once: k[layer], v[layer] of [rows, kv_heads, max_len, dim]."""
+
+    def __init__(self, spec: ModelSpec, rows: int, max_len: int, dtype, device) -> None:
+        shape = (rows, spec.num_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.rows = rows
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @staticmethod
+    def bytes_per_token(spec: ModelSpec, dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        h = spec.hidden_size
+        self.input_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.qkv = nn.Linear(h, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
+        self.o = nn.Linear(spec.q_size, h, bias=spec.attention_bias)
+        self.post_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.gate_up = nn.Linear(h, 2 * spec.intermediate_size, bias=spec.mlp_bias)
+        self.down = nn.Linear(spec.intermediate_size, h, bias=spec.mlp_bias)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec, inv_freq: torch.Tensor, rope_scaling: float) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.rope_scaling = rope_scaling
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def build_rope(self, max_len: int) -> None:
+        """cos/sin tables [max_len, head_dim], computed as HF does (fp32, then cast)."""
+        pos = torch.arange(max_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.embed.weight.dtype
+        self.cos = (emb.cos() * self.rope_scaling).to(dtype)
+        self.sin = (emb.sin() * self.rope_scaling).to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs, kv: KVCache, hooks: AdapterHooks | None) -> torch.Tensor:
+        spec = self.spec
+        x = self.embed(step.input_ids) if step.input_embeds is None else step.input_embeds
+        cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[step.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_norm(x)
+            qkv = layer.qkv(h)
+            if hooks is not None:
+                hooks.linear(i, "qkv", h, qkv)
+            q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+            q = _rope(q.view(-1, spec.num_heads, spec.head_dim), cos, sin)
+            k = _rope(k.view(-1, spec.num_kv_heads, spec.head_dim), cos, sin)
+            v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+            kc, vc = kv.k[i], kv.v[i]
+            kc[step.rows, :, step.positions] = k
+            vc[step.rows, :, step.positions] = v
+            attn = self._attention(q, kc, vc, step)
+            o = layer.o(attn)
+            if hooks is not None:
+                hooks.linear(i, "o", attn, o)
+            x = x + o
+            h = layer.post_norm(x)
+            gu = layer.gate_up(h)
+            if hooks is not None:
+                hooks.linear(i, "gate_up", h, gu)
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = layer.down(act)
+            if hooks is not None:
+                hooks.linear(i, "down", act, down)
+            x = x + down
+        x = self.norm(x[step.sample_idx])
+        return self.lm_head(x)
+
+    def _attention(self, q, kc, vc, step: StepInputs) -> torch.Tensor:
+        """q [T, H, D] -> [T, H*D]; keys/values read from the cache rows (no copies)."""
+        spec = self.spec
+        n_tok = q.shape[0]
+        out = q.new_empty(n_tok, spec.num_heads, spec.head_dim)
+        groups = spec.num_heads // spec.num_kv_heads
+        scale = spec.head_dim**-0.5
+        if step.decode_tok.numel():
+            # Decode rows: one batched attention over the cache rows [0, n_rows) in place.
+            n_rows = int(step.decode_rows.max()) + 1
+            kv_len = int(step.decode_lens.max())
+            qd = q.new_zeros(n_rows, spec.num_heads, spec.head_dim)
+            qd[step.decode_rows] = q[step.decode_tok]
+            qd = qd.view(n_rows, spec.num_kv_heads, groups, spec.head_dim)
+            keys = kc[:n_rows, :, :kv_len]  # [n, KV, L, D] view
+            vals = vc[:n_rows, :, :kv_len]
+            scores = torch.matmul(qd, keys.transpose(-1, -2)) * scale  # [n, KV, G, L]
+            lens = torch.ones(n_rows, dtype=torch.long, device=q.device)
+            lens[step.decode_rows] = step.decode_lens
+            pad = torch.arange(kv_len, device=q.device)[None, :] >= lens[:, None]
+            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            od = torch.matmul(probs, vals).view(n_rows, spec.num_heads, spec.head_dim)
+            out[step.decode_tok] = od[step.decode_rows]
+        for start, end, row, pos0 in step.prefill:
+            n = end - start
+            total = pos0 + n
+            qp = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            keys = kc[row : row + 1, :, :total]
+            vals = vc[row : row + 1, :, :total]
+            mask = None
+            if pos0 > 0:  # causal with an offset: query i sees keys <= pos0 + i
+                mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(pos0)
+            o = F.scaled_dot_product_attention(
+                qp, keys, vals, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
+            out[start:end] = o[0].transpose(0, 1)
+        return out.view(n_tok, spec.num_heads * spec.head_dim)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device) -> DecoderModel:
+    """Build a DecoderModel from a Hugging Face model directory (or hub id)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read model config from {model_dir}: {_first_line(e)}") from e
+    spec = ModelSpec.from_hf_config(cfg)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except Exception as e:  # any unreadable weights file: one clear line
+        raise ModelLoadError(f"cannot load weights from {model_dir}: {_first_line(e)}") from e
+    rotary = LlamaRotaryEmbedding(cfg)
+    model = DecoderModel(spec, rotary.inv_freq, float(rotary.attention_scaling))
+    _copy_weights(hf, model)
+    del hf
+    model.to(device=device, dtype=dtype).eval()
+    model.inv_freq = model.inv_freq.float()
+    return model
+
+
+def _copy_weights(hf, model: DecoderModel) -> None:
+    src = hf.model
+    with torch.no_grad():
+        model.embed.weight.copy_(src.embed_tokens.weight)
+        model.norm.weight.copy_(src.norm.weight)
+        if not model.spec.tie_word_embeddings:
+            model.lm_head.weight.copy_(hf.lm_head.weight)
+        for dst, layer in zip(model.layers, src.layers, strict=True):
+            att, mlp = layer.self_attn, layer.mlp
+            dst.input_norm.weight.copy_(layer.input_layernorm.weight)
+            dst.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
+            dst.qkv.weight.copy_(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))
+            dst.o.weight.copy_(att.o_proj.weight)
+            dst.gate_up.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            dst.down.weight.copy_(mlp.down_proj.weight)
+            if model.spec.attention_bias:
+                dst.qkv.bias.copy_(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
+                dst.o.bias.copy_(att.o_proj.bias)
+            if model.spec.mlp_bias:
+                dst.gate_up.bias.copy_(torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]))
+                dst.down.bias.copy_(mlp.down_proj.bias)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
