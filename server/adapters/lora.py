@@ -152,7 +152,9 @@ def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False) -> Lor
     )
 
 
-def fuse_modules(modules, spec: ModelSpec) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+def fuse_modules(
+    modules, spec: ModelSpec
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """Per-module (A, B, scale) -> per-(layer, group) (A_cat [in, w], B_cat [w, out])."""
     shapes = group_shapes(spec)
     by_group: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}

@@ -109,5 +109,6 @@ def lora_reference(
                 continue
             a, b, scale = entry
             start = sum(outs[:idx])
-            delta[i, start : start + outs[idx]] += (x[i] @ a.T.to(x.dtype)) @ b.T.to(x.dtype) * scale
+            a, b = a.to(x.dtype), b.to(x.dtype)
+            delta[i, start : start + outs[idx]] += (x[i] @ a.T) @ b.T * scale
     return delta

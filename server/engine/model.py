@@ -291,7 +291,8 @@ def _copy_weights(hf, model: DecoderModel) -> None:
             att, mlp = layer.self_attn, layer.mlp
             dst.input_norm.weight.copy_(layer.input_layernorm.weight)
             dst.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
-            dst.qkv.weight.copy_(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))
+            qkv = [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
+            dst.qkv.weight.copy_(torch.cat(qkv))
             dst.o.weight.copy_(att.o_proj.weight)
             dst.gate_up.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
             dst.down.weight.copy_(mlp.down_proj.weight)

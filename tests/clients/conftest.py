@@ -156,6 +156,20 @@ def start_replica(name: str, token_delay: float = 0.0) -> Replica:
 
 
 @pytest.fixture
+def make_replica() -> Iterator:
+    """Factory for extra replicas (name, token_delay); all are stopped at teardown."""
+    started: list[Replica] = []
+
+    def make(name: str, token_delay: float = 0.0) -> Replica:
+        started.append(start_replica(name, token_delay))
+        return started[-1]
+
+    yield make
+    for r in started:
+        r.kill()
+
+
+@pytest.fixture
 def replica() -> Iterator[Replica]:
     r = start_replica("r0")
     yield r
