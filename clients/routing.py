@@ -45,13 +45,18 @@ def rendezvous_order(endpoints: Sequence[str], key: str) -> list[str]:
     return sorted(endpoints, key=lambda ep: (-rendezvous_score(ep, key), ep))
 
 
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
 def is_retryable(code: grpc.StatusCode, *, output_seen: bool) -> bool:
-    """Retry on another replica only where the request provably produced nothing for the
-    caller: UNAVAILABLE (replica down, connection refused or reset) before any output.
-    Unary calls have no partial output, so a unary UNAVAILABLE is always retryable;
-    generation is side-effect free and adapter loads replace by id, so re-running is safe.
+    """Retry on another replica only where the caller has seen nothing of the answer:
+    UNAVAILABLE (replica down, connection refused or reset) or a CANCELLED the client did
+    not ask for (a replica shutting down cancels its in-flight calls), before any output.
+    Unary calls have no partial output; generation is side-effect free and adapter loads
+    replace by id, so running one again elsewhere is safe. Anything else (NOT_FOUND,
+    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED...) is the answer and is raised as it is.
     """
-    return code == grpc.StatusCode.UNAVAILABLE and not output_seen
+    return code in RETRYABLE_CODES and not output_seen
 
 
 class Router:

@@ -114,6 +114,8 @@ def test_router_tries_recently_failed_replicas_last_until_the_penalty_expires():
     [
         (grpc.StatusCode.UNAVAILABLE, False, True),
         (grpc.StatusCode.UNAVAILABLE, True, False),
+        (grpc.StatusCode.CANCELLED, False, True),
+        (grpc.StatusCode.CANCELLED, True, False),
         (grpc.StatusCode.DEADLINE_EXCEEDED, False, False),
         (grpc.StatusCode.NOT_FOUND, False, False),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, False, False),
