@@ -1,0 +1,81 @@
+"""Artifacts: an adapter directory written atomically, with its `switchboard.json` manifest.
+
+The directory is assembled in a hidden sibling (`.<name>.tmp-*`, same parent, so the same
+file system) and renamed into place only once every file is complete and flushed, so a
+crash never leaves a half-written adapter under the real name. Readers (the server's
+adapter scan) must skip names that start with a dot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "switchboard.json"
+MANIFEST_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """An artifact cannot be written, read or verified."""
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_atomic(
+    target: str | Path, fill: Callable[[Path], None], manifest: dict[str, Any]
+) -> Path:
+    """Create `target` with the files written by `fill(tmpdir)` plus the manifest.
+
+    An existing `target` is replaced: it is moved aside first and deleted after the new one
+    is in place (two renames; there is no moment without a complete directory on disk
+    except between them, and never a partial one under `target`).
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        body = {"manifest_version": MANIFEST_VERSION, **manifest,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / MANIFEST_NAME
+    if not p.is_file():
+        raise ArtifactError(f"{str(path)!r} is not a Switchboard artifact (no {MANIFEST_NAME})")
+    return json.loads(p.read_text())
+
+
+def update_manifest(path: str | Path, **fields: Any) -> None:
+    """Rewrite the manifest with `fields` merged in (write to a temp file, then rename)."""
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    p = Path(path) / MANIFEST_NAME
+    tmp = p.with_name(f".{MANIFEST_NAME}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, p)

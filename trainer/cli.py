@@ -1,0 +1,158 @@
+"""`trainer` command line: train, eval, merge, tasks (export-onnx comes later).
+
+Exit codes: 0 success, 1 training or artifact failure, 2 bad usage, config or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("trainer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer", description="Switchboard fine-tuning toolkit")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an adapter from a YAML config")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, trainable parameters and a tokenized "
+                        "example, then exit without training")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    e = sub.add_parser("eval", help="loss, perplexity and task metrics of an adapter or base")
+    e.add_argument("--adapter", help="artifact directory (omit to evaluate the base model)")
+    e.add_argument("--base-model", default=None, help="base model path or id (default: the "
+                   "artifact's base, or the default model)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="JSONL file in any accepted shape")
+    src.add_argument("--task", help="bundled task name")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--predictions", help="write prompts, predictions, references as JSONL")
+    e.add_argument("--output", help="write the metrics as JSON to this file")
+
+    m = sub.add_parser("merge", help="merge a LoRA or IA3 adapter into a full-precision base")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--output", required=True)
+    m.add_argument("--base-model", default=None)
+    m.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
+                   help="quantization of the base to merge into (only none is supported)")
+
+    x = sub.add_parser("export-onnx", help="export a merged adapter to ONNX (not implemented)")
+    x.add_argument("args", nargs=argparse.REMAINDER)
+
+    k = sub.add_parser("tasks", help="list bundled tasks, or write one's splits as JSONL")
+    k.add_argument("name", nargs="?")
+    k.add_argument("--out", help="directory for <split>.jsonl files")
+    return p
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers.modeling_utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    from trainer.artifact import ArtifactError
+    from trainer.config import ConfigError
+    from trainer.data import DataError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "merge":
+            from trainer.merge import merge
+
+            merge(args.adapter, args.output, base_model=args.base_model, quantize=args.quantize)
+            return 0
+        if args.command == "tasks":
+            return _tasks(args)
+        if args.command == "export-onnx":
+            print("error: trainer export-onnx is not implemented yet (planned in a later "
+                  "issue); merge with `trainer merge` for now", file=sys.stderr)
+            return 2
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from trainer.merge import MergeError
+        from trainer.train import TrainingError
+
+        if isinstance(e, MergeError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 2
+
+
+def _train(args) -> int:
+    from trainer.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(args.config, args.overrides)  # validated before any model loads
+    train(cfg, dry_run=args.dry_run)
+    return 0
+
+
+def _eval(args) -> int:
+    from trainer.evaluation_cli import evaluate
+
+    metrics = evaluate(adapter=args.adapter, base_model=args.base_model, data=args.data,
+                       task=args.task, split=args.split, limit=args.limit,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       predictions=args.predictions)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _tasks(args) -> int:
+    from pathlib import Path
+
+    from trainer.tasks import SPLIT_SIZES, TASKS, task_split
+
+    if not args.name:
+        for name, fn in TASKS.items():
+            doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} {doc}")
+        return 0
+    if not args.out:
+        print(json.dumps(task_split(args.name, "train")[:3], indent=2))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLIT_SIZES:
+        with open(out / f"{split}.jsonl", "w") as f:
+            for row in task_split(args.name, split):
+                f.write(json.dumps(row) + "\n")
+    print(f"wrote {', '.join(f'{s}.jsonl' for s in SPLIT_SIZES)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

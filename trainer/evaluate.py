@@ -1,0 +1,98 @@
+"""Evaluation: loss and perplexity on a split, greedy generation and task metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.data import IGNORE, Encoded, Example, collate, prompt_and_reference
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over trained positions, and their count.
+
+    Soft-prompt methods return logits for the virtual tokens too; those lead the sequence
+    and are cut off, so position t of `logits` always predicts token t+1 of `input_ids`.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    n = batch["input_ids"].shape[1]
+    logits = out.logits[:, -n:][:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    # Only trained positions reach the (vocabulary-wide) softmax: [n_trained, vocab].
+    sel = logits[keep].float()
+    loss = nn.functional.cross_entropy(sel, labels[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, data: list[Encoded], pad_id: int, batch_size: int,
+              device: str = "cpu") -> dict[str, float]:
+    """Token-weighted mean loss over `data` and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
+        s, n = loss_sum(model, batch)
+        total += float(s)
+        count += n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+
+
+@torch.no_grad()
+def generate_greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], pad_id: int,
+                    max_new_tokens: int, batch_size: int = 16, device: str = "cpu") -> list[str]:
+    """Greedy completions (left-padded batches), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        n = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, n - len(p):] = torch.tensor(p)
+            mask[j, n - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        for row in gen[:, n:]:
+            out.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+def task_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (after stripping), corpus BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    preds = [p.strip() for p in predictions]
+    refs = [r.strip() for r in references]
+    em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(len(refs), 1)
+    bleu = sacrebleu.corpus_bleu(preds, [refs]).score if refs else 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
+    return {"exact_match": em, "bleu": bleu, "rouge_l": sum(rouge) / max(len(rouge), 1)}
+
+
+def generation_eval(model: nn.Module, tokenizer: Any, examples: list[Example], pad_id: int,
+                    max_new_tokens: int, system_prompt: str | None = None,
+                    device: str = "cpu", batch_size: int = 16) -> tuple[dict[str, float], list]:
+    """Task metrics on chat examples; returns (metrics, [(prompt ids, prediction, ref)])."""
+    chats = [ex for ex in examples if "messages" in ex]
+    if not chats:
+        return {}, []
+    pairs = [prompt_and_reference(tokenizer, ex, system_prompt) for ex in chats]
+    prompts = [p for p, _ in pairs]
+    refs = [r for _, r in pairs]
+    preds = generate_greedy(model, tokenizer, prompts, pad_id, max_new_tokens,
+                            batch_size=batch_size, device=device)
+    return task_metrics(preds, refs), list(zip(prompts, preds, refs, strict=True))
