@@ -1,0 +1,83 @@
+"""The fused per-row LoRA op against the plain per-token reference, and the slot table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_lora
+
+from server.adapters.lora import GROUPS, AdapterError, read_lora
+from server.adapters.slots import LoraHooks, LoraSlotTable, lora_reference
+from server.engine.model import ModelSpec
+
+SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 intermediate_size=128, vocab_size=49152, rms_norm_eps=1e-5,
+                 max_positions=1024, tie_word_embeddings=True, attention_bias=False,
+                 mlp_bias=False)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    specs = [(4, ["q_proj", "v_proj"]), (16, ["k_proj", "o_proj", "down_proj"]),
+             (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])]
+    return [read_lora(make_lora(tiny_model, root / f"a{i}", r=r, targets=t, seed=i), SPEC)
+            for i, (r, t) in enumerate(specs)]
+
+
+def test_fast_op_matches_reference_for_mixed_rows(adapters):
+    table = LoraSlotTable(SPEC, num_slots=4, max_rank=16, dtype=torch.float32, device="cpu")
+    for slot, weights in zip((2, 0, 3), adapters, strict=True):
+        table.write(slot, weights)
+    # Rows sorted by slot: base rows (no segment), then slots 0, 2, 3.
+    token_slots = [None, None, 0, 0, 0, 2, 3, 3]
+    by_slot = {2: adapters[0], 0: adapters[1], 3: adapters[2]}
+    segments = [(0, 2, 5), (2, 5, 6), (3, 6, 8)]
+    hooks = LoraHooks(table, segments)
+    torch.manual_seed(0)
+    for layer in range(SPEC.num_layers):
+        for group in GROUPS:
+            in_f = {"qkv": 64, "o": 64, "gate_up": 64, "down": 128}[group]
+            x = torch.randn(len(token_slots), in_f)
+            out = torch.zeros(len(token_slots), lora_reference(x[:1], [None], 0, group,
+                                                                 SPEC).shape[1])
+            hooks.linear(layer, group, x, out)
+            ref = lora_reference(x, [by_slot.get(s) if s is not None else None
+                                     for s in token_slots], layer, group, SPEC)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            assert out[:2].abs().max() == 0  # base rows untouched
+
+
+def test_slot_clear_and_overwrite(adapters):
+    table = LoraSlotTable(SPEC, num_slots=1, max_rank=16, dtype=torch.float32, device="cpu")
+    table.write(0, adapters[1])
+    assert table.widths[0][0]["o"] == 16 and table.widths[0][0]["qkv"] == 16
+    table.write(0, adapters[0])  # q and v at rank 4; nothing on o any more
+    assert table.widths[0][0]["qkv"] == 8 and table.widths[0][0]["o"] == 0
+    table.clear(0)
+    assert all(w == 0 for layer in table.widths[0] for w in layer.values())
+
+
+def test_rank_limit_reports_both_numbers(adapters):
+    table = LoraSlotTable(SPEC, num_slots=1, max_rank=8, dtype=torch.float32, device="cpu")
+    with pytest.raises(AdapterError, match="rank 16 is greater than max rank 8"):
+        table.check_fits(adapters[1], "a1")
+
+
+def test_adapter_for_another_base_is_refused(tiny_model, tmp_path):
+    path = make_lora(tiny_model, tmp_path / "a", r=4, targets=["q_proj"], seed=1)
+    other = ModelSpec(**{**SPEC.__dict__, "hidden_size": 96})
+    with pytest.raises(AdapterError, match="trained for a different base"):
+        read_lora(path, other)
+
+
+def test_pickled_weights_refused_unless_allowed(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    path = make_lora(tiny_model, tmp_path / "a", r=4, targets=["q_proj"], seed=1)
+    st = path / "adapter_model.safetensors"
+    torch.save(load_file(st), path / "adapter_model.bin")
+    st.unlink()
+    with pytest.raises(AdapterError, match="pickled weights are refused"):
+        read_lora(path, SPEC)
+    assert read_lora(path, SPEC, allow_pickle=True).rank == 4
