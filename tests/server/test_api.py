@@ -8,8 +8,8 @@ import time
 
 import grpc
 import pytest
-from conftest import make_lora, make_tiny_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import make_lora, make_tiny_model
 
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -29,7 +29,7 @@ def adapter_root(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, adapter_root):
-    from conftest import ServerProcess
+    from support import ServerProcess
 
     s = ServerProcess(["--base-model", str(tiny_model), "--adapter-dir", str(adapter_root),
                        "--max-seq-len", "256", "--kv-cache-memory", "32MiB",

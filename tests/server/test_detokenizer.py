@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import default_model_dir
+from support import default_model_dir
 
 from server.engine.detokenizer import TextStream
 

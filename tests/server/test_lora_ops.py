@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_lora
+from support import make_lora
 
 from server.adapters.lora import GROUPS, AdapterError, read_lora
 from server.adapters.slots import LoraHooks, LoraSlotTable, lora_reference

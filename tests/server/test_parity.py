@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import make_lora
+from support import make_lora
 
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -62,7 +62,8 @@ def oracle(tiny_model, adapter_root):
     def run(key, i, prompt):
         out = model.generate(input_ids=torch.tensor([prompt]), generation_config=gc)
         toks = out.sequences[0, len(prompt):].tolist()
-        lps = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, toks)]
+        steps = zip(out.scores, toks, strict=True)
+        lps = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in steps]
         results[(key, i)] = (toks, lps)
 
     with torch.no_grad():

@@ -1,0 +1,124 @@
+"""Test helpers: tiny random Llama models, PEFT adapters made on the spot, and real
+server processes on loopback. Fixtures using them are in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def default_model_dir() -> Path:
+    from server.model_store import provision_default_model
+
+    return provision_default_model()
+
+
+def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
+                    kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
+                    weight_scale: float = 4.0) -> Path:
+    """A random Llama with the default model's tokenizer. Weights are scaled up from the
+    usual init so that logits are peaked and greedy decoding is not a coin toss."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = default_model_dir()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=10000.0,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(weight_scale)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / f).exists():
+            shutil.copy(src / f, out / f)
+    return out
+
+
+def make_lora(model_dir: Path, out: Path, *, r: int, targets: list[str], seed: int,
+              alpha: float | None = None, rslora: bool = False) -> Path:
+    """A PEFT LoRA adapter with random, non-zero A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=targets,
+                     init_lora_weights=False, use_rslora=rslora, lora_dropout=0.0)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+class ServerProcess:
+    """`switchboard serve` as a subprocess on loopback, port picked by the server."""
+
+    def __init__(self, args: list[str], *, timeout: float = 240.0) -> None:
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+               "--port", "0", *args]
+        if "--metrics-port" not in args:
+            cmd += ["--metrics-port", "-1"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self.port = 0
+        self.metrics_port = 0
+        ready = threading.Event()
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("switchboard: listening on"):
+                    self.port = int(line.split()[3].rsplit(":", 1)[1])
+                    if "metrics on port" in line:
+                        self.metrics_port = int(line.rstrip().rstrip(")").rsplit(" ", 1)[1])
+                if line.startswith("switchboard: ready"):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout:.1f}s")
