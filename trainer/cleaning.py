@@ -16,8 +16,11 @@ from trainer.data import Example
 
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
 CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
+# International (+CC ...) or North-American style (555) 123-4567 / 555-123-4567 numbers;
+# dates and long digit runs such as order numbers do not match.
 PHONE = re.compile(
-    r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}\b"
+    r"(?<![\w+])\+\d{1,3}[ .-]?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){2,4}\b"
+    r"|(?<![\w-])\(?\b\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b"
 )
 _MAX_LISTED = 1000
 

@@ -47,7 +47,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantization of the base to merge into (only none is supported)")
 
     x = sub.add_parser("export-onnx", help="export a merged adapter to ONNX (not implemented)")
-    x.add_argument("args", nargs=argparse.REMAINDER)
 
     k = sub.add_parser("tasks", help="list bundled tasks, or write one's splits as JSONL")
     k.add_argument("name", nargs="?")
@@ -65,7 +64,10 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "export-onnx":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     from trainer.artifact import ArtifactError
     from trainer.config import ConfigError
@@ -82,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             merge(args.adapter, args.output, base_model=args.base_model, quantize=args.quantize)
             return 0
         if args.command == "tasks":
-            return _tasks(args)
+            try:
+                return _tasks(args)
+            except KeyError as e:
+                print(f"error: {e.args[0]}", file=sys.stderr)
+                return 2
         if args.command == "export-onnx":
             print("error: trainer export-onnx is not implemented yet (planned in a later "
                   "issue); merge with `trainer merge` for now", file=sys.stderr)
