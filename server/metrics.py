@@ -145,6 +145,12 @@ class AdapterLabeler:
             return adapter_id
         return OTHER_LABEL
 
+    def current(self, adapter_id: str) -> str:
+        """The label `adapter_id` has now; never takes a free one."""
+        if adapter_id == "":
+            return BASE_LABEL
+        return adapter_id if adapter_id in self._labelled else OTHER_LABEL
+
     def record(self, adapter_id: str, weight: float = 1.0) -> str | None:
         """Counts traffic for `adapter_id`. Returns the adapter id that lost its label to
         it, if one did (its series should then be removed)."""
@@ -374,10 +380,12 @@ class ServerMetrics:
         completion_tokens: int,
     ) -> None:
         """Call once per request when its response (or error) is sent. `code` is a gRPC
-        status name ("OK", "NOT_FOUND", ...); timings that did not happen are None."""
+        status name ("OK", "NOT_FOUND", ...); timings that did not happen are None.
+        Only `request_started` grants labels, so a request refused before it started
+        (say, NOT_FOUND for a made-up adapter id) counts under `__other__`."""
         code = code.upper() if code.upper() in GRPC_CODES else "UNKNOWN"
         with self._lock:
-            label = self._labeler.label(adapter_id)
+            label = self._labeler.current(adapter_id)
             self.requests_total.labels(label, code).inc()
             if prompt_tokens > 0:
                 self.prompt_tokens_total.labels(label).inc(prompt_tokens)

@@ -70,6 +70,15 @@ def test_reserved_names_never_get_a_label_of_their_own():
     assert m.labelled_adapters() == frozenset()
 
 
+def test_requests_refused_before_start_do_not_take_labels():
+    m = ServerMetrics(max_adapter_labels=4)
+    for i in range(10):
+        m.request_finished(f"made-up-{i}", "NOT_FOUND", 0.0, None, None, 0, 0)
+    m.request_finished("", "INVALID_ARGUMENT", 0.0, None, None, 0, 0)
+    assert m.labelled_adapters() == frozenset()
+    assert adapter_series(m, "switchboard_requests_total") == {OTHER_LABEL: 10.0, BASE_LABEL: 1.0}
+
+
 def test_zero_labels_puts_every_adapter_in_other():
     m = ServerMetrics(max_adapter_labels=0)
     finish(m, "a", n=3)
