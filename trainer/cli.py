@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
                    help="quantization of the base to merge into (only none is supported)")
 
-    x = sub.add_parser("export-onnx", help="export a merged adapter to ONNX (not implemented)")
+    sub.add_parser("export-onnx", help="export a merged adapter to ONNX (not implemented)")
 
     k = sub.add_parser("tasks", help="list bundled tasks, or write one's splits as JSONL")
     k.add_argument("name", nargs="?")

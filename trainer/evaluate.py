@@ -70,14 +70,16 @@ def generate_greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], 
 
 
 def task_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after stripping), corpus BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score)."""
-    import sacrebleu
+    """Exact match (after stripping), corpus BLEU (sacrebleu, effective order), mean ROUGE-L F1 (rouge-score)."""
     from rouge_score import rouge_scorer
 
     preds = [p.strip() for p in predictions]
     refs = [r.strip() for r in references]
     em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(len(refs), 1)
-    bleu = sacrebleu.corpus_bleu(preds, [refs]).score if refs else 0.0
+    # effective order: short answers (a date, one word) have no 4-grams at all
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(effective_order=True).corpus_score(preds, [refs]).score if refs else 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
     return {"exact_match": em, "bleu": bleu, "rouge_l": sum(rouge) / max(len(rouge), 1)}

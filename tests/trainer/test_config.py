@@ -22,8 +22,10 @@ def test_yaml_plus_typed_overrides(tmp_path):
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"task": "date_iso", "lora_rank": 4}, "unknown config key(s): 'lora_rank' (did you mean 'lora_r'?)"),
-    ({"task": "date_iso", "method": "ia3", "lora_r": 4}, "lora_r applies to method lora/qlora, not ia3"),
+    ({"task": "date_iso", "lora_rank": 4},
+     "unknown config key(s): 'lora_rank' (did you mean 'lora_r'?)"),
+    ({"task": "date_iso", "method": "ia3", "lora_r": 4},
+     "lora_r applies to method lora/qlora, not ia3"),
     ({"task": "date_iso", "method": "lora", "num_virtual_tokens": 4}, "num_virtual_tokens applies"),
     ({"task": "date_iso", "method": "dora"}, "method: 'dora' is not one of"),
     ({}, "give exactly one of data"),

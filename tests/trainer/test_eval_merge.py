@@ -1,0 +1,102 @@
+"""`trainer eval` and `trainer merge`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.trainer.conftest import base_overrides
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.evaluate import task_metrics
+from trainer.evaluation_cli import evaluate, load_model_and_tokenizer
+from trainer.merge import MergeError, merge
+from trainer.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    """One small artifact per method used here, trained once for the module."""
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for method in ("lora", "ia3", "prompt_tuning", "qlora"):
+        over = base_overrides(tiny_base, root / method, method=method, eval_generate_max=0,
+                              learning_rate=1e-2)
+        train(load_config(None, over))
+        out[method] = root / method / "adapters" / "out"
+    return out
+
+
+def test_task_metrics():
+    m = task_metrics(["2021-03-05", "x y z", "a"], ["2021-03-05", "x y q", "b"])
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert 0 < m["rouge_l"] < 1 and 0 <= m["bleu"] <= 100
+    assert task_metrics(["same words"], ["same words"])["bleu"] == pytest.approx(100.0, abs=1e-6)
+
+
+def test_eval_cli_adapter_and_base(trained, tiny_base, tmp_path, capsys):
+    preds = tmp_path / "preds.jsonl"
+    out = tmp_path / "metrics.json"
+    rc = main(["eval", "--adapter", str(trained["lora"]), "--task", "date_iso", "--limit", "6",
+               "--max-new-tokens", "6", "--predictions", str(preds), "--output", str(out)])
+    assert rc == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["examples"] == 6 and metrics["method"] == "lora"
+    for key in ("eval_loss", "eval_perplexity", "exact_match", "bleu", "rouge_l"):
+        assert key in metrics
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["prompt"].endswith("<|im_start|>assistant\n")
+    base = evaluate(base_model=str(tiny_base), task="date_iso", limit=6, max_new_tokens=6)
+    assert base["method"] == "base" and base["eval_loss"] != metrics["eval_loss"]
+
+
+def test_eval_greedy_matches_plain_generate(trained):
+    """What eval reports is what PEFT's own generate gives for the same prompt."""
+    rows = evaluate(adapter=str(trained["prompt_tuning"]), task="date_iso", limit=3,
+                    max_new_tokens=5, predictions=None)
+    model, tok, manifest, _ = load_model_and_tokenizer(str(trained["prompt_tuning"]), None)
+    from trainer.data import normalize_record, prompt_and_reference
+    from trainer.tasks import task_split
+
+    ex = normalize_record(task_split("date_iso", "test")[0])
+    ids, _ = prompt_and_reference(tok, ex)
+    gen = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                         pad_token_id=manifest["pad_token_id"])
+    text = tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+    single = evaluate(adapter=str(trained["prompt_tuning"]), task="date_iso", limit=1,
+                      max_new_tokens=5, predictions=None)
+    assert single["exact_match"] == float(text == ex["messages"][-1]["content"])
+    assert rows["examples"] == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_merge_gives_the_same_logits(method, trained, tmp_path):
+    out = merge(trained[method], tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    model, *_ = load_model_and_tokenizer(str(trained[method]), None)
+    ids = torch.tensor([[3, 50, 99, 120, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+    manifest = json.loads((out / "switchboard.json").read_text())
+    assert manifest["method"] == "merged" and manifest["merged_from"]["method"] == method
+    assert (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize(("method", "kwargs", "message"), [
+    ("prompt_tuning", {}, "cannot merge a prompt_tuning adapter"),
+    ("qlora", {}, "trained against a 4-bit nf4 base"),
+    ("lora", {"quantize": "nf4"}, "cannot merge into a nf4 base"),
+])
+def test_merge_refusals(method, kwargs, message, trained, tmp_path):
+    with pytest.raises(MergeError, match=message):
+        merge(trained[method], tmp_path / "merged", **kwargs)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_cli_refusal_exit_code(trained, tmp_path, capsys):
+    rc = main(["merge", "--adapter", str(trained["prompt_tuning"]), "--output",
+               str(tmp_path / "m")])
+    assert rc == 2 and "cannot merge a prompt_tuning adapter" in capsys.readouterr().err
