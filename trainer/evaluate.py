@@ -70,7 +70,7 @@ def generate_greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], 
 
 
 def task_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after stripping), corpus BLEU (sacrebleu, effective order), mean ROUGE-L F1 (rouge-score)."""
+    """Exact match (after stripping), corpus BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score)."""
     from rouge_score import rouge_scorer
 
     preds = [p.strip() for p in predictions]

@@ -105,7 +105,8 @@ def test_module_imports_stay_light():
     from pathlib import Path
 
     tree = ast.parse(Path(bn.__file__).read_text())
-    roots = {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    nodes = list(ast.walk(tree))
+    roots = {(n.module or "").split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)}
     roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
               for a in n.names}
     assert roots <= {"__future__", "dataclasses", "json", "pathlib", "torch", "safetensors"}
