@@ -1,0 +1,45 @@
+"""DDP: `torchrun --nproc-per-node 2` gives the same adapter as one process, same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer.conftest import base_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("adapter", marks=pytest.mark.slow)])
+def test_two_processes_match_one(method, tiny_base, tmp_path):
+    results = {}
+    for nproc, batch in ((1, 8), (2, 4)):
+        over = base_overrides(tiny_base, tmp_path / f"p{nproc}", method=method, batch_size=batch,
+                              max_steps=3, eval_generate_max=0, learning_rate=1e-2)
+        args = [f"{k}={v}" for k, v in over.items()]
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "trainer.cli", "train", *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                   "--standalone", "-m", "trainer.cli", "train", *args]
+        _run(cmd, tmp_path)
+        out = tmp_path / f"p{nproc}" / "adapters" / "out"
+        results[nproc] = load_file(str(out / "adapter_model.safetensors"))
+        metrics = __import__("json").loads((out / "switchboard.json").read_text())["metrics"]
+        assert metrics["world_size"] == nproc
+    assert results[1].keys() == results[2].keys()
+    for k in results[1]:
+        torch.testing.assert_close(results[2][k], results[1][k], atol=1e-5, rtol=0, msg=k)
