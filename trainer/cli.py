@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--predictions", help="write prompts, predictions, references as JSONL")
     e.add_argument("--output", help="write the metrics as JSON to this file")
 
@@ -125,6 +126,10 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from trainer.evaluation_cli import evaluate
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     metrics = evaluate(adapter=args.adapter, base_model=args.base_model, data=args.data,
                        task=args.task, split=args.split, limit=args.limit,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

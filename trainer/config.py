@@ -109,6 +109,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     seed: int = 42
+    threads: int | None = None  # torch CPU threads; None: torch's default
     # evaluation, checkpoints, logging
     eval_every: int = 50
     save_every: int = 50
@@ -292,7 +293,7 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
     for key in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
                 "num_virtual_tokens", "encoder_hidden_size", "bottleneck_size", "eval_every",
                 "save_every", "log_every", "save_total_limit", "max_new_tokens", "max_steps",
-                "task_train_size", "max_eval_examples"):
+                "task_train_size", "max_eval_examples", "threads"):
         positive(key, getattr(cfg, key))
     for key in ("weight_decay", "max_grad_norm", "warmup_steps", "early_stopping_patience",
                 "eval_generate_max"):

@@ -11,20 +11,33 @@ from torch import nn
 from trainer.data import IGNORE, Encoded, Example, collate, prompt_and_reference
 
 
+def virtual_tokens(model: nn.Module) -> int:
+    """How many virtual tokens a prompt/p-tuning model puts before the input (else 0)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    config = getattr(inner, "peft_config", {}).get("default")
+    if config is not None and str(config.peft_type) in ("PROMPT_TUNING", "P_TUNING",
+                                                        "PeftType.PROMPT_TUNING",
+                                                        "PeftType.P_TUNING"):
+        return int(config.num_virtual_tokens)
+    return 0
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and their count.
 
-    Soft-prompt methods return logits for the virtual tokens too; those lead the sequence
-    and are cut off, so position t of `logits` always predicts token t+1 of `input_ids`.
+    The LM head (vocabulary-wide) runs only on the columns where some row is trained
+    (`logits_to_keep`): with the loss on responses only, most prompt columns are skipped.
+    Prompt/p-tuning put virtual tokens first, hence the offset on those column indices.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    n = batch["input_ids"].shape[1]
-    logits = out.logits[:, -n:][:, :-1]
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:]  # position t predicts token t+1
+    cols = (labels != IGNORE).any(0).nonzero().squeeze(1)  # [k]
+    offset = virtual_tokens(model)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=cols + offset)
+    logits = out.logits  # [batch, k, vocab]
+    labels = labels[:, cols]
     keep = labels != IGNORE
-    # Only trained positions reach the (vocabulary-wide) softmax: [n_trained, vocab].
-    sel = logits[keep].float()
-    loss = nn.functional.cross_entropy(sel, labels[keep], reduction="sum")
+    loss = nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
 
 

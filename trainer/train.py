@@ -201,6 +201,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_all(cfg.seed)
     base_path, base_id = resolve_base(cfg)
     tokenizer = load_tokenizer(base_path)

@@ -154,3 +154,31 @@ def test_jsonl_data_file_and_report(tiny_base, tmp_path, chat_file):
     assert manifest["data"]["train_examples"] + manifest["data"]["validation_examples"] == 36
     report = json.loads((tmp_path / "adapters" / "out" / "data_report.json").read_text())
     assert report["dropped"] == {"empty": 1} and report["dropped_examples"][0]["line"] == 37
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "p_tuning", "prefix_tuning",
+                                    "adapter"])
+def test_loss_on_kept_columns_equals_full_cross_entropy(method, tiny_base, tmp_path):
+    from trainer.data import IGNORE
+    from trainer.evaluate import loss_sum
+    from trainer.methods import build_trainable
+
+    cfg = load_config(None, base_overrides(tiny_base, tmp_path, method=method))
+    torch.manual_seed(0)
+    model = build_trainable(cfg, tiny_base).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    enc = [encode_example(tok, normalize_record({"prompt": "Hi there", "completion": c}))
+           for c in ("1999-05-02", "- eggs\n- milk")]
+    batch = collate(enc, pick_pad_id(tok))
+    with torch.no_grad():
+        got, n = loss_sum(model, batch)
+        logits = model(**{"input_ids": batch["input_ids"],
+                       "attention_mask": batch["attention_mask"]}).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:][:, :-1]
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                batch["labels"][:, 1:].reshape(-1),
+                                                ignore_index=IGNORE, reduction="sum")
+    assert n == int((batch["labels"] != IGNORE).sum())
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
