@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--num-adapters", type=int, default=None,
                     help="generate N adapter ids from --adapter-pattern")
     lt.add_argument("--adapter-pattern", default="adapter-{i}", help="default adapter-{i}")
-    lt.add_argument("--mix", choices=["uniform", "zipf", "weights"], default="uniform",
+    lt.add_argument("--mix", choices=["uniform", "zipf", "weights", "round_robin"],
+                    default="uniform",
                     help="adapter distribution")
     lt.add_argument("--zipf-exponent", type=float, default=1.0)
     lt.add_argument("--weights-file", default=None,

@@ -303,6 +303,10 @@ class _Runner:
 
     def _next_request(self) -> tuple[str, int]:
         self.issued += 1
+        if self.config.distribution == "round_robin":  # each adapter in turn
+            adapters = self.config.adapters
+            return adapters[(self.issued - 1) % len(adapters)], (self.issued - 1) % len(
+                self.prompts)
         return self.mix.sample(self.rng), self.rng.randrange(len(self.prompts))
 
     async def _one(

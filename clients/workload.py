@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DISTRIBUTIONS = ("uniform", "zipf", "weights")
+DISTRIBUTIONS = ("uniform", "zipf", "weights", "round_robin")
 
 
 def expand_adapter_ids(count: int, pattern: str = "adapter-{i}", start: int = 0) -> list[str]:

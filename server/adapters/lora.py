@@ -1,14 +1,8 @@
 """LoRA adapters in PEFT's format, read from disk into the engine's fused layout.
 
-The engine fuses q/k/v into one projection and gate/up into another, so an adapter's
-per-module weights are rearranged once, at load time, into one (A, B) pair per
-(layer, group): A_cat [in, width] holds each targeted module's A^T side by side and
-B_cat [width, out_group] holds each module's B^T (times its scale) in that module's
-output columns, zero elsewhere. Then for the rows of one adapter
-
-    out_group += (x @ A_cat) @ B_cat   ==   sum over modules m of  scale_m * x @ A_m^T @ B_m^T
-
-which is PEFT's `base(x) + lora_B(lora_A(x)) * scaling` for every targeted module.
+PEFT computes `base(x) + lora_B(lora_A(x)) * scaling` for every targeted module. The
+engine fuses q/k/v into one projection and gate/up into another; `server.adapters.slots`
+arranges the per-module weights read here into that fused layout.
 """
 
 from __future__ import annotations
@@ -57,23 +51,18 @@ def group_shapes(spec: ModelSpec) -> dict[str, tuple[int, list[int]]]:
 
 @dataclass
 class LoraWeights:
-    """An adapter in the engine's layout, in host memory. pairs[(layer, group)] = (A, B)."""
+    """An adapter in host memory: per (layer, module) PEFT's A [r, in], B [out, r] and the
+    module's scale (alpha / r, or alpha / sqrt(r) for rsLoRA)."""
 
     rank: int
     alpha: float
     target_modules: list[str]
-    pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
-    # The PEFT tensors per (layer, module): (A [r, in], B [out, r], scale); kept for the
-    # reference implementation and for tests, not used by the fast path.
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.pairs.values())
-
-    def width(self, group: str) -> int:
-        return max((a.shape[1] for (_, g), (a, _) in self.pairs.items() if g == group), default=0)
+                   for a, b, _ in self.modules.values())
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -147,36 +136,8 @@ def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False) -> Lor
         rank=rank,
         alpha=alpha,
         target_modules=sorted({m for _, m in modules}),
-        pairs=fuse_modules(modules, spec),
         modules=modules,
     )
-
-
-def fuse_modules(
-    modules, spec: ModelSpec
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Per-module (A, B, scale) -> per-(layer, group) (A_cat [in, w], B_cat [w, out])."""
-    shapes = group_shapes(spec)
-    by_group: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
-    for (layer, module), (a, b, scale) in modules.items():
-        group, idx = MODULES[module]
-        by_group.setdefault((layer, group), []).append((idx, a, b, scale))
-    pairs = {}
-    for (layer, group), items in by_group.items():
-        items.sort(key=lambda t: t[0])
-        in_f, outs = shapes[group]
-        offsets = [sum(outs[:i]) for i in range(len(outs))]
-        width = sum(a.shape[0] for _, a, _, _ in items)
-        a_cat = torch.zeros(in_f, width)
-        b_cat = torch.zeros(width, sum(outs))
-        col = 0
-        for idx, a, b, scale in items:
-            r = a.shape[0]
-            a_cat[:, col : col + r] = a.T
-            b_cat[col : col + r, offsets[idx] : offsets[idx] + outs[idx]] = b.T * scale
-            col += r
-        pairs[(layer, group)] = (a_cat, b_cat)
-    return pairs
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -1,29 +1,47 @@
 """Device-resident LoRA slots and the per-row LoRA op.
 
-Every resident adapter owns one slot of preallocated stacked tensors, per group
-(qkv, o, gate_up, down): A[group] [layers, slots, in, max_width] and
-B[group] [layers, slots, max_width, out]. An adapter of width w uses the first w columns
-of A and rows of B, so mixed ranks share one table without padding work.
+Every resident adapter owns one slot of preallocated stacked tensors. The engine fuses
+q/k/v and gate/up, so A is stacked per group with one block of `max_rank` columns per
+module, and B per module:
+    A[group]  [layers, slots, in_features, modules_in_group * max_rank]
+    B[module] [layers, slots, max_rank, out_features]
+Ranks below max_rank are zero-padded, so mixed ranks share one table.
 
-The fast op groups a step's tokens into segments of one slot each (the engine orders
-tokens by slot), in the spirit of Punica's SGMV:
+What the op computes, for every token i whose row uses an adapter (slot[i] >= 0):
 
-    for (slot, start, end) in segments:
-        out[start:end] += (x[start:end] @ A[slot][:, :w]) @ B[slot][:w]
+    y[i, cols(m)] += x[i] @ A[slot[i]][:, block(m)] @ B[m][slot[i]]     (scale folded in B)
 
-`lora_reference` computes the same from the per-module PEFT tensors, token by token.
+Two ways, chosen per step by the engine:
+  * segments (Punica's SGMV): tokens of one slot are contiguous; one small matmul chain
+    per (segment, module). Best for prefill chunks and for few distinct adapters.
+  * batched (BGMV over the whole table): decode tokens gathered into [slots, L, in]
+    (zero rows for padding), two bmm per module over all slots, scattered back with
+    index_add. A fixed number of ops per layer, whatever the number of adapters.
+`lora_reference` computes the same from PEFT's per-module tensors, token by token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from server.adapters.lora import GROUPS, MODULES, AdapterError, LoraWeights, group_shapes
 from server.engine.model import ModelSpec
 
-_MODULES_PER_GROUP = {g: sum(1 for grp, _ in MODULES.values() if grp == g) for g in GROUPS}
+
+# group -> [(module, index in group, output column offset, output size)]
+def group_modules(spec: ModelSpec) -> dict[str, list[tuple[str, int, int, int]]]:
+    shapes = group_shapes(spec)
+    out: dict[str, list[tuple[str, int, int, int]]] = {g: [] for g in GROUPS}
+    for module, (group, idx) in MODULES.items():
+        sizes = shapes[group][1]
+        out[group].append((module, idx, sum(sizes[:idx]), sizes[idx]))
+    return out
+
+
+_MODULE_BIT = {m: i for i, m in enumerate(MODULES)}
 
 
 class LoraSlotTable:
@@ -31,18 +49,15 @@ class LoraSlotTable:
         self.spec = spec
         self.num_slots = num_slots
         self.max_rank = max_rank
-        self.A: dict[str, torch.Tensor] = {}
-        self.B: dict[str, torch.Tensor] = {}
-        for group, (in_f, outs) in group_shapes(spec).items():
-            w = max_rank * _MODULES_PER_GROUP[group]
-            shape_a = (spec.num_layers, num_slots, in_f, w)
-            shape_b = (spec.num_layers, num_slots, w, sum(outs))
-            self.A[group] = torch.zeros(shape_a, dtype=dtype, device=device)
-            self.B[group] = torch.zeros(shape_b, dtype=dtype, device=device)
-        # widths[slot][layer][group]: columns used; 0 = the adapter skips that layer/group.
-        self.widths: list[list[dict[str, int]]] = [
-            [dict.fromkeys(GROUPS, 0) for _ in range(spec.num_layers)] for _ in range(num_slots)
-        ]
+        self.groups = group_modules(spec)
+        shapes = group_shapes(spec)
+        L, S, r = spec.num_layers, num_slots, max_rank
+        self.A = {g: torch.zeros(L, S, shapes[g][0], len(self.groups[g]) * r, dtype=dtype,
+                                 device=device) for g in GROUPS}
+        self.B = {m: torch.zeros(L, S, r, size, dtype=dtype, device=device)
+                  for g in GROUPS for m, _, _, size in self.groups[g]}
+        # Per slot, a bit per (layer, module) that the adapter targets.
+        self.targets: list[int] = [0] * num_slots
 
     @property
     def nbytes(self) -> int:
@@ -55,39 +70,90 @@ class LoraSlotTable:
 
     def write(self, slot: int, weights: LoraWeights) -> None:
         """Copy an adapter into a slot (the previous content is overwritten)."""
-        widths = self.widths[slot]
-        for layer in range(self.spec.num_layers):
-            for group in GROUPS:
-                pair = weights.pairs.get((layer, group))
-                if pair is None:
-                    widths[layer][group] = 0
-                    continue
-                a, b = pair
-                w = a.shape[1]
-                self.A[group][layer, slot, :, :w].copy_(a)
-                self.B[group][layer, slot, :w].copy_(b)
-                widths[layer][group] = w
+        self.clear(slot)
+        r_max = self.max_rank
+        bits = 0
+        for (layer, module), (a, b, scale) in weights.modules.items():
+            group, idx = MODULES[module]
+            r = a.shape[0]
+            self.A[group][layer, slot, :, idx * r_max : idx * r_max + r].copy_(a.T)
+            self.B[module][layer, slot, :r].copy_(b.T * scale)
+            bits |= 1 << (layer * len(MODULES) + _MODULE_BIT[module])
+        self.targets[slot] = bits
 
     def clear(self, slot: int) -> None:
-        for layer_widths in self.widths[slot]:
-            for group in GROUPS:
-                layer_widths[group] = 0
+        if self.targets[slot]:
+            for t in (*self.A.values(), *self.B.values()):
+                t[:, slot].zero_()
+        self.targets[slot] = 0
+
+    def targeted(self, bits: int, layer: int, module: str) -> bool:
+        return bool(bits >> (layer * len(MODULES) + _MODULE_BIT[module]) & 1)
+
+
+@dataclass
+class BatchedRows:
+    """Decode tokens laid out [slots, L]: x_index into x with a zero row appended (pad ->
+    len(x)), out_index into the output (pad -> 0; padded deltas are exactly zero)."""
+
+    x_index: torch.Tensor
+    out_index: torch.Tensor
+    length: int  # L
+    targets: int  # union of the active slots' target bits
+
+    @classmethod
+    def build(cls, table: LoraSlotTable, token_slots: Sequence[tuple[int, int]],
+              num_tokens: int, device) -> BatchedRows:
+        """token_slots: (token index, slot) of each decode token that uses an adapter."""
+        per_slot: dict[int, list[int]] = {}
+        for tok, slot in token_slots:
+            per_slot.setdefault(slot, []).append(tok)
+        length = max(len(v) for v in per_slot.values())
+        x_index = [num_tokens] * (table.num_slots * length)
+        out_index = [0] * (table.num_slots * length)
+        targets = 0
+        for slot, toks in per_slot.items():
+            base = slot * length
+            x_index[base : base + len(toks)] = toks
+            out_index[base : base + len(toks)] = toks
+            targets |= table.targets[slot]
+        return cls(torch.tensor(x_index, device=device), torch.tensor(out_index, device=device),
+                   length, targets)
 
 
 class LoraHooks:
-    """The model's adapter hook for one step: LoRA deltas over slot segments."""
+    """The model's adapter hook for one step."""
 
-    def __init__(self, table: LoraSlotTable, segments: Sequence[tuple[int, int, int]]) -> None:
+    def __init__(self, table: LoraSlotTable, segments: Sequence[tuple[int, int, int]],
+                 batched: BatchedRows | None = None) -> None:
         self.table = table
-        self.segments = segments  # (slot, start, end), tokens [start, end) use `slot`
+        self.segments = segments  # (slot, start, end): tokens [start, end) use `slot`
+        self.batched = batched
 
     def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        A, B, widths = self.table.A[group][layer], self.table.B[group][layer], self.table.widths
+        table, r = self.table, self.table.max_rank
+        A = table.A[group][layer]
+        modules = table.groups[group]
         for slot, start, end in self.segments:
-            w = widths[slot][layer][group]
-            if w:
-                t = x[start:end] @ A[slot, :, :w]
-                out[start:end].addmm_(t, B[slot, :w])
+            bits = table.targets[slot]
+            present = [m for m in modules if table.targeted(bits, layer, m[0])]
+            if not present:
+                continue
+            t = x[start:end] @ A[slot]
+            for name, idx, off, size in present:
+                out[start:end, off : off + size].addmm_(t[:, idx * r : (idx + 1) * r],
+                                                        table.B[name][layer, slot])
+        b = self.batched
+        if b is not None:
+            present = [m for m in modules if table.targeted(b.targets, layer, m[0])]
+            if not present:
+                return
+            S, L = table.num_slots, b.length
+            xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[b.x_index].view(S, L, -1)
+            t = torch.bmm(xs, A)  # [S, L, modules * r]
+            for name, idx, off, size in present:
+                d = torch.bmm(t[:, :, idx * r : (idx + 1) * r], table.B[name][layer])
+                out[:, off : off + size].index_add_(0, b.out_index, d.view(S * L, size))
 
 
 def lora_reference(
@@ -108,7 +174,7 @@ def lora_reference(
             if grp != group or entry is None:
                 continue
             a, b, scale = entry
-            start = sum(outs[:idx])
             a, b = a.to(x.dtype), b.to(x.dtype)
+            start = sum(outs[:idx])
             delta[i, start : start + outs[idx]] += (x[i] @ a.T) @ b.T * scale
     return delta

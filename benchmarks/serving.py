@@ -1,0 +1,175 @@
+"""Serving throughput with many adapters in one batch, against PEFT in the same run.
+
+Default model in fp32; 16 LoRA adapters of rank 16 on all seven projections, non-zero,
+made here; 32 concurrent streaming clients through gRPC (the project's load generator),
+each request naming the next adapter in turn, 128 new tokens each (EOS ignored), the
+load generator's built-in chat prompts. Baselines in the same run: PEFT
+`generate(adapter_names=...)` in static batches of 32 on the same prompts and adapters,
+and HF `generate` for a single stream. Each measurement is repeated --runs times and the
+medians are reported.
+
+    python -m benchmarks.serving [--runs 3] [--requests 64] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import Server, median, print_table, write_results
+from clients.loadtest import LoadTestConfig, run_loadtest
+from clients.workload import builtin_prompts
+from server.model_store import provision_default_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[str]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    names = [f"adapter-{i}" for i in range(count)]
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                     init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(base, cfg, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, cfg)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.mul_(0.05)  # non-zero, small enough to keep the text plausible
+    model.save_pretrained(root, selected_adapters=names)
+    # PEFT writes the first adapter at the root and the others in sub-folders.
+    first = root / names[0]
+    first.mkdir(exist_ok=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if (root / f).exists():
+            (root / f).rename(first / f)
+    return names
+
+
+def chat_ids(tokenizer, prompt) -> list[int]:
+    messages = [{"role": r, "content": c} for r, c in prompt.messages]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def peft_baseline(model_dir: Path, root: Path, names: list[str], batch: int,
+                  new_tokens: int) -> float:
+    """Tokens/s of PEFT's mixed-adapter generate on one static batch."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(root / name, adapter_name=name)
+    prompts = builtin_prompts()
+    ids = [chat_ids(tok, prompts[i % len(prompts)]) for i in range(batch)]
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    adapters = [names[i % len(names)] for i in range(batch)]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=adapters,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    elapsed = time.perf_counter() - t0
+    return (out.shape[1] - width) * batch / elapsed
+
+
+def hf_single_stream(model_dir: Path, new_tokens: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([chat_ids(tok, builtin_prompts()[0])])
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
+
+
+def load(target: str, adapters: tuple[str, ...], concurrency: int, requests: int,
+         new_tokens: int):
+    cfg = LoadTestConfig(target=target, concurrency=concurrency, duration_s=None,
+                         num_requests=requests, adapters=adapters, distribution="round_robin",
+                         max_new_tokens=new_tokens, ignore_eos=True, progress=False)
+    result = run_loadtest(cfg)
+    if result.requests_failed:
+        raise RuntimeError(f"{result.requests_failed} requests failed: {result.errors_by_code}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=64, help="requests per load run")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="one run, fewer requests (smoke test)")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra flag for switchboard serve (repeatable)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.runs, a.requests, a.new_tokens = 1, a.clients, 32
+    model_dir = provision_default_model()
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        root = Path(tmp)
+        names = make_adapters(model_dir, root, a.adapters, a.rank)
+        server_args = ["--adapter-dir", root, "--max-batch-size", a.clients,
+                       "--max-active-adapters", a.adapters, "--max-lora-rank", a.rank,
+                       "--max-seq-len", 1024, "--kv-cache-memory", "2GiB", *a.server_arg]
+        with Server(server_args) as server:
+            for run in range(a.runs):
+                mixed = load(server.target, tuple(names), a.clients, a.requests, a.new_tokens)
+                base = load(server.target, ("",), a.clients, a.requests, a.new_tokens)
+                single = load(server.target, ("",), 1, 2, a.new_tokens)
+                runs.append({
+                    "tokens_per_s": mixed.output_tokens_per_s,
+                    "base_only_tokens_per_s": base.output_tokens_per_s,
+                    "single_stream_tokens_per_s": single.output_tokens_per_s,
+                    "ttft_p50_s": mixed.ttft.p50, "ttft_p99_s": mixed.ttft.p99,
+                    "itl_p50_s": mixed.itl.p50, "itl_p99_s": mixed.itl.p99,
+                })
+                print(f"run {run + 1}: server {mixed.output_tokens_per_s:.1f} tok/s with "
+                      f"{a.adapters} adapters, {base.output_tokens_per_s:.1f} base only, "
+                      f"{single.output_tokens_per_s:.1f} single stream", flush=True)
+        for run in runs:  # baselines after the server has exited: no CPU contention
+            run["peft_tokens_per_s"] = peft_baseline(model_dir, root, names, a.clients,
+                                                     a.new_tokens)
+            run["hf_single_stream_tokens_per_s"] = hf_single_stream(model_dir, a.new_tokens)
+            print(f"baseline: PEFT {run['peft_tokens_per_s']:.1f} tok/s, HF single stream "
+                  f"{run['hf_single_stream_tokens_per_s']:.1f} tok/s", flush=True)
+    for run in runs:
+        run["ratio_vs_peft"] = run["tokens_per_s"] / run["peft_tokens_per_s"]
+        run["adapter_overhead_ratio"] = run["tokens_per_s"] / run["base_only_tokens_per_s"]
+        run["single_stream_ratio_vs_hf"] = (run["single_stream_tokens_per_s"]
+                                            / run["hf_single_stream_tokens_per_s"])
+    summary = {key: median([r[key] for r in runs]) for key in runs[0]}
+    rows = [(k, v) for k, v in summary.items()]
+    print_table(f"serving (median of {len(runs)} runs; {a.adapters} adapters rank {a.rank}, "
+                f"{a.clients} clients, {a.new_tokens} new tokens)", rows)
+    result = {**summary, "runs": runs, "settings": vars(a) | {"model": "smollm2-135m-instruct",
+                                                                 "dtype": "float32"}}
+    path = write_results("serving", result)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
