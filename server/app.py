@@ -34,6 +34,7 @@ class App:
         self.engine = Engine(model_dir, config.adapter_dir, config.engine)
         self.metrics = _make_metrics()
         self.engine.metrics = self.metrics
+        self.engine.registry.metrics = self.metrics
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
         self.port = 0

@@ -71,6 +71,7 @@ class AdapterRegistry:
         self._slots: list[AdapterEntry | None] = [None] * table.num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # unpinned occupied slots
         self._lock = threading.Lock()
+        self.metrics = None  # server.metrics.ServerMetrics, set by the app
 
     # ---- admin side -------------------------------------------------------------
     def scan(self) -> list[str]:
@@ -102,6 +103,7 @@ class AdapterRegistry:
     def load(self, adapter_id: str, path: str = "") -> tuple[AdapterEntry, bool]:
         """Read an adapter from disk; an existing id gets a new version. -> (entry, replaced)."""
         _check_id(adapter_id)
+        t0 = time.perf_counter()
         full = self.resolve_path(path or adapter_id)
         method = _method_of(full)
         if method != "lora":
@@ -119,6 +121,7 @@ class AdapterRegistry:
             self._entries[adapter_id] = entry
             if old is not None:
                 self._retire(old)
+            self._report("host", time.perf_counter() - t0)
         log.info("adapter %s version %s loaded from %s (rank %d)", adapter_id, entry.version,
                  full, weights.rank)
         return entry, old is not None
@@ -129,6 +132,9 @@ class AdapterRegistry:
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
             self._retire(entry)
+            self._report()
+        if self.metrics is not None:
+            self.metrics.forget_adapter(adapter_id)
 
     def get(self, adapter_id: str) -> AdapterEntry:
         with self._lock:
@@ -158,10 +164,12 @@ class AdapterRegistry:
             slot = self._free_slot()
             if slot is None:
                 return None
+            t0 = time.perf_counter()
             self.table.write(slot, entry.weights)
             self._slots[slot] = entry
             entry.slot = slot
             entry.refs = 1
+            self._report("device", time.perf_counter() - t0)
             return slot
 
     def release(self, entry: AdapterEntry) -> None:
@@ -180,6 +188,8 @@ class AdapterRegistry:
         if self._lru:
             slot, _ = self._lru.popitem(last=False)
             self._free(self._slots[slot])
+            if self.metrics is not None:
+                self.metrics.adapter_evicted("device")
             return slot
         return None
 
@@ -194,6 +204,15 @@ class AdapterRegistry:
         entry.retired = True
         if entry.refs == 0 and entry.slot is not None:
             self._free(entry)
+
+    def _report(self, loaded_tier: str | None = None, seconds: float = 0.0) -> None:
+        """Metrics after a change (the lock is held)."""
+        if self.metrics is None:
+            return
+        if loaded_tier is not None:
+            self.metrics.adapter_loaded(loaded_tier, seconds)
+        self.metrics.set_resident_adapters("host", len(self._entries))
+        self.metrics.set_resident_adapters("device", sum(e is not None for e in self._slots))
 
     def _check_manifest(self, path: Path, adapter_id: str) -> None:
         manifest = path / MANIFEST

@@ -84,6 +84,7 @@ class _State:
         self.generator: torch.Generator | None = generator
         self.arrival = time.monotonic()
         self.first_token: float | None = None
+        self.last_token: float | None = None
 
 
 class Engine:
@@ -298,6 +299,9 @@ class Engine:
             seq.output_ids.append(tok)
             if state.first_token is None:
                 state.first_token = now
+            elif self.metrics is not None:
+                self.metrics.observe_inter_token(now - state.last_token)
+            state.last_token = now
             stop = state.req.stopping
             reason = None
             if tok in self.eos_ids and not stop.ignore_eos:
