@@ -409,7 +409,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
-        metrics.update(steps=state["step"], best_step=state["best_step"],
+        metrics.update(steps=state["step"], best_step=state["best_step"], train_tokens=tokens_total,
                        stopped_early=state["stopped_early"],
                        tokens_per_s=tokens_total / max(train_time, 1e-9) if tokens_total else None,
                        train_wall_s=train_wall, wall_s=time.perf_counter() - t_start,
