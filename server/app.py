@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -19,6 +20,9 @@ from server.config import ServerConfig
 from server.engine.engine import Engine, load_engine_adapters
 from server.engine.model import ModelLoadError
 from server.model_store import ModelNotFoundError, resolve_base_model
+from server.security.interceptor import DrainGate, SecurityInterceptor
+from server.security.keys import KeysFileError, KeyStore
+from server.security.tls import TlsConfigError, server_credentials
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -29,11 +33,19 @@ SERVICES = ("switchboard.v1.TextGeneration", "switchboard.v1.AdapterAdmin")
 class App:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        sec = config.security  # keys first: a bad keys file fails before the model loads
+        self.keys = KeyStore(sec.api_keys) if sec.api_keys is not None else None
+        self.gate = DrainGate()
+        self.bind_host = _bind_host(config)
         model_dir = resolve_base_model(config.base_model)
         self.model_id = config.base_model or "smollm2-135m-instruct"
         self.engine = Engine(model_dir, config.adapter_dir, config.engine)
         self.metrics = _make_metrics()
         self.engine.metrics = self.metrics
+        if config.onnx.enabled:
+            from server.onnx.router import EngineRouter
+
+            self.engine = EngineRouter(self.engine, config.onnx)
         self.engine.registry.metrics = self.metrics
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
@@ -47,8 +59,12 @@ class App:
         if failed:
             log.warning("adapters not loaded: %s", ", ".join(failed))
         limit = cfg.limits.max_message_bytes
+        interceptor = SecurityInterceptor(
+            self.keys, self.gate, max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
+            retry_after_ms=cfg.limits.retry_after_ms)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers),
+            interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit)],
             maximum_concurrent_rpcs=cfg.grpc_workers,
@@ -68,9 +84,17 @@ class App:
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME,
              pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name], self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING, names)
-        self.port = self.server.add_insecure_port(f"{_host(cfg.host)}:{cfg.port}")
+        sec = cfg.security
+        address = f"{_host(self.bind_host)}:{cfg.port}"
+        if sec.tls_cert is not None and sec.tls_key is not None:
+            creds = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise SystemExit(f"error: cannot bind {cfg.host}:{cfg.port}")
+            raise SystemExit(f"error: cannot bind {self.bind_host}:{cfg.port}")
+        for line in _security_summary(cfg, self.keys, self.bind_host, names):
+            print(f"switchboard: {line}", flush=True)
         self.engine.start()
         self.server.start()
         if self.metrics is not None and cfg.metrics_port >= 0:
@@ -79,9 +103,9 @@ class App:
                                   str(self.engine.device), cfg.quantize)
             for part, nbytes in self.engine.memory().items():
                 self.metrics.set_memory(part, nbytes)
-            self.metrics_port = self.metrics.start_http_server(cfg.metrics_host or cfg.host,
-                                                               cfg.metrics_port)
-        print(f"switchboard: listening on {cfg.host}:{self.port}"
+            self.metrics_port = self.metrics.start_http_server(
+                cfg.metrics_host or self.bind_host, cfg.metrics_port)
+        print(f"switchboard: listening on {self.bind_host}:{self.port}"
               + (f" (metrics on port {self.metrics_port})" if self.metrics_port else ""),
               flush=True)
         self.engine.warmup()
@@ -93,17 +117,64 @@ class App:
             self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let running ones finish, then exit."""
+        """Drain: NOT_SERVING, refuse new calls with UNAVAILABLE, let running ones finish
+        within the grace period, then stop the server (cancelling what is left)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        grace = self.config.grace_period if grace is None else grace
         self.health.enter_graceful_shutdown()
+        t0 = time.monotonic()
+        drained = self.gate.drain(grace)
+        left = self.gate.in_flight
+        log.info("drain %s after %.1fs%s", "done" if drained else "timed out",
+                 time.monotonic() - t0, "" if drained else f" ({left} calls cancelled)")
         if self.server is not None:
-            self.server.stop(self.config.grace_period if grace is None else grace).wait()
+            self.server.stop(0.5 if drained else 0).wait()
         self.engine.stop()
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost", "[::1]")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+def _bind_host(cfg: ServerConfig) -> str:
+    """Without API keys, only loopback unless --allow-insecure-bind."""
+    sec = cfg.security
+    if sec.api_keys is None and not sec.allow_insecure_bind and not _is_loopback(cfg.host):
+        return "127.0.0.1"
+    return cfg.host
+
+
+def _security_summary(cfg: ServerConfig, keys: KeyStore | None, bind_host: str,
+                      services) -> list[str]:
+    sec = cfg.security
+    lines = []
+    if keys is None:
+        note = "any local caller is served"
+        if bind_host != cfg.host:
+            note = (f"binding {bind_host} instead of {cfg.host} (pass --api-keys, or "
+                    "--allow-insecure-bind to serve without keys on other addresses)")
+        elif not _is_loopback(bind_host):
+            note = f"--allow-insecure-bind: anyone reaching {bind_host} is served"
+        lines.append(f"security: no API keys (no --api-keys); {note}")
+    else:
+        lines.append(f"security: API keys required ({len(keys.keys)} in {keys.path}, "
+                     "reloaded on change)")
+    if sec.tls_cert is None:
+        lines.append("security: TLS off (plain-text gRPC)")
+    else:
+        lines.append("security: " + ("mutual TLS (client certificates required)"
+                                     if sec.tls_client_ca else "TLS"))
+    admin = "on" if SERVICES[1] in services else "off (--enable-admin to serve it)"
+    lines.append(f"security: AdapterAdmin {admin}")
+    return lines
 
 
 def _host(host: str) -> str:
@@ -121,7 +192,7 @@ def _make_metrics():
 def serve(config: ServerConfig) -> int:
     try:
         app = App(config)
-    except (ModelNotFoundError, ModelLoadError) as e:
+    except (ModelNotFoundError, ModelLoadError, KeysFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     done = threading.Event()
@@ -133,7 +204,11 @@ def serve(config: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.start()
+    try:
+        app.start()
+    except TlsConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     done.wait()
     log.info("stopped")
     return 0

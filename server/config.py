@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engine.engine import EngineConfig
+from server.onnx.router import OnnxConfig
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,21 @@ class Limits:
     max_stop_sequences: int = 8
     max_stop_sequence_chars: int = 128
     max_prompt_chars: int = 1 << 20
+    max_prompt_tokens: int = 0  # 0 = only the context length limits the prompt
     max_message_bytes: int = 4 << 20
+    max_concurrent_per_key: int = 0  # 0 = no limit; a key's max_concurrent overrides it
+    retry_after_ms: int = 500  # hint sent with RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """API keys, TLS and the bind policy; see docs/security.md."""
+
+    api_keys: Path | None = None  # keys file; None = no authentication
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set = mutual TLS
+    allow_insecure_bind: bool = False  # without keys, bind other than loopback anyway
 
 
 @dataclass(frozen=True)
@@ -33,7 +48,9 @@ class ServerConfig:
     quantize: str = "none"
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
-    enable_admin: bool = True
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    enable_admin: bool = False
     grpc_workers: int = 128
     grace_period: float = 30.0
 
@@ -88,14 +105,54 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="upper limit of stopping.max_new_tokens")
     p.add_argument("--default-max-new-tokens", type=int, default=lim.default_max_new_tokens)
     p.add_argument("--max-stop-sequences", type=int, default=lim.max_stop_sequences)
-    p.add_argument("--disable-admin", action="store_true", help="do not serve AdapterAdmin")
+    p.add_argument("--max-stop-sequence-chars", type=int, default=lim.max_stop_sequence_chars)
+    p.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars)
+    p.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens,
+                   help="prompt token limit; 0 = the context length only")
+    p.add_argument("--max-message-size", type=parse_size, default=lim.max_message_bytes,
+                   help="largest gRPC message received or sent (default 4MiB)")
+    p.add_argument("--max-concurrent-per-key", type=int, default=lim.max_concurrent_per_key,
+                   help="generation calls in flight per API key; 0 = no limit")
+    p.add_argument("--retry-after-ms", type=int, default=lim.retry_after_ms,
+                   help="retry hint (trailing metadata retry-after-ms) on RESOURCE_EXHAUSTED")
+    p.add_argument("--grace-period", type=float, default=d.grace_period,
+                   help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--enable-admin", action="store_true",
+                   help="serve AdapterAdmin (off by default; with --api-keys only admin keys)")
+    p.add_argument("--disable-admin", action="store_true", help=argparse.SUPPRESS)
+    s = p.add_argument_group("security (docs/security.md)")
+    s.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
+                   help="keys file (hashed keys, adapter patterns, admin flag); reloaded on "
+                   "change. Without it no key is asked and the server binds loopback only")
+    s.add_argument("--allow-insecure-bind", action="store_true",
+                   help="without --api-keys, bind --host even if it is not loopback")
+    s.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="server certificate chain (TLS)")
+    s.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="server key")
+    s.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                   help="CA for client certificates: mutual TLS, clients without one refused")
+    o = p.add_argument_group("ONNX Runtime path (docs/onnx.md)")
+    o.add_argument("--onnx", action="store_true",
+                   help="serve adapters that have an ONNX export (trainer export-onnx) through "
+                   "ONNX Runtime")
+    o.add_argument("--onnx-adapters", default="",
+                   help="comma-separated adapter ids allowed on the ONNX path (implies --onnx; "
+                   "default: every adapter with an export)")
+    o.add_argument("--onnx-variant", choices=["auto", "fp32", "int8", "int4"], default="auto",
+                   help="which export to serve; auto prefers int8, then fp32, then int4")
+    o.add_argument("--onnx-threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads (0 = its default)")
+    o.add_argument("--onnx-provider", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="execution provider; auto = CUDA where onnxruntime-gpu has it")
+    o.add_argument("--onnx-memory", type=parse_size, default=OnnxConfig().memory_bytes,
+                   help="host memory for ONNX sessions, e.g. 4GiB; idle ones are evicted (LRU)")
     p.add_argument("--log-level", default="INFO")
 
 
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
     for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "max_seq_len",
                  "max_active_adapters", "max_lora_rank", "max_new_tokens",
-                 "default_max_new_tokens"):
+                 "default_max_new_tokens", "max_stop_sequence_chars", "max_prompt_chars"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     engine = EngineConfig(
@@ -107,9 +164,32 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
     )
     limits = Limits(max_new_tokens=a.max_new_tokens,
                     default_max_new_tokens=min(a.default_max_new_tokens, a.max_new_tokens),
-                    max_stop_sequences=a.max_stop_sequences)
+                    max_stop_sequences=a.max_stop_sequences,
+                    max_stop_sequence_chars=a.max_stop_sequence_chars,
+                    max_prompt_chars=a.max_prompt_chars, max_prompt_tokens=a.max_prompt_tokens,
+                    max_message_bytes=a.max_message_size,
+                    max_concurrent_per_key=a.max_concurrent_per_key,
+                    retry_after_ms=a.retry_after_ms)
+    for name in ("max_prompt_tokens", "max_concurrent_per_key", "retry_after_ms"):
+        if getattr(a, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 0")
+    if a.max_message_size < 1024:
+        raise SystemExit("error: --max-message-size must be at least 1KiB")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    if a.tls_client_ca is not None and a.tls_cert is None:
+        raise SystemExit("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if a.enable_admin and a.disable_admin:
+        raise SystemExit("error: --enable-admin and --disable-admin contradict each other")
+    security = SecurityConfig(api_keys=a.api_keys, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                              tls_client_ca=a.tls_client_ca,
+                              allow_insecure_bind=a.allow_insecure_bind)
     return ServerConfig(
         host=a.host, port=a.port, metrics_port=a.metrics_port, base_model=a.base_model,
         adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
-        enable_admin=not a.disable_admin,
+        security=security, enable_admin=a.enable_admin, grace_period=a.grace_period,
+        onnx=OnnxConfig(enabled=a.onnx or bool(a.onnx_adapters),
+                        adapters=tuple(x for x in a.onnx_adapters.split(",") if x),
+                        variant=a.onnx_variant, threads=a.onnx_threads,
+                        provider=a.onnx_provider, memory_bytes=a.onnx_memory),
     )

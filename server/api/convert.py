@@ -124,6 +124,11 @@ class RequestConverter:
                     f"the limit is {lim.max_stop_sequence_chars}"
                 )
         ids = self.prompt_ids(msg)
+        if lim.max_prompt_tokens and len(ids) > lim.max_prompt_tokens:
+            raise InvalidArgument(
+                f"input has {len(ids)} tokens; the limit is {lim.max_prompt_tokens} "
+                "(max prompt tokens)"
+            )
         if len(ids) + max_new > self.max_seq_len:
             raise InvalidArgument(
                 f"input has {len(ids)} tokens and stopping.max_new_tokens is {max_new}: "

@@ -30,6 +30,11 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def abort(context: grpc.ServicerContext, exc: BaseException,
+          retry_after_ms: int | None = None) -> None:
+    """End the call with exc's status; RESOURCE_EXHAUSTED carries the trailing metadata
+    `retry-after-ms` when a hint is given."""
     code, message = status_of(exc)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_ms is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(retry_after_ms)),))
     context.abort(code, message)

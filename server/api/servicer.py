@@ -32,7 +32,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             handle = self.engine.submit(req)
         except Exception as e:
             self._count_error(request.adapter_id, e)
-            abort(context, e)
+            abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
         context.add_callback(handle.cancel)
         if self.metrics is not None:
             self.metrics.request_started(request.adapter_id)

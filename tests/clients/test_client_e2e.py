@@ -19,7 +19,7 @@ from clients.routing import rendezvous_order
 
 @pytest.fixture
 def server(start_server, tiny_model):
-    return start_server("--base-model", tiny_model)
+    return start_server("--base-model", tiny_model, "--enable-admin")
 
 
 def test_sync_and_aio_clients(server):

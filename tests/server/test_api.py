@@ -33,7 +33,8 @@ def server(tiny_model, adapter_root):
 
     s = ServerProcess(["--base-model", str(tiny_model), "--adapter-dir", str(adapter_root),
                        "--max-seq-len", "256", "--kv-cache-memory", "32MiB",
-                       "--max-new-tokens", "128", "--max-stop-sequences", "4"])
+                       "--max-new-tokens", "128", "--max-stop-sequences", "4",
+                       "--enable-admin"])
     yield s
     s.stop()
 

@@ -1,0 +1,218 @@
+"""The gRPC server interceptor in front of TextGeneration and AdapterAdmin.
+
+For every call of a protected service, in this order:
+1. draining (SIGTERM received): UNAVAILABLE;
+2. with a keys file: no `authorization: Bearer <key>` or an unknown key: UNAUTHENTICATED;
+   AdapterAdmin without the key's admin flag, or an adapter_id outside the key's patterns:
+   PERMISSION_DENIED. The adapter check looks only at the key's patterns, never at the
+   registry, so the answer does not reveal whether the adapter exists;
+3. per-key concurrency (generation calls): RESOURCE_EXHAUSTED with `retry-after-ms`.
+Health and reflection pass through untouched (probes need no key).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from server.security.keys import ApiKey, KeyStore
+
+log = logging.getLogger(__name__)
+
+TEXT_GENERATION = "switchboard.v1.TextGeneration"
+ADAPTER_ADMIN = "switchboard.v1.AdapterAdmin"
+GENERATION_METHODS = {"Generate", "GenerateStream"}
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+class DrainGate:
+    """Counts calls in flight; once draining, new calls are refused."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self.draining = False
+
+    def enter(self) -> bool:
+        with self._cond:
+            if self.draining:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return self._in_flight
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls; wait until none is in flight. -> whether all finished."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self.draining = True
+            while self._in_flight > 0:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+
+class _Slots:
+    """Concurrent generation calls per key name."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}
+
+    def take(self, name: str, limit: int) -> bool:
+        with self._lock:
+            n = self._used.get(name, 0)
+            if n >= limit:
+                return False
+            self._used[name] = n + 1
+            return True
+
+    def give(self, name: str) -> None:
+        with self._lock:
+            n = self._used.get(name, 1) - 1
+            if n <= 0:
+                self._used.pop(name, None)
+            else:
+                self._used[name] = n
+
+
+def bearer_token(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class SecurityInterceptor(grpc.ServerInterceptor):
+    def __init__(self, keys: KeyStore | None, gate: DrainGate, *,
+                 max_concurrent_per_key: int = 0, retry_after_ms: int = 500) -> None:
+        self.keys = keys
+        self.gate = gate
+        self.max_concurrent_per_key = max_concurrent_per_key  # 0 = no limit
+        self.retry_after_ms = retry_after_ms
+        self._slots = _Slots()
+
+    def intercept_service(self, continuation, handler_call_details):
+        _, service, method = (handler_call_details.method.split("/") + ["", ""])[:3]
+        handler = continuation(handler_call_details)
+        if handler is None or service not in (TEXT_GENERATION, ADAPTER_ADMIN):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+
+        def admit(request, context) -> Callable[[], None]:
+            return self._admit(service, method, token, request, context)
+
+        return _wrap(handler, admit)
+
+    def _admit(self, service: str, method: str, token: str | None, request,
+               context) -> Callable[[], None]:
+        if self.gate.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        key = self._authorize(service, method, token, request, context)
+        releases: list[Callable[[], None]] = []
+        limit = self._limit(key)
+        if key is not None and limit and method in GENERATION_METHODS:
+            if not self._slots.take(key.name, limit):
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(self.retry_after_ms)),))
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"api key {key.name!r} has {limit} concurrent requests, "
+                              f"the limit is {limit} (max_concurrent)")
+            releases.append(lambda: self._slots.give(key.name))
+        if not self.gate.enter():
+            for r in releases:
+                r()
+            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        releases.append(self.gate.leave)
+        return _once(releases)
+
+    def _limit(self, key: ApiKey | None) -> int:
+        if key is None:
+            return 0
+        return key.max_concurrent or self.max_concurrent_per_key
+
+    def _authorize(self, service: str, method: str, token: str | None, request,
+                   context) -> ApiKey | None:
+        if self.keys is None:
+            return None
+        if token is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing API key: send metadata 'authorization: Bearer <key>'")
+        key = self.keys.authenticate(token)
+        if key is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "API key not recognised")
+        if service == ADAPTER_ADMIN:
+            if not key.admin:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"api key {key.name!r} may not call AdapterAdmin")
+        elif method in GENERATION_METHODS:
+            adapter_id = getattr(request, "adapter_id", "")
+            if not key.allows(adapter_id):
+                what = f"adapter {adapter_id!r}" if adapter_id else "the base model"
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"api key {key.name!r} may not use {what}")
+        return key
+
+
+def _once(releases: list[Callable[[], None]]) -> Callable[[], None]:
+    lock = threading.Lock()
+    done = [False]
+
+    def release() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        for r in releases:
+            r()
+
+    return release
+
+
+def _wrap(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        def unary_unary(request, context):
+            release = admit(request, context)
+            try:
+                return inner_uu(request, context)
+            finally:
+                release()
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        def unary_stream(request, context):
+            release = admit(request, context)
+            context.add_callback(release)  # also when the client goes away mid-stream
+            try:
+                yield from inner_us(request, context)
+            finally:
+                release()
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    return handler  # client-streaming methods: none in these services
