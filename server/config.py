@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engine.engine import EngineConfig
+from server.onnx.router import OnnxConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
     enable_admin: bool = False
     grpc_workers: int = 128
     grace_period: float = 30.0
@@ -129,6 +131,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="server key")
     s.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
                    help="CA for client certificates: mutual TLS, clients without one refused")
+    o = p.add_argument_group("ONNX Runtime path (docs/onnx.md)")
+    o.add_argument("--onnx", action="store_true",
+                   help="serve adapters that have an ONNX export (trainer export-onnx) through "
+                   "ONNX Runtime")
+    o.add_argument("--onnx-adapters", default="",
+                   help="comma-separated adapter ids allowed on the ONNX path (implies --onnx; "
+                   "default: every adapter with an export)")
+    o.add_argument("--onnx-variant", choices=["auto", "fp32", "int8", "int4"], default="auto",
+                   help="which export to serve; auto prefers int8, then fp32, then int4")
+    o.add_argument("--onnx-threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads (0 = its default)")
+    o.add_argument("--onnx-provider", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="execution provider; auto = CUDA where onnxruntime-gpu has it")
+    o.add_argument("--onnx-memory", type=parse_size, default=OnnxConfig().memory_bytes,
+                   help="host memory for ONNX sessions, e.g. 4GiB; idle ones are evicted (LRU)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -171,4 +188,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         host=a.host, port=a.port, metrics_port=a.metrics_port, base_model=a.base_model,
         adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
         security=security, enable_admin=a.enable_admin, grace_period=a.grace_period,
+        onnx=OnnxConfig(enabled=a.onnx or bool(a.onnx_adapters),
+                        adapters=tuple(x for x in a.onnx_adapters.split(",") if x),
+                        variant=a.onnx_variant, threads=a.onnx_threads,
+                        provider=a.onnx_provider, memory_bytes=a.onnx_memory),
     )

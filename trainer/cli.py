@@ -47,7 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
                    help="quantization of the base to merge into (only none is supported)")
 
-    sub.add_parser("export-onnx", help="export a merged adapter to ONNX (not implemented)")
+    x = sub.add_parser("export-onnx", help="merge a lora/ia3 adapter and export it to ONNX with "
+                       "a KV cache; parity-checked, recorded in the adapter's manifest")
+    x.add_argument("adapter_dir")
+    x.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                   help="weights: none (fp32), int8 (dynamic) or int4 (MatMulNBits blocks)")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--base-model", default=None,
+                   help="base model path or id (default: the adapter's recorded base)")
 
     k = sub.add_parser("tasks", help="list bundled tasks, or write one's splits as JSONL")
     k.add_argument("name", nargs="?")
@@ -67,7 +74,7 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "export-onnx":
+    if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     from trainer.artifact import ArtifactError
@@ -91,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e.args[0]}", file=sys.stderr)
                 return 2
         if args.command == "export-onnx":
-            print("error: trainer export-onnx is not implemented yet (planned in a later "
-                  "issue); merge with `trainer merge` for now", file=sys.stderr)
-            return 2
+            return _export_onnx(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -120,6 +125,20 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated before any model loads
     train(cfg, dry_run=args.dry_run)
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from server.onnx.export import ExportError, ParityError, export_onnx
+
+    try:
+        record = export_onnx(args.adapter_dir, quantize=args.quantize, opset=args.opset,
+                             base_model=args.base_model)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, ParityError) else 2
+    print(json.dumps({k: record[k] for k in ("path", "quantize", "size_bytes",
+                                             "export_seconds", "parity")}, indent=2))
     return 0
 
 

@@ -9,12 +9,33 @@ import grpc
 from server import __version__
 from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb
 from server.api.errors import InvalidArgument, abort, status_of
-from server.engine.types import ErrorEvent, FinishEvent, TokenEvent
+from server.engine.types import EngineError, ErrorEvent, FinishEvent, TokenEvent
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 _TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST,
           "disk": pb.ADAPTER_TIER_DISK}
+_PATHS = {"pytorch": pb.ENGINE_PATH_PYTORCH, "onnx": pb.ENGINE_PATH_ONNX}
+_PATH_NAMES = {v: k for k, v in _PATHS.items()}
+
+
+def _submit_to(engine, req, engine_path: str):
+    """The ONNX router (server.onnx.router) takes the requested path; a lone PyTorch engine
+    serves everything but an explicit ONNX request."""
+    if hasattr(engine, "route"):
+        return engine.submit(req, engine_path=engine_path)
+    if engine_path == "onnx":
+        raise EngineError("FAILED_PRECONDITION", "engine_path ONNX: the ONNX path is not "
+                          "enabled on this server (start it with --onnx)")
+    return engine.submit(req)
+
+
+def _route(engine, adapter_id: str) -> tuple[int, str, str]:
+    """(EnginePath, onnx variant, reason) of the engine serving `adapter_id`."""
+    if not hasattr(engine, "route"):
+        return pb.ENGINE_PATH_PYTORCH, "", ""
+    r = engine.route(adapter_id)
+    return _PATHS[r.path], r.variant if r.path == "onnx" else "", r.reason
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
@@ -29,7 +50,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def _submit(self, request, context):
         try:
             req = self.conv.generation_request(request, context)
-            handle = self.engine.submit(req)
+            handle = _submit_to(self.engine, req, _PATH_NAMES.get(request.engine_path, ""))
         except Exception as e:
             self._count_error(request.adapter_id, e)
             abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
@@ -80,6 +101,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 adapter_id=handle.adapter_id,
                 adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
+                engine_path=_PATHS[getattr(handle, "engine_path", "pytorch")],
             )
 
     def GenerateStream(self, request, context):
@@ -92,6 +114,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                     request_id=req.request_id, text=ev.text,
                     token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
                     adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
+                    engine_path=_PATHS[getattr(handle, "engine_path", "pytorch")],
                 )
                 continue
             self._done(req, ev, context)
@@ -103,6 +126,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                 adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
+                engine_path=_PATHS[getattr(handle, "engine_path", "pytorch")],
             )
             return
 
@@ -132,25 +156,35 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             max_lora_rank=e.table.max_rank,
             memory=[pb.MemoryUsage(part=k, bytes=v) for k, v in e.memory().items()],
             version=__version__,
+            adapter_routes=[
+                pb.AdapterRoute(adapter_id=a.adapter_id, engine_path=path, onnx_variant=variant,
+                                reason=reason)
+                for a in e.registry.entries()
+                for path, variant, reason in [_route(e, a.adapter_id)]
+            ],
         )
 
 
 class AdapterAdminServicer(pb_grpc.AdapterAdminServicer):
     def __init__(self, engine) -> None:
+        self.engine = engine
         self.registry = engine.registry
 
     def _info(self, entry) -> pb.AdapterInfo:
+        path, variant, _ = _route(self.engine, entry.adapter_id)
         return pb.AdapterInfo(
             adapter_id=entry.adapter_id,
             method=entry.method,
             version=entry.version,
-            tier=_TIERS["device" if entry.slot is not None else "host"],
-            rank=entry.weights.rank,
+            tier=_TIERS[entry.tier],
+            rank=entry.rank,
             size_bytes=entry.size_bytes,
             base_model_fingerprint=entry.base_fingerprint,
             path=str(entry.path),
-            target_modules=entry.weights.target_modules,
+            target_modules=entry.target_modules,
             slot=-1 if entry.slot is None else entry.slot,
+            engine_path=path,
+            onnx_variant=variant,
         )
 
     def ListAdapters(self, request, context):

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EnginePath(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENGINE_PATH_UNSPECIFIED: _ClassVar[EnginePath]
+    ENGINE_PATH_PYTORCH: _ClassVar[EnginePath]
+    ENGINE_PATH_ONNX: _ClassVar[EnginePath]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -21,6 +27,9 @@ class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_TIER_DEVICE: _ClassVar[AdapterTier]
     ADAPTER_TIER_HOST: _ClassVar[AdapterTier]
     ADAPTER_TIER_DISK: _ClassVar[AdapterTier]
+ENGINE_PATH_UNSPECIFIED: EnginePath
+ENGINE_PATH_PYTORCH: EnginePath
+ENGINE_PATH_ONNX: EnginePath
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -86,7 +95,7 @@ class ResponseOptions(_message.Message):
     def __init__(self, token_ids: _Optional[bool] = ..., logprobs: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "prompt", "messages", "token_ids", "sampling", "stopping", "response")
+    __slots__ = ("request_id", "adapter_id", "prompt", "messages", "token_ids", "sampling", "stopping", "response", "engine_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +104,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     prompt: str
@@ -103,7 +113,8 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParameters
     stopping: StoppingCriteria
     response: ResponseOptions
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ...) -> None: ...
+    engine_path: EnginePath
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "time_to_first_token_seconds", "total_seconds")
@@ -116,7 +127,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings", "engine_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +138,7 @@ class GenerateResponse(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -137,10 +149,11 @@ class GenerateResponse(_message.Message):
     adapter_id: str
     adapter_version: str
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    engine_path: EnginePath
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings", "engine_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +164,7 @@ class GenerateStreamResponse(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -161,7 +175,8 @@ class GenerateStreamResponse(_message.Message):
     adapter_id: str
     adapter_version: str
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    engine_path: EnginePath
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "messages")
@@ -192,7 +207,7 @@ class MemoryUsage(_message.Message):
     def __init__(self, part: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "architecture", "vocab_size", "max_context_tokens", "max_new_tokens_limit", "dtype", "device", "quantization", "max_batch_size", "max_active_adapters", "max_lora_rank", "memory", "version")
+    __slots__ = ("model_id", "fingerprint", "architecture", "vocab_size", "max_context_tokens", "max_new_tokens_limit", "dtype", "device", "quantization", "max_batch_size", "max_active_adapters", "max_lora_rank", "memory", "version", "adapter_routes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +222,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ROUTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     architecture: str
@@ -221,10 +237,23 @@ class GetModelInfoResponse(_message.Message):
     max_lora_rank: int
     memory: _containers.RepeatedCompositeFieldContainer[MemoryUsage]
     version: str
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_active_adapters: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., memory: _Optional[_Iterable[_Union[MemoryUsage, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    adapter_routes: _containers.RepeatedCompositeFieldContainer[AdapterRoute]
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_active_adapters: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., memory: _Optional[_Iterable[_Union[MemoryUsage, _Mapping]]] = ..., version: _Optional[str] = ..., adapter_routes: _Optional[_Iterable[_Union[AdapterRoute, _Mapping]]] = ...) -> None: ...
+
+class AdapterRoute(_message.Message):
+    __slots__ = ("adapter_id", "engine_path", "onnx_variant", "reason")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
+    ONNX_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    engine_path: EnginePath
+    onnx_variant: str
+    reason: str
+    def __init__(self, adapter_id: _Optional[str] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ..., onnx_variant: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "method", "version", "tier", "rank", "size_bytes", "base_model_fingerprint", "path", "target_modules", "slot")
+    __slots__ = ("adapter_id", "method", "version", "tier", "rank", "size_bytes", "base_model_fingerprint", "path", "target_modules", "slot", "engine_path", "onnx_variant")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +264,8 @@ class AdapterInfo(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
+    ONNX_VARIANT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     method: str
     version: str
@@ -245,7 +276,9 @@ class AdapterInfo(_message.Message):
     path: str
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     slot: int
-    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., version: _Optional[str] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., slot: _Optional[int] = ...) -> None: ...
+    engine_path: EnginePath
+    onnx_variant: str
+    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., version: _Optional[str] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., base_model_fingerprint: _Optional[str] = ..., path: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., slot: _Optional[int] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ..., onnx_variant: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
