@@ -42,6 +42,10 @@ class App:
         self.engine = Engine(model_dir, config.adapter_dir, config.engine)
         self.metrics = _make_metrics()
         self.engine.metrics = self.metrics
+        if config.onnx.enabled:
+            from server.onnx.router import EngineRouter
+
+            self.engine = EngineRouter(self.engine, config.onnx)
         self.engine.registry.metrics = self.metrics
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
