@@ -1,26 +1,34 @@
-"""The adapter registry: ids, versions and paths on one side, device slots on the other.
+"""The adapter registry: ids, versions and tiers on one side, device slots on the other.
 
-Tiers: every adapter under the root is on disk; a loaded adapter is in host memory (its
-weights in the engine's layout); an adapter used by a running request also holds a device
-slot, pinned while any request uses it and otherwise evicted least recently used.
-Replacing an adapter (LoadAdapter on an existing id) creates a new entry: requests that
-started on the old entry keep it (and its slot) until they finish.
-Bookkeeping is locked; slot contents are written only from the engine thread (`acquire`).
+Tiers: every adapter under the root is known on disk; a loaded adapter is in host memory
+(an LRU bounded in bytes); an adapter used by a running request holds a device slot,
+pinned while any request uses it and otherwise evicted least recently used. Adapters of
+every type share the slot space (`--max-active-adapters`); LoRA slots also hold weights
+in the engine's stacked slot table, other types keep small device tensors of their own.
+
+A request for an adapter that is only on disk loads it just in time on a loader thread,
+never on the engine's step loop. Replacing an adapter (LoadAdapter on an existing id, or
+a change seen by the watcher) creates a new entry: requests that started on the old
+entry keep it, and its slot, until they finish.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.adapters.lora import AdapterError, LoraWeights, read_lora
+import torch
+
+from server.adapters.formats import AdapterWeights, method_of, read_adapter
+from server.adapters.lora import AdapterError, LoraWeights
 from server.adapters.slots import LoraSlotTable
 from server.engine.model import ModelSpec
 
@@ -38,55 +46,74 @@ class AdapterEntry:
     version: str
     path: Path
     method: str
-    weights: LoraWeights
-    content_hash: str
     base_fingerprint: str
-    loaded_at: float = field(default_factory=time.time)
+    signature: tuple  # names, sizes and mtimes of the adapter's files
+    rank: int = 0
+    target_modules: list[str] = field(default_factory=list)
+    disk_bytes: int = 0
+    weights: AdapterWeights | None = None  # host tier when set
+    device_weights: AdapterWeights | None = None  # non-LoRA weights on the device
     slot: int | None = None
     refs: int = 0
     retired: bool = False  # replaced or unloaded: freed when its last request ends
+    loading: bool = False
+    error: str | None = None  # why the last load failed
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.slot is not None else "host" if self.weights else "disk"
 
     @property
     def size_bytes(self) -> int:
-        return self.weights.nbytes
+        return self.weights.nbytes if self.weights is not None else self.disk_bytes
 
 
 class AdapterRegistry:
-    def __init__(
-        self,
-        root: Path,
-        spec: ModelSpec,
-        table: LoraSlotTable,
-        base_fingerprint: str,
-        *,
-        allow_pickle: bool = False,
-    ) -> None:
+    def __init__(self, root: Path, spec: ModelSpec, table: LoraSlotTable,
+                 base_fingerprint: str, *, allow_pickle: bool = False,
+                 host_bytes: int = 4 << 30, dtype=torch.float32, device="cpu") -> None:
         self.root = root.resolve()
         self.spec = spec
         self.table = table
         self.base_fingerprint = base_fingerprint
         self.allow_pickle = allow_pickle
+        self.host_bytes = host_bytes
+        self.dtype = dtype
+        self.device = device
         self._entries: dict[str, AdapterEntry] = {}
         self._versions: dict[str, int] = {}
         self._slots: list[AdapterEntry | None] = [None] * table.num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # unpinned occupied slots
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
         self.metrics = None  # server.metrics.ServerMetrics, set by the app
 
     # ---- admin side -------------------------------------------------------------
-    def scan(self) -> list[str]:
-        """Load every adapter directory under the root; return the ids that failed."""
+    def scan(self, preload: tuple[str, ...] = ()) -> list[str]:
+        """Register every adapter directory under the root (disk tier) and load the
+        `preload` ids into host memory. Returns the ids that could not be registered."""
         failed = []
-        if not self.root.is_dir():
-            return failed
-        for sub in sorted(self.root.iterdir()):
-            if sub.is_dir() and (sub / "adapter_config.json").is_file():
-                try:
-                    self.load(sub.name, sub.name)
-                except AdapterError as e:
-                    log.error("adapter %s not loaded: %s", sub.name, e)
-                    failed.append(sub.name)
+        for sub in self._adapter_dirs():
+            try:
+                self.register(sub.name, sub.name)
+            except AdapterError as e:
+                log.error("adapter %s not registered: %s", sub.name, e)
+                failed.append(sub.name)
+        for adapter_id in preload:
+            try:
+                self.load(adapter_id, adapter_id)
+            except AdapterError as e:
+                log.error("adapter %s not preloaded: %s", adapter_id, e)
+                failed.append(adapter_id)
         return failed
+
+    def _adapter_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [p for p in sorted(self.root.iterdir()) if p.is_dir() and (
+            (p / "adapter_config.json").is_file() or (p / "bottleneck_config.json").is_file())]
 
     def resolve_path(self, path: str) -> Path:
         """A path inside the adapter root (relative or absolute), symlinks resolved."""
@@ -100,31 +127,37 @@ class AdapterRegistry:
             raise AdapterError(f"path {path!r} is not a directory under {self.root}")
         return full
 
+    def register(self, adapter_id: str, path: str = "") -> AdapterEntry:
+        """Know an adapter on disk without reading its weights (new version if it exists)."""
+        _check_id(adapter_id)
+        full = self.resolve_path(path or adapter_id)
+        method = method_of(full)
+        self._check_manifest(full, adapter_id)
+        rank, targets = _config_summary(full, method)
+        entry = self._new_entry(adapter_id, full, method, rank, targets)
+        with self._lock:
+            self._install(entry)
+            self._report()
+        return entry
+
     def load(self, adapter_id: str, path: str = "") -> tuple[AdapterEntry, bool]:
-        """Read an adapter from disk; an existing id gets a new version. -> (entry, replaced)."""
+        """Read an adapter into host memory now; an existing id gets a new version."""
         _check_id(adapter_id)
         t0 = time.perf_counter()
         full = self.resolve_path(path or adapter_id)
-        method = _method_of(full)
-        if method != "lora":
-            raise AdapterError(f"adapter {adapter_id!r}: method {method!r} is not served yet")
+        method = method_of(full)
         self._check_manifest(full, adapter_id)
-        weights = read_lora(full, self.spec, allow_pickle=self.allow_pickle)
-        self.table.check_fits(weights, adapter_id)
-        digest = _content_hash(full)
+        method, weights = read_adapter(full, self.spec, allow_pickle=self.allow_pickle)
+        self._check_fits(adapter_id, weights)
+        entry = self._new_entry(adapter_id, full, method, weights.rank, weights.target_modules)
+        entry.weights = weights
         with self._lock:
-            n = self._versions.get(adapter_id, 0) + 1
-            self._versions[adapter_id] = n
-            entry = AdapterEntry(adapter_id, str(n), full, method, weights, digest,
-                                 self.base_fingerprint)
-            old = self._entries.get(adapter_id)
-            self._entries[adapter_id] = entry
-            if old is not None:
-                self._retire(old)
+            replaced = self._install(entry)
+            self._trim_host()
             self._report("host", time.perf_counter() - t0)
-        log.info("adapter %s version %s loaded from %s (rank %d)", adapter_id, entry.version,
-                 full, weights.rank)
-        return entry, old is not None
+        log.info("adapter %s version %s (%s) loaded from %s", adapter_id, entry.version,
+                 method, full)
+        return entry, replaced
 
     def unload(self, adapter_id: str) -> None:
         with self._lock:
@@ -152,20 +185,86 @@ class AdapterRegistry:
         with self._lock:
             return [None if e is None else (e.adapter_id, e.version, e.refs) for e in self._slots]
 
-    # ---- engine side ------------------------------------------------------------
-    def acquire(self, entry: AdapterEntry) -> int | None:
-        """Pin a slot holding the entry, loading it into a free or evicted slot if needed.
-        None when every slot is pinned by running requests (the request waits)."""
+    def host_usage(self) -> int:
         with self._lock:
+            return sum(e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+
+    def sync_with_disk(self) -> dict[str, list[str]]:
+        """Pick up adapters added to, changed in or removed from the root (--watch)."""
+        seen = {p.name: p for p in self._adapter_dirs()}
+        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+        with self._lock:
+            current = dict(self._entries)
+        for name, path in seen.items():
+            entry = current.get(name)
+            if entry is not None and entry.path != path.resolve():
+                continue  # registered from elsewhere under the root by LoadAdapter
+            if entry is not None and entry.signature == _signature(path):
+                continue
+            try:
+                if entry is None:
+                    self.register(name, name)
+                else:  # changed: load it now so that the new version is checked first
+                    self.load(name, name)
+                changes["changed" if entry else "added"].append(name)
+            except AdapterError as e:
+                log.error("adapter %s: change not picked up: %s", name, e)
+        for name, entry in current.items():
+            if name not in seen and not entry.path.exists():
+                self.unload(name)
+                changes["removed"].append(name)
+        return changes
+
+    # ---- engine side ------------------------------------------------------------
+    def ensure_host(self, entry: AdapterEntry) -> bool:
+        """True when the entry's weights are in host memory; otherwise starts loading it
+        on a loader thread (the engine is woken through `on_ready`) and returns False."""
+        with self._lock:
+            entry.last_used = time.monotonic()
+            if entry.weights is not None:
+                return True
+            if not entry.loading and entry.error is None:
+                entry.loading = True
+                self._loader.submit(self._load_in_background, entry)
+            return False
+
+    def _load_in_background(self, entry: AdapterEntry) -> None:
+        t0 = time.perf_counter()
+        try:
+            _, weights = read_adapter(entry.path, self.spec, allow_pickle=self.allow_pickle)
+            self._check_fits(entry.adapter_id, weights)
+        except Exception as e:  # a bad file fails this adapter's requests, nothing else
+            log.error("adapter %s failed to load: %s", entry.adapter_id, e)
+            with self._lock:
+                entry.error = str(e)
+                entry.loading = False
+        else:
+            with self._lock:
+                entry.weights = weights
+                entry.loading = False
+                self._trim_host()
+                self._report("host", time.perf_counter() - t0)
+        self.on_ready()
+
+    def acquire(self, entry: AdapterEntry) -> int | None:
+        """Pin a slot holding the entry (host weights required), loading it into a free or
+        evicted slot if needed. None when every slot is pinned by running requests."""
+        with self._lock:
+            entry.last_used = time.monotonic()
             if entry.slot is not None:
                 entry.refs += 1
                 self._lru.pop(entry.slot, None)
                 return entry.slot
+            if entry.weights is None:
+                return None
             slot = self._free_slot()
             if slot is None:
                 return None
             t0 = time.perf_counter()
-            self.table.write(slot, entry.weights)
+            if isinstance(entry.weights, LoraWeights):
+                self.table.write(slot, entry.weights)
+            else:
+                entry.device_weights = _to_device(entry.weights, self.dtype, self.device)
             self._slots[slot] = entry
             entry.slot = slot
             entry.refs = 1
@@ -180,6 +279,53 @@ class AdapterRegistry:
                     self._free(entry)
                 else:
                     self._lru[entry.slot] = None
+
+    def busy_slots(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._slots if e is not None and e.refs > 0)
+
+    # ---- internals (lock held) --------------------------------------------------
+    def _new_entry(self, adapter_id, path, method, rank, targets) -> AdapterEntry:
+        with self._lock:
+            n = self._versions.get(adapter_id, 0) + 1
+            self._versions[adapter_id] = n
+        sig = _signature(path)
+        return AdapterEntry(adapter_id, str(n), path, method, self.base_fingerprint, sig,
+                            rank=rank, target_modules=targets,
+                            disk_bytes=sum(size for _, size, _ in sig))
+
+    def _install(self, entry: AdapterEntry) -> bool:
+        old = self._entries.get(entry.adapter_id)
+        self._entries[entry.adapter_id] = entry
+        if old is not None:
+            self._retire(old)
+        return old is not None
+
+    def _all_entries(self) -> list[AdapterEntry]:
+        live = list(self._entries.values())
+        return live + [e for e in self._slots if e is not None and e not in live]
+
+    def _trim_host(self) -> None:
+        """Evict host weights, least recently used first, until within the budget.
+        Entries on the device or being used keep theirs."""
+        candidates = sorted((e for e in self._entries.values()
+                             if e.weights is not None and e.slot is None and e.refs == 0),
+                            key=lambda e: e.last_used)
+        usage = sum(e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+        for entry in candidates:
+            if usage <= self.host_bytes:
+                break
+            usage -= entry.weights.nbytes
+            entry.weights = None
+            if self.metrics is not None:
+                self.metrics.adapter_evicted("host")
+
+    def _check_fits(self, adapter_id: str, weights: AdapterWeights) -> None:
+        if isinstance(weights, LoraWeights):
+            self.table.check_fits(weights, adapter_id)
+        if weights.nbytes > self.host_bytes:
+            raise AdapterError(f"adapter {adapter_id!r} needs {weights.nbytes} bytes, more "
+                               f"than the host adapter memory {self.host_bytes}")
 
     def _free_slot(self) -> int | None:
         for slot, owner in enumerate(self._slots):
@@ -199,6 +345,7 @@ class AdapterRegistry:
         self._slots[slot] = None
         self.table.clear(slot)
         entry.slot = None
+        entry.device_weights = None
 
     def _retire(self, entry: AdapterEntry) -> None:
         entry.retired = True
@@ -206,12 +353,13 @@ class AdapterRegistry:
             self._free(entry)
 
     def _report(self, loaded_tier: str | None = None, seconds: float = 0.0) -> None:
-        """Metrics after a change (the lock is held)."""
         if self.metrics is None:
             return
         if loaded_tier is not None:
             self.metrics.adapter_loaded(loaded_tier, seconds)
-        self.metrics.set_resident_adapters("host", len(self._entries))
+        tiers = [e.tier for e in self._entries.values()]
+        for tier in ("disk", "host"):
+            self.metrics.set_resident_adapters(tier, tiers.count(tier))
         self.metrics.set_resident_adapters("device", sum(e is not None for e in self._slots))
 
     def _check_manifest(self, path: Path, adapter_id: str) -> None:
@@ -222,7 +370,8 @@ class AdapterRegistry:
             data = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise AdapterError(f"adapter {adapter_id!r}: unreadable {MANIFEST} ({e})") from e
-        theirs = (data.get("base_model") or {}).get("fingerprint")
+        base = data.get("base_model") or {}
+        theirs = base.get("fingerprint") if isinstance(base, dict) else None
         if theirs and theirs != self.base_fingerprint:
             raise AdapterError(
                 f"adapter {adapter_id!r} was trained for base fingerprint {theirs}, "
@@ -230,25 +379,44 @@ class AdapterRegistry:
             )
 
 
-def _method_of(path: Path) -> str:
-    cfg = path / "adapter_config.json"
-    if not cfg.is_file():
-        raise AdapterError(f"{path}: no adapter_config.json")
+def _to_device(weights: AdapterWeights, dtype, device) -> AdapterWeights:
+    """A copy of a non-LoRA adapter's tensors in the engine's dtype and device."""
+    import dataclasses
+
+    def conv(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device=device, dtype=dtype)
+        if isinstance(value, dict):
+            return {k: conv(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [conv(v) for v in value]
+        return value
+
+    return dataclasses.replace(weights, **{f.name: conv(getattr(weights, f.name))
+                                           for f in dataclasses.fields(weights)})
+
+
+def _config_summary(path: Path, method: str) -> tuple[int, list[str]]:
+    """Rank and target modules from the config file alone (cheap, for the disk tier)."""
+    name = "bottleneck_config.json" if method == "bottleneck" else "adapter_config.json"
     try:
-        peft_type = str(json.loads(cfg.read_text()).get("peft_type", "")).lower()
+        cfg = json.loads((path / name).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg}: unreadable adapter config ({e})") from e
-    return peft_type or "unknown"
+        raise AdapterError(f"{path / name}: unreadable ({e})") from e
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    return int(cfg.get("r") or 0) if method == "lora" else 0, sorted(targets)
 
 
-def _content_hash(path: Path) -> str:
-    h = hashlib.sha256()
+def _signature(path: Path) -> tuple:
+    out = []
     for name in sorted(os.listdir(path)):
         f = path / name
-        if f.is_file() and name.startswith("adapter_"):
-            h.update(name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+        if f.is_file():
+            st = f.stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def _check_id(adapter_id: str) -> None:

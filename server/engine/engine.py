@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from server.adapters.formats import BottleneckWeights, IA3Weights
+from server.adapters.hooks import AdapterHooks
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
@@ -53,6 +55,7 @@ class EngineConfig:
     kv_cache_bytes: int = 3 << 30
     max_active_adapters: int = 16
     max_lora_rank: int = 16
+    max_host_adapter_bytes: int = 4 << 30
     allow_pickle: bool = False
 
 
@@ -85,6 +88,10 @@ class _State:
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.last_token: float | None = None
+        self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
+        self.prefix_written = False
+        self.waiting_for_slot = False
+        self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
 
 
 class Engine:
@@ -113,13 +120,16 @@ class Engine:
                                    self.dtype, self.device)
         self.fingerprint = model_fingerprint(model_dir)
         self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
-                                        allow_pickle=config.allow_pickle)
+                                        allow_pickle=config.allow_pickle,
+                                        host_bytes=config.max_host_adapter_bytes,
+                                        dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_size=rows,
             max_tokens_per_step=max(config.max_tokens_per_step, rows),
             max_queue=config.max_queue,
             kv_rows=rows,
         ))
+        self.registry.on_ready = self.scheduler.has_work.set
         self.eos_ids = self._eos_ids()
         self.metrics = None  # set by the app: server.metrics.ServerMetrics
         self._thread: threading.Thread | None = None
@@ -132,9 +142,8 @@ class Engine:
 
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        adapters = sum(e.size_bytes for e in self.registry.entries())
         return {"base_model": weights, "kv_cache": self.kv.nbytes,
-                "adapter_slots": self.table.nbytes, "adapters_host": adapters}
+                "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -213,19 +222,49 @@ class Engine:
 
     def _can_admit(self, seq: Sequence) -> bool:
         state: _State = seq.payload
-        if state.entry is None:
+        entry = state.entry
+        if entry is None:
             return True
-        slot = self.registry.acquire(state.entry)
+        if entry.error is not None:
+            self._drop(seq, "FAILED_PRECONDITION",
+                       f"adapter {entry.adapter_id!r} failed to load: {entry.error}")
+            return False
+        if not self.registry.ensure_host(entry):
+            return False  # loading off the step loop; the registry wakes us when done
+        slot = self.registry.acquire(entry)
         if slot is None:
+            state.waiting_for_slot = True
             return False
         state.slot = slot
+        state.waiting_for_slot = False
+        virtual = getattr(entry.weights, "num_virtual_tokens", 0)
+        if virtual:
+            total = virtual + len(seq.prompt_ids) + state.req.stopping.max_new_tokens
+            if total > self.max_seq_len:
+                self._release(state)
+                self._drop(seq, "INVALID_ARGUMENT",
+                           f"adapter {entry.adapter_id!r} adds {virtual} virtual tokens: "
+                           f"prompt, virtual tokens and stopping.max_new_tokens make {total}, "
+                           f"more than the context limit {self.max_seq_len}")
+                return False
+            state.virtual = virtual
+            seq.prompt_ids = [0] * virtual + seq.prompt_ids
+            if entry.method == "prefix_tuning":
+                seq.num_computed = virtual  # the prefix is written into the cache
         return True
+
+    def _drop(self, seq: Sequence, code: str, message: str) -> None:
+        """Fail a waiting request at the next step (the scheduler removes it)."""
+        seq.payload.error = (code, message)
+        seq.cancelled = True
 
     def _run(self, plan: StepPlan) -> None:
         t0 = time.perf_counter()
         # Tokens ordered by adapter slot (base model first): each slot is one segment.
         entries = sorted(plan.entries, key=lambda e: -1 if e.seq.payload.slot is None
                          else e.seq.payload.slot)
+        overrides: list[tuple[int, torch.Tensor]] = []  # (token index, embedding rows)
+        ranges: dict[int, list] = {}  # slot -> [start, end, device weights] (IA3/bottleneck)
         ids, pos, rows = [], [], []
         dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
         segments: list[list[int]] = []
@@ -242,7 +281,17 @@ class Engine:
                 dec_lens.append(e.start + 1)
             else:
                 prefill.append((start, start + e.n, seq.row, e.start))
-            slot = seq.payload.slot
+            state: _State = seq.payload
+            slot = state.slot
+            dev_weights = state.entry.device_weights if state.entry is not None else None
+            if state.virtual and e.start < state.virtual:
+                self._place_virtual_tokens(state, seq, e, start, overrides)
+            if isinstance(dev_weights, IA3Weights | BottleneckWeights):
+                r = ranges.setdefault(slot, [start, start + e.n, dev_weights])
+                r[1] = start + e.n
+                slot = None  # not a LoRA row
+            elif dev_weights is not None:
+                slot = None  # soft prompt / prefix: no per-layer work
             if slot is not None and e.n == 1 and batched_decode:
                 decode_slots.append((start, slot))
             elif slot is not None:
@@ -254,6 +303,10 @@ class Engine:
                 sample_idx.append(start + e.n - 1)
                 sampled.append(e)
         dev = self.device
+        embed_override = None
+        if overrides:
+            embed_override = (torch.tensor([i for i, _ in overrides], device=dev),
+                              torch.stack([v for _, v in overrides]))
         step = StepInputs(
             input_ids=torch.tensor(ids, device=dev),
             positions=torch.tensor(pos, device=dev),
@@ -263,18 +316,38 @@ class Engine:
             decode_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
             prefill=prefill,
             sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
+            embed_override=embed_override,
         )
         hooks = None
-        if segments or decode_slots:
-            batched = (BatchedRows.build(self.table, decode_slots, len(ids), dev)
-                       if decode_slots else None)
-            hooks = LoraHooks(self.table, [tuple(s) for s in segments], batched)
+        if segments or decode_slots or ranges:
+            lora = None
+            if segments or decode_slots:
+                batched = (BatchedRows.build(self.table, decode_slots, len(ids), dev)
+                           if decode_slots else None)
+                lora = LoraHooks(self.table, [tuple(s) for s in segments], batched)
+            hooks = AdapterHooks(lora, [tuple(r) for r in ranges.values()], self.table.groups)
         logits = self.model(step, self.kv, hooks)
         self.scheduler.advance(plan)
         if sampled:
             self._sample(sampled, logits)
         if self.metrics is not None:
             self.metrics.observe_step(len(entries), len(ids), time.perf_counter() - t0)
+
+    def _place_virtual_tokens(self, state: _State, seq: Sequence, e: Entry, start: int,
+                              overrides: list) -> None:
+        """Soft prompts: embeddings for the virtual positions of this chunk. Prefixes:
+        keys and values written into the row's first cache positions, once."""
+        w = state.entry.device_weights
+        if state.entry.method == "prefix_tuning":
+            if not state.prefix_written:
+                for layer in range(self.spec.num_layers):
+                    self.kv.k[layer][seq.row, :, : state.virtual] = w.keys[layer]
+                    self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
+                state.prefix_written = True
+            return
+        end = min(e.start + e.n, state.virtual)
+        for pos in range(e.start, end):
+            overrides.append((start + pos - e.start, w.embeddings[pos]))
 
     def _batch_decode_adapters(self, entries: list[Entry]) -> bool:
         """Batched LoRA over the whole slot table reads every slot's weights; worth it when
@@ -286,8 +359,9 @@ class Engine:
         states: list[_State] = [e.seq.payload for e in sampled]
         params = [s.req.sampling for s in states]
         histories = [
-            (e.seq.prompt_ids + e.seq.output_ids) if p.repetition_penalty != 1.0 else None
-            for e, p in zip(sampled, params, strict=True)
+            (e.seq.prompt_ids[s.virtual :] + e.seq.output_ids)
+            if p.repetition_penalty != 1.0 else None
+            for e, p, s in zip(sampled, params, states, strict=True)
         ]
         tokens, logprobs = select_tokens(
             logits.cpu(), params, histories, [s.generator for s in states],
@@ -331,14 +405,22 @@ class Engine:
             total_seconds=now - state.arrival,
         )
         tail = state.stream.flush() if reason != FinishReason.STOP_SEQUENCE else ""
-        state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids), len(seq.output_ids),
-                                            timings, tail))
+        state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
+                                            len(seq.output_ids), timings, tail))
 
     def _finish_dropped(self, seq: Sequence) -> None:
         state: _State = seq.payload
         self._release(state)
-        if seq.cancelled:
+        if state.error is not None:
+            state.handle.events.put(ErrorEvent(*state.error))
+        elif seq.cancelled:
             self._finish_cancelled(seq)
+        elif state.waiting_for_slot:
+            state.handle.events.put(ErrorEvent(
+                "RESOURCE_EXHAUSTED",
+                f"no adapter slot became free before the deadline: "
+                f"{self.registry.busy_slots()} of {self.table.num_slots} slots are pinned by "
+                "running requests (--max-active-adapters)"))
         else:
             waited = time.monotonic() - state.arrival
             state.handle.events.put(ErrorEvent(
@@ -387,10 +469,10 @@ class Engine:
         return ids
 
 
-def load_engine_adapters(engine: Engine) -> list[str]:
-    """Scan the adapter root at start; return the ids that failed to load."""
+def load_engine_adapters(engine: Engine, preload: tuple[str, ...] = ()) -> list[str]:
+    """Scan the adapter root at start; return the ids that failed to register or load."""
     try:
-        return engine.registry.scan()
+        return engine.registry.scan(preload)
     except AdapterError as e:
         log.error("adapter scan failed: %s", e)
         return []

@@ -80,8 +80,11 @@ class ModelSpec:
 class AdapterHooks(Protocol):
     """Adds per-row adapter effects; the engine implements it for the current step."""
 
+    def pre(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
+        """The input of a projection, changed for the rows that need it ("o", "down")."""
+
     def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[rows] += delta(x[rows]) for each adapter segment (in place)."""
+        """Apply the rows' adapters to a projection's output (in place)."""
 
 
 @dataclass
@@ -103,7 +106,9 @@ class StepInputs:
     decode_lens: torch.Tensor
     prefill: list[tuple[int, int, int, int]]
     sample_idx: torch.Tensor
-    input_embeds: torch.Tensor | None = None  # [T, hidden] overrides input_ids where given
+    # (token indices [k], embeddings [k, hidden]) used instead of the embedding table
+    # (virtual tokens of prompt-tuning adapters)
+    embed_override: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class KVCache:
@@ -199,7 +204,9 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv: KVCache, hooks: AdapterHooks | None) -> torch.Tensor:
         spec = self.spec
-        x = self.embed(step.input_ids) if step.input_embeds is None else step.input_embeds
+        x = self.embed(step.input_ids)
+        if step.embed_override is not None:
+            x[step.embed_override[0]] = step.embed_override[1]
         cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[step.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
@@ -215,6 +222,8 @@ class DecoderModel(nn.Module):
             kc[step.rows, :, step.positions] = k
             vc[step.rows, :, step.positions] = v
             attn = self._attention(q, kc, vc, step)
+            if hooks is not None:
+                attn = hooks.pre(i, "o", attn)
             o = layer.o(attn)
             if hooks is not None:
                 hooks.linear(i, "o", attn, o)
@@ -225,6 +234,8 @@ class DecoderModel(nn.Module):
                 hooks.linear(i, "gate_up", h, gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
+            if hooks is not None:
+                act = hooks.pre(i, "down", act)
             down = layer.down(act)
             if hooks is not None:
                 hooks.linear(i, "down", act, down)

@@ -140,8 +140,9 @@ class Scheduler:
                     continue
                 seq.row = heapq.heappop(self._free_rows)
                 seq.first_scheduled = now
-                n = min(len(seq.prompt_ids), budget)
-                entries.append(Entry(seq, 0, n))
+                # num_computed > 0 when a prefix adapter fills the first cache positions
+                n = min(len(seq.prompt_ids) - seq.num_computed, budget)
+                entries.append(Entry(seq, seq.num_computed, n))
                 budget -= n
                 admitted.append(seq)
             for seq in admitted:

@@ -1,0 +1,236 @@
+"""Reading every adapter type from disk into plain host-memory weights.
+
+PEFT's formats for LoRA (see lora.py), IA3, prompt tuning, P-tuning and prefix tuning,
+and the trainer's bottleneck adapter (trainer/methods/bottleneck.py documents it). Every
+reader checks shapes against the base model, so an adapter made for another base fails
+its own load with a message naming the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.adapters.lora import MODULES, AdapterError, LoraWeights, _read_tensors, read_lora
+from server.engine.model import ModelSpec
+
+METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck")
+BOTTLENECK_CONFIG = "bottleneck_config.json"
+_IA3_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
+    r"\.ia3_l(?:\.[^.]+)?$"
+)
+# IA3 scales the input of these modules (PEFT's feedforward_modules) only where the
+# engine does not fuse the module with others.
+_INPUT_SCALED_OK = ("o_proj", "down_proj")
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class IA3Weights:
+    """out_scale[(layer, module)] [out] multiplies the module's output;
+    in_scale[(layer, module)] [in] multiplies its input (o_proj and down_proj only)."""
+
+    target_modules: list[str]
+    out_scale: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    in_scale: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    rank: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([*self.out_scale.values(), *self.in_scale.values()])
+
+
+@dataclass
+class PromptWeights:
+    """Virtual token embeddings [n, hidden] placed before the prompt (prompt tuning, and
+    P-tuning whose prompt encoder output PEFT saves as these embeddings)."""
+
+    embeddings: torch.Tensor = field(repr=False)
+    target_modules: list[str] = field(default_factory=list)
+    rank: int = 0
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([self.embeddings])
+
+
+@dataclass
+class PrefixWeights:
+    """Per-layer key and value prefixes [kv_heads, n, head_dim] (P-Tuning v2), placed in
+    the first n positions of the row's KV cache."""
+
+    keys: list[torch.Tensor] = field(repr=False)
+    values: list[torch.Tensor] = field(repr=False)
+    target_modules: list[str] = field(default_factory=list)
+    rank: int = 0
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([*self.keys, *self.values])
+
+
+@dataclass
+class BottleneckWeights:
+    """layers[(layer, position)] = {norm.weight, down.weight, down.bias, up.weight, up.bias}
+    for positions "attn" (after o_proj) and "mlp" (after down_proj)."""
+
+    activation: str
+    eps: float
+    size: int
+    layers: dict[tuple[int, str], dict[str, torch.Tensor]] = field(repr=False)
+    target_modules: list[str] = field(default_factory=list)
+    rank: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes([t for w in self.layers.values() for t in w.values()])
+
+
+AdapterWeights = LoraWeights | IA3Weights | PromptWeights | PrefixWeights | BottleneckWeights
+
+
+def method_of(path: Path) -> str:
+    if (path / BOTTLENECK_CONFIG).is_file():
+        return "bottleneck"
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        raise AdapterError(f"{path}: no adapter_config.json or {BOTTLENECK_CONFIG}")
+    peft_type = str(_read_json(cfg).get("peft_type", "")).lower()
+    if peft_type not in METHODS:
+        raise AdapterError(f"{cfg}: peft_type {peft_type or None!r} is not supported "
+                           f"(supported: {', '.join(METHODS)})")
+    return peft_type
+
+
+def read_adapter(path: Path, spec: ModelSpec, *, allow_pickle: bool = False
+                 ) -> tuple[str, AdapterWeights]:
+    method = method_of(path)
+    if method == "lora":
+        return method, read_lora(path, spec, allow_pickle=allow_pickle)
+    if method == "bottleneck":
+        return method, _read_bottleneck(path, spec)
+    cfg = _read_json(path / "adapter_config.json")
+    tensors = _read_tensors(path, allow_pickle)
+    if method == "ia3":
+        return method, _read_ia3(path, cfg, tensors, spec)
+    emb = tensors.get("prompt_embeddings")
+    if emb is None:
+        raise AdapterError(f"{path.name}: no prompt_embeddings tensor for {method}")
+    emb = emb.float()
+    n = int(cfg.get("num_virtual_tokens") or emb.shape[0])
+    if method in ("prompt_tuning", "p_tuning"):
+        if emb.shape != (n, spec.hidden_size):
+            raise AdapterError(f"{path.name}: prompt_embeddings has shape {tuple(emb.shape)}; "
+                               f"the base model needs ({n}, {spec.hidden_size}) "
+                               "(trained for a different base?)")
+        return method, PromptWeights(emb)
+    width = spec.num_layers * 2 * spec.kv_size
+    if emb.shape != (n, width):
+        raise AdapterError(f"{path.name}: prefix prompt_embeddings has shape "
+                           f"{tuple(emb.shape)}; the base model needs ({n}, {width}) = "
+                           f"(virtual tokens, layers*2*kv_heads*head_dim) "
+                           "(trained for a different base?)")
+    kv = emb.view(n, spec.num_layers * 2, spec.num_kv_heads, spec.head_dim).permute(1, 2, 0, 3)
+    return method, PrefixWeights([kv[2 * i].contiguous() for i in range(spec.num_layers)],
+                                 [kv[2 * i + 1].contiguous() for i in range(spec.num_layers)])
+
+
+def _read_ia3(path: Path, cfg: dict, tensors: dict, spec: ModelSpec) -> IA3Weights:
+    from server.adapters.lora import group_shapes
+
+    shapes = group_shapes(spec)
+    out_scale, in_scale = {}, {}
+    for key, t in tensors.items():
+        m = _IA3_KEY.match(key)
+        if not m:
+            raise AdapterError(f"{path.name}: tensor {key!r} is not a supported IA3 weight")
+        layer, module = int(m.group(1)), m.group(2)
+        if module not in MODULES or layer >= spec.num_layers:
+            raise AdapterError(f"{path.name}: IA3 target layer {layer} {module!r} does not "
+                               "exist in the base model")
+        group, idx = MODULES[module]
+        in_f, outs = shapes[group]
+        vec = t.float().reshape(-1)
+        if t.shape[0] == 1 and t.dim() == 2:  # [1, in]: scales the input
+            if module not in _INPUT_SCALED_OK:
+                raise AdapterError(f"{path.name}: IA3 input scaling of {module} is not "
+                                   f"supported (only {', '.join(_INPUT_SCALED_OK)})")
+            want = in_f
+            in_scale[(layer, module)] = vec
+        else:
+            want = outs[idx]
+            out_scale[(layer, module)] = vec
+        if vec.numel() != want:
+            raise AdapterError(f"{path.name}: layer {layer} {module} IA3 vector has "
+                               f"{vec.numel()} entries; the base model needs {want} "
+                               "(trained for a different base?)")
+    if not out_scale and not in_scale:
+        raise AdapterError(f"{path.name}: adapter holds no IA3 weights")
+    targets = sorted({m for _, m in (*out_scale, *in_scale)})
+    return IA3Weights(targets, out_scale, in_scale)
+
+
+def _read_bottleneck(path: Path, spec: ModelSpec) -> BottleneckWeights:
+    cfg = _read_json(path / BOTTLENECK_CONFIG)
+    if cfg.get("hidden_size") != spec.hidden_size or cfg.get("num_layers") != spec.num_layers:
+        raise AdapterError(
+            f"{path.name}: bottleneck adapter for hidden_size {cfg.get('hidden_size')} and "
+            f"{cfg.get('num_layers')} layers; the base model has {spec.hidden_size} and "
+            f"{spec.num_layers} (trained for a different base?)")
+    activation = cfg.get("activation", "gelu")
+    if activation not in _ACTIVATIONS:
+        raise AdapterError(f"{path.name}: activation {activation!r} is not supported")
+    size = int(cfg.get("bottleneck_size", 0))
+    tensors = _read_tensors(path, allow_pickle=False)
+    layers: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    expected = {"norm.weight": (spec.hidden_size,), "down.weight": (size, spec.hidden_size),
+                "down.bias": (size,), "up.weight": (spec.hidden_size, size),
+                "up.bias": (spec.hidden_size,)}
+    for layer in range(spec.num_layers):
+        for pos in cfg.get("positions", ["attn", "mlp"]):
+            w = {}
+            for name, shape in expected.items():
+                key = f"layers.{layer}.{pos}.{name}"
+                t = tensors.get(key)
+                if t is None or tuple(t.shape) != shape:
+                    got = None if t is None else tuple(t.shape)
+                    raise AdapterError(f"{path.name}: {key} has shape {got}, expected {shape}")
+                w[name] = t.float()
+            layers[(layer, pos)] = w
+    return BottleneckWeights(activation, float(cfg.get("norm_eps", 1e-5)), size, layers)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: unreadable ({e})") from e
+
+
+_ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
+                "silu": torch.nn.functional.silu, "tanh": torch.tanh}
+
+
+def bottleneck_delta(h: torch.Tensor, w: dict[str, torch.Tensor], activation: str,
+                     eps: float) -> torch.Tensor:
+    """up(act(down(rmsnorm(h)))) for rows h [m, hidden] (the adapter's residual branch)."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w["norm.weight"]
+    x = _ACTIVATIONS[activation](torch.addmm(w["down.bias"], x, w["down.weight"].T))
+    return torch.addmm(w["up.bias"], x, w["up.weight"].T).to(h.dtype)
