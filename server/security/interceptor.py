@@ -7,6 +7,8 @@ For every call of a protected service, in this order:
    PERMISSION_DENIED. The adapter check looks only at the key's patterns, never at the
    registry, so the answer does not reveal whether the adapter exists;
 3. per-key concurrency (generation calls): RESOURCE_EXHAUSTED with `retry-after-ms`.
+Bytes that do not parse as the method's request message are answered INVALID_ARGUMENT
+(gRPC's own answer would be INTERNAL, which would read as a server fault).
 Health and reflection pass through untouched (probes need no key).
 """
 
@@ -187,11 +189,36 @@ def _once(releases: list[Callable[[], None]]) -> Callable[[], None]:
     return release
 
 
+class _Malformed:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf's DecodeError and friends
+            return _Malformed(e)
+
+    return parse
+
+
+def _check_parsed(request, context) -> None:
+    if isinstance(request, _Malformed):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"request is not a valid message for this method ({request.error})")
+
+
 def _wrap(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         def unary_unary(request, context):
+            _check_parsed(request, context)
             release = admit(request, context)
             try:
                 return inner_uu(request, context)
@@ -199,12 +226,13 @@ def _wrap(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
                 release()
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=handler.request_deserializer,
+            unary_unary, request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer)
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
         def unary_stream(request, context):
+            _check_parsed(request, context)
             release = admit(request, context)
             context.add_callback(release)  # also when the client goes away mid-stream
             try:
@@ -213,6 +241,6 @@ def _wrap(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
                 release()
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=handler.request_deserializer,
+            unary_stream, request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer)
     return handler  # client-streaming methods: none in these services
