@@ -177,6 +177,43 @@ def _baseline_main(args) -> None:
                                                 "tokens": tokens, "wall_s": clock.wall}))
 
 
+# --- served greedy outputs against `trainer eval` ----------------------------------------
+
+
+def serve_parity(work: Path, method: str, limit: int, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy outputs of `switchboard serve` for the adapter against `trainer eval`'s.
+
+    The adapter root is `<work>/<method>` (its artifact is the sub-directory `adapter`, so
+    the server's scan loads it as adapter id "adapter"); the prompts are the exact token ids
+    `trainer eval` used (from its predictions file).
+    """
+    try:
+        import grpc
+
+        from benchmarks.common import Server
+        from switchboard.v1 import switchboard_pb2 as pb
+        from switchboard.v1 import switchboard_pb2_grpc as rpc
+    except ImportError as e:
+        return {"skipped": f"server or client pieces missing: {e}"}
+    rows = [json.loads(line) for line in
+            (work / f"{method}.predictions.jsonl").read_text().splitlines()][:limit]
+    same, mismatches = 0, []
+    with Server(["--adapter-dir", str(work / method)]) as server:
+        stub = rpc.TextGenerationStub(grpc.insecure_channel(server.target))
+        for row in rows:
+            req = pb.GenerateRequest(
+                adapter_id="adapter", token_ids=pb.TokenIds(ids=row["prompt_ids"]),
+                sampling=pb.SamplingParameters(temperature=0.0),
+                stopping=pb.StoppingCriteria(max_new_tokens=max_new_tokens))
+            text = stub.Generate(req, timeout=300).text.strip()
+            if text == row["prediction"]:
+                same += 1
+            elif len(mismatches) < 5:
+                mismatches.append({"served": text, "trainer_eval": row["prediction"]})
+    return {"prompts": len(rows), "identical": same, "fraction": same / max(len(rows), 1),
+            "mismatches": mismatches}
+
+
 # --- report ------------------------------------------------------------------------------
 
 
@@ -210,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work-dir", default=None, help="keep artifacts here (default: temp)")
+    p.add_argument("--parity-limit", type=int, default=50,
+                   help="test prompts compared between the server and trainer eval (0: skip)")
+    p.add_argument("--parity-only", action="store_true",
+                   help="only the server parity step, on an existing --work-dir")
     p.add_argument("--_baseline", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._baseline:
@@ -219,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="switchboard-bench-trainer-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.parity_only:
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        results["serve_parity"] = serve_parity(work, "lora", args.parity_limit,
+                                               args.max_new_tokens)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["serve_parity"], indent=2))
+        return 0
     results: dict[str, Any] = {
         "benchmark": "trainer", "task": args.task, "model": "smollm2-135m-instruct",
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
@@ -263,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             "passed": lora["exact_match"] >= 0.9 and base["exact_match"] < 0.2
             and lora["train_s"] <= TRAIN_LIMIT_S,
         }
+    if "lora" in results["methods"] and args.parity_limit:
+        try:
+            results["serve_parity"] = serve_parity(work, "lora", args.parity_limit,
+                                                   args.max_new_tokens)
+        except Exception as e:  # the server is another component: report, don't hide figures
+            results["serve_parity"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"server parity: {results['serve_parity']}", flush=True)
     if not args.skip_speed:
         ours, theirs = [], []
         for rnd in range(args.speed_rounds):

@@ -1,4 +1,4 @@
-"""`trainer` command line: train, eval, merge, tasks (export-onnx comes later).
+"""`trainer` command line: train, eval, merge, tasks, export-onnx (server/onnx/export.py).
 
 Exit codes: 0 success, 1 training or artifact failure, 2 bad usage, config or data.
 """

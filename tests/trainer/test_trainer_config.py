@@ -95,6 +95,12 @@ def test_cli_dry_run(tiny_base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_export_onnx_not_implemented(capsys):
-    assert main(["export-onnx", "--adapter", "x"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_bundled_example_configs_are_valid():
+    from pathlib import Path
+
+    import trainer
+
+    configs = sorted((Path(trainer.__file__).parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(path)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from tests.trainer.conftest import base_overrides
+from trainer_fixtures import base_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from trainer_fixtures import base_overrides
 from transformers import AutoModelForCausalLM
 
-from tests.trainer.conftest import base_overrides
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.evaluate import task_metrics

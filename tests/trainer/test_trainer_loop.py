@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_fixtures import base_overrides
 
-from tests.trainer.conftest import base_overrides
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
 from trainer.train import TrainingError, batch_indices, lr_at, train
