@@ -89,7 +89,7 @@ class _State:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
-        self.prefix_written = False
+        self.prefix_written = False  # virtual tokens placed (prefix: in the KV cache)
         self.waiting_for_slot = False
         self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
 
@@ -284,7 +284,7 @@ class Engine:
             state: _State = seq.payload
             slot = state.slot
             dev_weights = state.entry.device_weights if state.entry is not None else None
-            if state.virtual and e.start < state.virtual:
+            if state.virtual and (e.start < state.virtual or not state.prefix_written):
                 self._place_virtual_tokens(state, seq, e, start, overrides)
             if isinstance(dev_weights, IA3Weights | BottleneckWeights):
                 r = ranges.setdefault(slot, [start, start + e.n, dev_weights])
@@ -338,12 +338,11 @@ class Engine:
         """Soft prompts: embeddings for the virtual positions of this chunk. Prefixes:
         keys and values written into the row's first cache positions, once."""
         w = state.entry.device_weights
+        state.prefix_written = True
         if state.entry.method == "prefix_tuning":
-            if not state.prefix_written:
-                for layer in range(self.spec.num_layers):
-                    self.kv.k[layer][seq.row, :, : state.virtual] = w.keys[layer]
-                    self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
-                state.prefix_written = True
+            for layer in range(self.spec.num_layers):
+                self.kv.k[layer][seq.row, :, : state.virtual] = w.keys[layer]
+                self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
             return
         end = min(e.start + e.n, state.virtual)
         for pos in range(e.start, end):
