@@ -55,9 +55,12 @@ class App:
 
     def start(self) -> None:
         cfg = self.config
-        failed = load_engine_adapters(self.engine)
+        failed = load_engine_adapters(self.engine, cfg.preload)
         if failed:
             log.warning("adapters not loaded: %s", ", ".join(failed))
+        if cfg.watch_seconds > 0:
+            threading.Thread(target=self._watch, args=(cfg.watch_seconds,), name="watch",
+                             daemon=True).start()
         limit = cfg.limits.max_message_bytes
         interceptor = SecurityInterceptor(
             self.keys, self.gate, max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
@@ -115,6 +118,17 @@ class App:
     def _set_health(self, status, names) -> None:
         for name in ("", *names):
             self.health.set(name, status)
+
+    def _watch(self, interval: float) -> None:
+        """--watch: keep the registry in step with the adapter root."""
+        while not self._stopped.wait(interval):
+            try:
+                changes = self.engine.registry.sync_with_disk()
+            except Exception:  # a bad directory must not end the watcher
+                log.exception("adapter watch failed")
+                continue
+            if any(changes.values()):
+                log.info("adapter root changed: %s", changes)
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls with UNAVAILABLE, let running ones finish

@@ -46,6 +46,8 @@ class ServerConfig:
     base_model: str | None = None
     adapter_dir: Path = Path("adapters")
     quantize: str = "none"
+    preload: tuple[str, ...] = ()
+    watch_seconds: float = 0.0
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -81,9 +83,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "provisioned from PyPI)")
     p.add_argument("--adapter-dir", type=Path, default=d.adapter_dir,
                    help="adapter root, scanned at start (default %(default)s)")
-    p.add_argument("--quantize", choices=["none"], default="none",
-                   help="base model quantization (int8/nf4 arrive with the adapter-lifecycle "
-                   "work)")
+    p.add_argument("--quantize", choices=["none", "int8", "nf4"], default="none",
+                   help="base model weights through bitsandbytes; adapters stay in full "
+                   "precision (default %(default)s)")
+    p.add_argument("--preload", default="",
+                   help="comma-separated adapter ids to load into memory at start")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="poll the adapter root every SECONDS for added, changed or removed "
+                   "adapters (0 = off)")
+    p.add_argument("--max-host-adapter-memory", type=parse_size, default=e.max_host_adapter_bytes,
+                   help="host-memory budget for loaded adapters (LRU), e.g. 4GiB")
     p.add_argument("--device", default=e.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=e.dtype,
                    help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
@@ -160,7 +169,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         max_tokens_per_step=a.max_tokens_per_step, max_queue=a.max_queue,
         max_seq_len=a.max_seq_len, kv_cache_bytes=a.kv_cache_memory,
         max_active_adapters=a.max_active_adapters, max_lora_rank=a.max_lora_rank,
-        allow_pickle=a.allow_pickle,
+        allow_pickle=a.allow_pickle, quantize=a.quantize,
+        max_host_adapter_bytes=a.max_host_adapter_memory,
     )
     limits = Limits(max_new_tokens=a.max_new_tokens,
                     default_max_new_tokens=min(a.default_max_new_tokens, a.max_new_tokens),
@@ -187,6 +197,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=a.host, port=a.port, metrics_port=a.metrics_port, base_model=a.base_model,
         adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
+        preload=tuple(x for x in a.preload.split(",") if x), watch_seconds=a.watch,
         security=security, enable_admin=a.enable_admin, grace_period=a.grace_period,
         onnx=OnnxConfig(enabled=a.onnx or bool(a.onnx_adapters),
                         adapters=tuple(x for x in a.onnx_adapters.split(",") if x),

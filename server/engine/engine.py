@@ -57,6 +57,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_host_adapter_bytes: int = 4 << 30
     allow_pickle: bool = False
+    quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
 
 
 def pick_device(name: str) -> torch.device:
@@ -103,7 +104,7 @@ class Engine:
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = load_model(model_dir, self.dtype, self.device)
+        self.model = load_model(model_dir, self.dtype, self.device, config.quantize)
         self.spec = self.model.spec
         self.max_seq_len = min(config.max_seq_len, self.spec.max_positions)
         self.model.build_rope(self.max_seq_len)

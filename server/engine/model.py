@@ -165,6 +165,38 @@ class Projection(nn.Module):
             self.bias.copy_(bias)
 
 
+class QuantProjection(nn.Module):
+    """A Projection whose weight lives in bitsandbytes' int8 or nf4 format; the compute
+    (and any adapter on top) stays in the model's dtype."""
+
+    def __init__(self, proj: Projection, mode: str, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ModelLoadError("--quantize needs the bitsandbytes package") from e
+        weight = proj.weight_t.detach().T.contiguous().float()  # [out, in]
+        out_f, in_f = weight.shape
+        has_bias = proj.bias is not None
+        if mode == "nf4":
+            inner = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=dtype,
+                                      quant_type="nf4")
+            inner.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        elif mode == "int8":
+            inner = bnb.nn.Linear8bitLt(in_f, out_f, bias=has_bias, has_fp16_weights=False,
+                                        threshold=0.0)
+            inner.weight = bnb.nn.Int8Params(weight, requires_grad=False,
+                                             has_fp16_weights=False)
+        else:
+            raise ModelLoadError(f"quantize {mode!r} is not one of none, int8, nf4")
+        if has_bias:
+            inner.bias = nn.Parameter(proj.bias.detach().clone(), requires_grad=False)
+        self.inner = inner.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).to(x.dtype)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -289,8 +321,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device) -> DecoderModel:
-    """Build a DecoderModel from a Hugging Face model directory (or hub id)."""
+def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
+               quantize: str = "none") -> DecoderModel:
+    """Build a DecoderModel from a Hugging Face model directory (or hub id); with
+    quantize int8 or nf4 the projections become bitsandbytes layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -309,6 +343,11 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device) 
     del hf
     model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.float()
+    if quantize != "none":
+        for layer in model.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, QuantProjection(getattr(layer, name), quantize, dtype,
+                                                     device))
     return model
 
 

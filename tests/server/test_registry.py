@@ -1,0 +1,142 @@
+"""Registry state, step by step: register, load, activate, evict, pin, swap, and the slot
+table after each step; host LRU in bytes; background loads; disk sync."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from support import make_lora
+
+from server.adapters.lora import AdapterError
+from server.adapters.registry import AdapterNotFoundError, AdapterRegistry
+from server.adapters.slots import LoraSlotTable
+from server.engine.model import ModelSpec
+
+SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 intermediate_size=128, vocab_size=49152, rms_norm_eps=1e-5,
+                 max_positions=1024, tie_word_embeddings=True, attention_bias=False,
+                 mlp_bias=False)
+
+
+@pytest.fixture(scope="module")
+def root(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate("abcd"):
+        make_lora(tiny_model, root / name, r=4, targets=["q_proj", "v_proj"], seed=i)
+    return root
+
+
+def registry(root, slots=2, **kw) -> AdapterRegistry:
+    table = LoraSlotTable(SPEC, num_slots=slots, max_rank=8, dtype=torch.float32, device="cpu")
+    return AdapterRegistry(root, SPEC, table, "fp", **kw)
+
+
+def test_load_activate_evict_pin_swap(root):
+    reg = registry(root, slots=2)
+    assert reg.scan() == []
+    assert [(e.adapter_id, e.tier) for e in reg.entries()] == [
+        ("a", "disk"), ("b", "disk"), ("c", "disk"), ("d", "disk")]
+    a, _ = reg.load("a")
+    b, _ = reg.load("b")
+    c, _ = reg.load("c")
+    assert (a.tier, b.tier, c.tier) == ("host", "host", "host")
+    assert reg.slot_table() == [None, None]
+
+    assert reg.acquire(a) == 0  # activate: a free slot, pinned
+    assert reg.slot_table() == [("a", "2", 1), None]
+    assert reg.acquire(b) == 1
+    assert reg.slot_table() == [("a", "2", 1), ("b", "2", 1)]
+    assert reg.acquire(c) is None  # every slot pinned: c waits
+    assert reg.acquire(a) == 0  # a second request shares a's slot
+    assert reg.slot_table() == [("a", "2", 2), ("b", "2", 1)]
+
+    reg.release(b)  # b unpinned, still resident
+    assert reg.slot_table() == [("a", "2", 2), ("b", "2", 0)] and b.tier == "device"
+    assert reg.acquire(c) == 1  # evicts b, the least recently used unpinned slot
+    assert reg.slot_table() == [("a", "2", 2), ("c", "2", 1)] and b.tier == "host"
+
+    # Swap a while two requests run on it: the old version keeps its slot until they end.
+    a2, replaced = reg.load("a")
+    assert replaced and a2.version == "3" and reg.get("a") is a2
+    assert reg.slot_table() == [("a", "2", 2), ("c", "2", 1)]
+    reg.release(a)
+    reg.release(a)  # the old version's last request ends: its slot is freed
+    assert reg.slot_table() == [None, ("c", "2", 1)] and a.slot is None
+    assert reg.acquire(a2) == 0
+    assert reg.slot_table() == [("a", "3", 1), ("c", "2", 1)]
+
+    reg.unload("c")  # unloaded while running: gone from the list, slot kept until release
+    with pytest.raises(AdapterNotFoundError):
+        reg.get("c")
+    assert reg.slot_table() == [("a", "3", 1), ("c", "2", 1)]
+    reg.release(c)
+    assert reg.slot_table() == [("a", "3", 1), None]
+
+
+def test_host_lru_is_bounded_in_bytes(root):
+    probe = registry(root)
+    one = probe.load("a")[0].weights.nbytes
+    reg = registry(root, host_bytes=2 * one + one // 2)  # room for two
+    reg.scan()
+    a, _ = reg.load("a")
+    b, _ = reg.load("b")
+    a.last_used, b.last_used = 1.0, 2.0
+    c, _ = reg.load("c")  # evicts a, the least recently used
+    assert (a.tier, b.tier, c.tier) == ("disk", "host", "host")
+    assert reg.host_usage() == 2 * one
+    slot = reg.acquire(b)
+    d, _ = reg.load("d")  # b is on the device, so c is evicted instead
+    assert slot == 0 and (b.tier, c.tier, d.tier) == ("device", "disk", "host")
+
+
+def test_background_load_and_failure(root, tmp_path):
+    work = tmp_path / "root"
+    shutil.copytree(root, work)
+    (work / "d" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # corrupt
+    reg = registry(work)
+    reg.scan()
+    ready = threading.Event()
+    reg.on_ready = ready.set
+    a = reg.get("a")
+    assert reg.ensure_host(a) is False  # starts loading on a loader thread
+    assert ready.wait(30) and a.tier == "host" and reg.ensure_host(a)
+    ready.clear()
+    d = reg.get("d")
+    assert reg.ensure_host(d) is False
+    assert ready.wait(30)
+    assert d.tier == "disk" and "corrupt or truncated" in d.error
+    assert reg.get("b").tier == "disk"  # other adapters unaffected
+
+
+def test_sync_with_disk_adds_changes_and_removes(root, tmp_path):
+    work = tmp_path / "root"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns("d"))
+    reg = registry(work)
+    reg.scan()
+    assert sorted(e.adapter_id for e in reg.entries()) == ["a", "b", "c"]
+    shutil.copytree(root / "d", work / "d")
+    shutil.rmtree(work / "b")
+    time.sleep(0.01)
+    shutil.copy(root / "d" / "adapter_model.safetensors", work / "a")  # a changes content
+    changes = reg.sync_with_disk()
+    assert changes == {"added": ["d"], "changed": ["a"], "removed": ["b"]}
+    assert reg.get("a").version == "2" and reg.get("a").tier == "host"
+    assert reg.sync_with_disk() == {"added": [], "changed": [], "removed": []}
+
+
+def test_rank_over_limit_and_escape_refused(root, tmp_path):
+    reg = registry(root)
+    reg.table.max_rank = 2
+    with pytest.raises(AdapterError, match="rank 4 is greater than max rank 2"):
+        reg.load("a")
+    with pytest.raises(AdapterError, match="outside the adapter root"):
+        reg.load("x", "../../")
+    work = tmp_path / "root"
+    shutil.copytree(root, work)
+    (work / "evil").symlink_to(tmp_path)  # a symlink inside the root pointing out of it
+    with pytest.raises(AdapterError, match="outside the adapter root"):
+        registry(work).load("x", "evil")
