@@ -43,5 +43,8 @@ test-slow: model
 bench: model
 	$(PY) -m benchmarks
 
+soak: model
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache
