@@ -141,6 +141,16 @@ def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False) -> Lor
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; NaN or Inf anywhere fails the load (a non-finite weight
+    would poison every row of a batched step, not just this adapter's)."""
+    tensors = _read_raw(path, allow_pickle)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{path.name}: tensor {key!r} contains NaN or Inf")
+    return tensors
+
+
+def _read_raw(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st = path / "adapter_model.safetensors"
     if st.is_file():
         try:

@@ -57,12 +57,15 @@ class AdapterEntry:
     refs: int = 0
     retired: bool = False  # replaced or unloaded: freed when its last request ends
     loading: bool = False
+    staging: bool = False  # its slot is being written on a loader thread
     error: str | None = None  # why the last load failed
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def tier(self) -> str:
-        return "device" if self.slot is not None else "host" if self.weights else "disk"
+        if self.slot is not None and not self.staging:
+            return "device"
+        return "host" if self.weights else "disk"
 
     @property
     def size_bytes(self) -> int:
@@ -247,11 +250,14 @@ class AdapterRegistry:
         self.on_ready()
 
     def acquire(self, entry: AdapterEntry) -> int | None:
-        """Pin a slot holding the entry (host weights required), loading it into a free or
-        evicted slot if needed. None when every slot is pinned by running requests."""
+        """Pin the slot holding the entry and return it. An entry not on the device gets a
+        free (or evicted) slot, written on a loader thread, off the step loop: None until
+        then (the registry wakes the engine), and None while every slot is pinned."""
         with self._lock:
             entry.last_used = time.monotonic()
             if entry.slot is not None:
+                if entry.staging:
+                    return None
                 entry.refs += 1
                 self._lru.pop(entry.slot, None)
                 return entry.slot
@@ -260,16 +266,28 @@ class AdapterRegistry:
             slot = self._free_slot()
             if slot is None:
                 return None
-            t0 = time.perf_counter()
-            if isinstance(entry.weights, LoraWeights):
-                self.table.write(slot, entry.weights)
-            else:
-                entry.device_weights = _to_device(entry.weights, self.dtype, self.device)
-            self._slots[slot] = entry
+            self._slots[slot] = entry  # reserved: neither free nor in the LRU
             entry.slot = slot
-            entry.refs = 1
+            entry.staging = True
+        self._loader.submit(self._stage, entry, slot)
+        return None
+
+    def _stage(self, entry: AdapterEntry, slot: int) -> None:
+        """Write an adapter into its reserved slot. No step reads this slot meanwhile: it
+        was free or held an unpinned adapter, and no running row refers to it."""
+        t0 = time.perf_counter()
+        if isinstance(entry.weights, LoraWeights):
+            self.table.write(slot, entry.weights)
+        else:
+            entry.device_weights = _to_device(entry.weights, self.dtype, self.device)
+        with self._lock:
+            entry.staging = False
+            if entry.retired:
+                self._free(entry)
+            else:
+                self._lru[slot] = None  # resident and unpinned until a request pins it
             self._report("device", time.perf_counter() - t0)
-            return slot
+        self.on_ready()
 
     def release(self, entry: AdapterEntry) -> None:
         with self._lock:

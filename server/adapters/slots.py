@@ -69,23 +69,34 @@ class LoraSlotTable:
                                f"max rank {self.max_rank} (--max-lora-rank)")
 
     def write(self, slot: int, weights: LoraWeights) -> None:
-        """Copy an adapter into a slot (the previous content is overwritten)."""
-        self.clear(slot)
+        """Copy an adapter into a slot. Only the blocks the previous occupant used and the
+        new one does not are zeroed: a slot write costs about the adapter's own size."""
         r_max = self.max_rank
         bits = 0
         for (layer, module), (a, b, scale) in weights.modules.items():
             group, idx = MODULES[module]
             r = a.shape[0]
-            self.A[group][layer, slot, :, idx * r_max : idx * r_max + r].copy_(a.T)
-            self.B[module][layer, slot, :r].copy_(b.T * scale)
+            block = self.A[group][layer, slot, :, idx * r_max : (idx + 1) * r_max]
+            block[:, :r].copy_(a.T)
+            block[:, r:].zero_()
+            rows = self.B[module][layer, slot]
+            torch.mul(b.T, scale, out=rows[:r])
+            rows[r:].zero_()
             bits |= 1 << (layer * len(MODULES) + _MODULE_BIT[module])
+        self._zero(slot, self.targets[slot] & ~bits)
         self.targets[slot] = bits
 
     def clear(self, slot: int) -> None:
-        if self.targets[slot]:
-            for t in (*self.A.values(), *self.B.values()):
-                t[:, slot].zero_()
+        self._zero(slot, self.targets[slot])
         self.targets[slot] = 0
+
+    def _zero(self, slot: int, bits: int) -> None:
+        r_max = self.max_rank
+        for layer in range(self.spec.num_layers):
+            for module, (group, idx) in MODULES.items():
+                if self.targeted(bits, layer, module):
+                    self.A[group][layer, slot, :, idx * r_max : (idx + 1) * r_max].zero_()
+                    self.B[module][layer, slot].zero_()
 
     def targeted(self, bits: int, layer: int, module: str) -> bool:
         return bool(bits >> (layer * len(MODULES) + _MODULE_BIT[module]) & 1)

@@ -31,6 +31,7 @@ from server.engine.types import (
     Timings,
     TokenEvent,
 )
+from server.isolation import isolate, nonfinite_message, nonfinite_rows
 from server.model_store import model_fingerprint
 from server.scheduler.scheduler import (
     Entry,
@@ -215,10 +216,12 @@ class Engine:
                 continue
             try:
                 self._run(plan)
-            except Exception as e:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
-                for entry in plan.entries:
-                    self._fail(entry.seq, "INTERNAL", f"engine step failed: {e}")
+            except Exception:  # find the rows that fail on their own; the rest go on
+                log.exception("engine step failed; isolating the failing rows")
+                _, failed = isolate(plan.entries, lambda part: self._run(StepPlan(part, [])))
+                for entry, error in failed:
+                    self._fail(entry.seq, "INTERNAL", f"this request failed in the engine: "
+                               f"{type(error).__name__}: {error}")
             self._report_gauges()
 
     def _can_admit(self, seq: Sequence) -> bool:
@@ -329,6 +332,13 @@ class Engine:
             hooks = AdapterHooks(lora, [tuple(r) for r in ranges.values()], self.table.groups)
         logits = self.model(step, self.kv, hooks)
         self.scheduler.advance(plan)
+        bad = nonfinite_rows(logits) if sampled else []
+        for i in reversed(bad):  # a poisoned row fails its own request only
+            e = sampled.pop(i)
+            self._fail(e.seq, "INTERNAL", nonfinite_message(e.seq.payload.req.adapter_id))
+        if bad and sampled:
+            keep = [i for i in range(logits.shape[0]) if i not in set(bad)]
+            logits = logits[keep]
         if sampled:
             self._sample(sampled, logits)
         if self.metrics is not None:

@@ -93,3 +93,16 @@ def test_pickled_weights_refused_unless_allowed(tiny_model, tmp_path):
     with pytest.raises(AdapterError, match="pickled weights are refused"):
         read_lora(path, SPEC)
     assert read_lora(path, SPEC, allow_pickle=True).rank == 4
+
+
+def test_non_finite_weights_refused(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = make_lora(tiny_model, tmp_path / "a", r=4, targets=["q_proj"], seed=1)
+    st = path / "adapter_model.safetensors"
+    tensors = load_file(st)
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, st)
+    with pytest.raises(AdapterError, match="contains NaN or Inf"):
+        read_lora(path, SPEC)

@@ -35,6 +35,16 @@ def registry(root, slots=2, **kw) -> AdapterRegistry:
     return AdapterRegistry(root, SPEC, table, "fp", **kw)
 
 
+def pin(reg: AdapterRegistry, entry) -> int | None:
+    """acquire(), waiting for a slot write that it starts on the loader thread."""
+    slot = reg.acquire(entry)
+    deadline = time.monotonic() + 30
+    while slot is None and entry.staging and time.monotonic() < deadline:
+        time.sleep(0.005)
+        slot = reg.acquire(entry)
+    return slot
+
+
 def test_load_activate_evict_pin_swap(root):
     reg = registry(root, slots=2)
     assert reg.scan() == []
@@ -46,17 +56,17 @@ def test_load_activate_evict_pin_swap(root):
     assert (a.tier, b.tier, c.tier) == ("host", "host", "host")
     assert reg.slot_table() == [None, None]
 
-    assert reg.acquire(a) == 0  # activate: a free slot, pinned
+    assert pin(reg, a) == 0  # activate: a free slot, pinned
     assert reg.slot_table() == [("a", "2", 1), None]
-    assert reg.acquire(b) == 1
+    assert pin(reg, b) == 1
     assert reg.slot_table() == [("a", "2", 1), ("b", "2", 1)]
-    assert reg.acquire(c) is None  # every slot pinned: c waits
-    assert reg.acquire(a) == 0  # a second request shares a's slot
+    assert pin(reg, c) is None  # every slot pinned: c waits
+    assert pin(reg, a) == 0  # a second request shares a's slot
     assert reg.slot_table() == [("a", "2", 2), ("b", "2", 1)]
 
     reg.release(b)  # b unpinned, still resident
     assert reg.slot_table() == [("a", "2", 2), ("b", "2", 0)] and b.tier == "device"
-    assert reg.acquire(c) == 1  # evicts b, the least recently used unpinned slot
+    assert pin(reg, c) == 1  # evicts b, the least recently used unpinned slot
     assert reg.slot_table() == [("a", "2", 2), ("c", "2", 1)] and b.tier == "host"
 
     # Swap a while two requests run on it: the old version keeps its slot until they end.
@@ -66,7 +76,7 @@ def test_load_activate_evict_pin_swap(root):
     reg.release(a)
     reg.release(a)  # the old version's last request ends: its slot is freed
     assert reg.slot_table() == [None, ("c", "2", 1)] and a.slot is None
-    assert reg.acquire(a2) == 0
+    assert pin(reg, a2) == 0
     assert reg.slot_table() == [("a", "3", 1), ("c", "2", 1)]
 
     reg.unload("c")  # unloaded while running: gone from the list, slot kept until release
@@ -88,7 +98,7 @@ def test_host_lru_is_bounded_in_bytes(root):
     c, _ = reg.load("c")  # evicts a, the least recently used
     assert (a.tier, b.tier, c.tier) == ("disk", "host", "host")
     assert reg.host_usage() == 2 * one
-    slot = reg.acquire(b)
+    slot = pin(reg, b)
     d, _ = reg.load("d")  # b is on the device, so c is evicted instead
     assert slot == 0 and (b.tier, c.tier, d.tier) == ("device", "disk", "host")
 
