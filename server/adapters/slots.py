@@ -58,6 +58,10 @@ class LoraSlotTable:
                   for g in GROUPS for m, _, _, size in self.groups[g]}
         # Per slot, a bit per (layer, module) that the adapter targets.
         self.targets: list[int] = [0] * num_slots
+        # Per-layer views, made once: indexing costs dispatch time on every step.
+        self.A_layers = {g: list(t.unbind(0)) for g, t in self.A.items()}
+        self.B_layers = {m: list(t.unbind(0)) for m, t in self.B.items()}
+        self._present: dict[tuple[int, int, str], list] = {}
 
     @property
     def nbytes(self) -> int:
@@ -101,6 +105,20 @@ class LoraSlotTable:
     def targeted(self, bits: int, layer: int, module: str) -> bool:
         return bool(bits >> (layer * len(MODULES) + _MODULE_BIT[module]) & 1)
 
+    def present(self, bits: int, layer: int, group: str) -> list[tuple]:
+        """(module, index, column offset, size, B[module][layer]) of the group's modules
+        set in `bits` (cached: a step asks for each (layer, group) once)."""
+        key = (bits, layer, group)
+        found = self._present.get(key)
+        if found is None:
+            if len(self._present) > 65536:
+                self._present.clear()
+            found = [(name, idx, off, size, self.B_layers[name][layer])
+                     for name, idx, off, size in self.groups[group]
+                     if self.targeted(bits, layer, name)]
+            self._present[key] = found
+        return found
+
 
 @dataclass
 class BatchedRows:
@@ -111,6 +129,9 @@ class BatchedRows:
     out_index: torch.Tensor
     length: int  # L
     targets: int  # union of the active slots' target bits
+    # (start, end) when the decode tokens are exactly tokens [start, end) in slot order,
+    # L per slot for every slot of the table: views replace the gather and the scatter.
+    contiguous: tuple[int, int] | None = None
 
     @classmethod
     def build(cls, table: LoraSlotTable, token_slots: Sequence[tuple[int, int]],
@@ -128,8 +149,13 @@ class BatchedRows:
             x_index[base : base + len(toks)] = toks
             out_index[base : base + len(toks)] = toks
             targets |= table.targets[slot]
+        first = x_index[0]
+        contiguous = None
+        if x_index == list(range(first, first + len(x_index))) and first + len(
+                x_index) <= num_tokens:
+            contiguous = (first, first + len(x_index))
         return cls(torch.tensor(x_index, device=device), torch.tensor(out_index, device=device),
-                   length, targets)
+                   length, targets, contiguous)
 
 
 class LoraHooks:
@@ -143,28 +169,33 @@ class LoraHooks:
 
     def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         table, r = self.table, self.table.max_rank
-        A = table.A[group][layer]
-        modules = table.groups[group]
+        A = table.A_layers[group][layer]
         for slot, start, end in self.segments:
-            bits = table.targets[slot]
-            present = [m for m in modules if table.targeted(bits, layer, m[0])]
+            present = table.present(table.targets[slot], layer, group)
             if not present:
                 continue
             t = x[start:end] @ A[slot]
-            for name, idx, off, size in present:
-                out[start:end, off : off + size].addmm_(t[:, idx * r : (idx + 1) * r],
-                                                        table.B[name][layer, slot])
+            for _, idx, off, size, B in present:
+                out[start:end, off : off + size].addmm_(t[:, idx * r : (idx + 1) * r], B[slot])
         b = self.batched
-        if b is not None:
-            present = [m for m in modules if table.targeted(b.targets, layer, m[0])]
-            if not present:
-                return
-            S, L = table.num_slots, b.length
+        if b is None:
+            return
+        present = table.present(b.targets, layer, group)
+        if not present:
+            return
+        S, L = table.num_slots, b.length
+        if b.contiguous is not None:
+            start, end = b.contiguous
+            xs = x[start:end].view(S, L, -1)
+        else:
             xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[b.x_index].view(S, L, -1)
-            t = torch.bmm(xs, A)  # [S, L, modules * r]
-            for name, idx, off, size in present:
-                d = torch.bmm(t[:, :, idx * r : (idx + 1) * r], table.B[name][layer])
-                out[:, off : off + size].index_add_(0, b.out_index, d.view(S * L, size))
+        ts = torch.bmm(xs, A).split(r, dim=2)  # per module [S, L, r]
+        for _, idx, off, size, B in present:
+            d = torch.bmm(ts[idx], B).view(S * L, size)
+            if b.contiguous is not None:
+                out[start:end, off : off + size] += d
+            else:
+                out[:, off : off + size].index_add_(0, b.out_index, d)
 
 
 def lora_reference(

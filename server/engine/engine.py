@@ -264,11 +264,13 @@ class Engine:
 
     def _run(self, plan: StepPlan) -> None:
         t0 = time.perf_counter()
-        # Tokens ordered by adapter slot (base model first): each slot is one segment.
-        entries = sorted(plan.entries, key=lambda e: -1 if e.seq.payload.slot is None
-                         else e.seq.payload.slot)
+        # Decode tokens first, then prefill chunks, each ordered by adapter slot (base model
+        # first): an adapter's tokens are contiguous, and with the same number of decode
+        # rows per slot the batched LoRA op works on views.
+        entries = sorted(plan.entries, key=lambda e: (
+            e.n != 1, -1 if e.seq.payload.slot is None else e.seq.payload.slot))
         overrides: list[tuple[int, torch.Tensor]] = []  # (token index, embedding rows)
-        ranges: dict[int, list] = {}  # slot -> [start, end, device weights] (IA3/bottleneck)
+        ranges: list[list] = []  # [start, end, device weights] runs of IA3/bottleneck rows
         ids, pos, rows = [], [], []
         dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
         segments: list[list[int]] = []
@@ -291,8 +293,10 @@ class Engine:
             if state.virtual and (e.start < state.virtual or not state.prefix_written):
                 self._place_virtual_tokens(state, seq, e, start, overrides)
             if isinstance(dev_weights, IA3Weights | BottleneckWeights):
-                r = ranges.setdefault(slot, [start, start + e.n, dev_weights])
-                r[1] = start + e.n
+                if ranges and ranges[-1][2] is dev_weights and ranges[-1][1] == start:
+                    ranges[-1][1] = start + e.n
+                else:
+                    ranges.append([start, start + e.n, dev_weights])
                 slot = None  # not a LoRA row
             elif dev_weights is not None:
                 slot = None  # soft prompt / prefix: no per-layer work
@@ -329,7 +333,7 @@ class Engine:
                 batched = (BatchedRows.build(self.table, decode_slots, len(ids), dev)
                            if decode_slots else None)
                 lora = LoraHooks(self.table, [tuple(s) for s in segments], batched)
-            hooks = AdapterHooks(lora, [tuple(r) for r in ranges.values()], self.table.groups)
+            hooks = AdapterHooks(lora, [tuple(r) for r in ranges], self.table.groups)
         logits = self.model(step, self.kv, hooks)
         self.scheduler.advance(plan)
         bad = nonfinite_rows(logits) if sampled else []

@@ -25,6 +25,24 @@ def adapters(tiny_model, tmp_path_factory):
             for i, (r, t) in enumerate(specs)]
 
 
+def test_batched_op_on_views_when_rows_are_even(adapters):
+    """Every slot with the same number of decode tokens, in slot order: no gather."""
+    table = LoraSlotTable(SPEC, num_slots=3, max_rank=16, dtype=torch.float32, device="cpu")
+    for slot, weights in enumerate(adapters):
+        table.write(slot, weights)
+    token_slots = [None, 0, 0, 1, 1, 2, 2]
+    pairs = [(i, s) for i, s in enumerate(token_slots) if s is not None]
+    rows = BatchedRows.build(table, pairs, len(token_slots), "cpu")
+    assert rows.contiguous == (1, 7)
+    hooks = LoraHooks(table, [], rows)
+    x = torch.randn(len(token_slots), 64)
+    out = torch.zeros(len(token_slots), 64 + 2 * 32)
+    hooks.linear(1, "qkv", x, out)
+    ref = lora_reference(x, [None if s is None else adapters[s] for s in token_slots], 1,
+                         "qkv", SPEC)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["segments", "batched", "both"])
 def test_fast_op_matches_reference_for_mixed_rows(adapters, path):
     table = LoraSlotTable(SPEC, num_slots=4, max_rank=16, dtype=torch.float32, device="cpu")
