@@ -14,6 +14,8 @@ entry keep it, and its slot, until they finish.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -335,6 +337,7 @@ class AdapterRegistry:
                 break
             usage -= entry.weights.nbytes
             entry.weights = None
+            _release_heap()
             if self.metrics is not None:
                 self.metrics.adapter_evicted("host")
 
@@ -364,11 +367,19 @@ class AdapterRegistry:
         self.table.clear(slot)
         entry.slot = None
         entry.device_weights = None
+        if entry.retired:
+            entry.weights = None
+            _release_heap()
 
     def _retire(self, entry: AdapterEntry) -> None:
         entry.retired = True
-        if entry.refs == 0 and entry.slot is not None:
+        if entry.refs or entry.staging:
+            return  # freed when its last request ends, or when its slot write completes
+        if entry.slot is not None:
             self._free(entry)
+        else:
+            entry.weights = None
+            _release_heap()
 
     def _report(self, loaded_tier: str | None = None, seconds: float = 0.0) -> None:
         if self.metrics is None:
@@ -395,6 +406,20 @@ class AdapterRegistry:
                 f"adapter {adapter_id!r} was trained for base fingerprint {theirs}, "
                 f"this server runs {self.base_fingerprint}"
             )
+
+
+def _release_heap() -> None:
+    """Hand freed adapter memory back to the OS (glibc keeps it otherwise), so that
+    replacing and unloading adapters does not grow the resident size."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6")
 
 
 def _to_device(weights: AdapterWeights, dtype, device) -> AdapterWeights:

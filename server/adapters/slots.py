@@ -111,7 +111,7 @@ class LoraSlotTable:
         key = (bits, layer, group)
         found = self._present.get(key)
         if found is None:
-            if len(self._present) > 65536:
+            if len(self._present) > 4096:
                 self._present.clear()
             found = [(name, idx, off, size, self.B_layers[name][layer])
                      for name, idx, off, size in self.groups[group]
