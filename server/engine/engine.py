@@ -324,6 +324,8 @@ class Engine:
             decode_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
             prefill=prefill,
             sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
+            decode_n_rows=max(dec_rows) + 1 if dec_rows else 0,
+            decode_kv_len=max(dec_lens) if dec_lens else 0,
             embed_override=embed_override,
         )
         hooks = None

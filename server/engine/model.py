@@ -106,6 +106,8 @@ class StepInputs:
     decode_lens: torch.Tensor
     prefill: list[tuple[int, int, int, int]]
     sample_idx: torch.Tensor
+    decode_n_rows: int = 0  # max(decode_rows) + 1
+    decode_kv_len: int = 0  # max(decode_lens)
     # (token indices [k], embeddings [k, hidden]) used instead of the embedding table
     # (virtual tokens of prompt-tuning adapters)
     embed_override: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -241,6 +243,12 @@ class DecoderModel(nn.Module):
             x[step.embed_override[0]] = step.embed_override[1]
         cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[step.positions].unsqueeze(1)
+        pad = None  # decode rows: [rows, 1, 1, L] True past each row's length, for all layers
+        if step.decode_n_rows:
+            lens = torch.ones(step.decode_n_rows, dtype=torch.long, device=x.device)
+            lens[step.decode_rows] = step.decode_lens
+            pad = torch.arange(step.decode_kv_len, device=x.device)[None, :] >= lens[:, None]
+            pad = pad[:, None, None, :]
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.qkv(h)
@@ -253,7 +261,7 @@ class DecoderModel(nn.Module):
             kc, vc = kv.k[i], kv.v[i]
             kc[step.rows, :, step.positions] = k
             vc[step.rows, :, step.positions] = v
-            attn = self._attention(q, kc, vc, step)
+            attn = self._attention(q, kc, vc, step, pad)
             if hooks is not None:
                 attn = hooks.pre(i, "o", attn)
             o = layer.o(attn)
@@ -275,27 +283,23 @@ class DecoderModel(nn.Module):
         x = self.norm(x[step.sample_idx])
         return torch.mm(self.lm_head, x.T).T  # [R, vocab]
 
-    def _attention(self, q, kc, vc, step: StepInputs) -> torch.Tensor:
+    def _attention(self, q, kc, vc, step: StepInputs, pad) -> torch.Tensor:
         """q [T, H, D] -> [T, H*D]; keys/values read from the cache rows (no copies)."""
         spec = self.spec
         n_tok = q.shape[0]
         out = q.new_empty(n_tok, spec.num_heads, spec.head_dim)
         groups = spec.num_heads // spec.num_kv_heads
         scale = spec.head_dim**-0.5
-        if step.decode_tok.numel():
+        if step.decode_n_rows:
             # Decode rows: one batched attention over the cache rows [0, n_rows) in place.
-            n_rows = int(step.decode_rows.max()) + 1
-            kv_len = int(step.decode_lens.max())
+            n_rows, kv_len = step.decode_n_rows, step.decode_kv_len
             qd = q.new_zeros(n_rows, spec.num_heads, spec.head_dim)
             qd[step.decode_rows] = q[step.decode_tok]
             qd = qd.view(n_rows, spec.num_kv_heads, groups, spec.head_dim)
             keys = kc[:n_rows, :, :kv_len]  # [n, KV, L, D] view
             vals = vc[:n_rows, :, :kv_len]
-            scores = torch.matmul(qd, keys.transpose(-1, -2)) * scale  # [n, KV, G, L]
-            lens = torch.ones(n_rows, dtype=torch.long, device=q.device)
-            lens[step.decode_rows] = step.decode_lens
-            pad = torch.arange(kv_len, device=q.device)[None, :] >= lens[:, None]
-            scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+            scores = torch.matmul(qd * scale, keys.transpose(-1, -2))  # [n, KV, G, L]
+            scores.masked_fill_(pad, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             od = torch.matmul(probs, vals).view(n_rows, spec.num_heads, spec.head_dim)
             out[step.decode_tok] = od[step.decode_rows]
