@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.formats import BottleneckWeights, IA3Weights
-from server.adapters.hooks import AdapterHooks
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
-from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
+from server.adapters.slots import LoraSlotTable
 from server.engine.detokenizer import TextStream
-from server.engine.model import KVCache, StepInputs, load_model
+from server.engine.model import KVCache, load_model
 from server.engine.sampling import select_tokens
+from server.engine.step import pack_step
 from server.engine.types import (
     EngineError,
     ErrorEvent,
@@ -91,7 +90,7 @@ class _State:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
-        self.prefix_written = False  # virtual tokens placed (prefix: in the KV cache)
+        self.prefix_written = False  # prefix adapters: keys/values placed in the KV cache
         self.waiting_for_slot = False
         self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
 
@@ -264,112 +263,35 @@ class Engine:
 
     def _run(self, plan: StepPlan) -> None:
         t0 = time.perf_counter()
-        # Decode tokens first, then prefill chunks, each ordered by adapter slot (base model
-        # first): an adapter's tokens are contiguous, and with the same number of decode
-        # rows per slot the batched LoRA op works on views.
-        entries = sorted(plan.entries, key=lambda e: (
-            e.n != 1, -1 if e.seq.payload.slot is None else e.seq.payload.slot))
-        overrides: list[tuple[int, torch.Tensor]] = []  # (token index, embedding rows)
-        ranges: list[list] = []  # [start, end, device weights] runs of IA3/bottleneck rows
-        ids, pos, rows = [], [], []
-        dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
-        segments: list[list[int]] = []
-        decode_slots: list[tuple[int, int]] = []  # (token index, slot) of adapter decodes
-        batched_decode = self._batch_decode_adapters(entries)
-        for e in entries:
-            seq, start = e.seq, len(ids)
-            ids.extend(seq.token_at(i) for i in range(e.start, e.start + e.n))
-            pos.extend(range(e.start, e.start + e.n))
-            rows.extend([seq.row] * e.n)
-            if e.n == 1:
-                dec_tok.append(start)
-                dec_rows.append(seq.row)
-                dec_lens.append(e.start + 1)
-            else:
-                prefill.append((start, start + e.n, seq.row, e.start))
-            state: _State = seq.payload
-            slot = state.slot
-            dev_weights = state.entry.device_weights if state.entry is not None else None
-            if state.virtual and (e.start < state.virtual or not state.prefix_written):
-                self._place_virtual_tokens(state, seq, e, start, overrides)
-            if isinstance(dev_weights, IA3Weights | BottleneckWeights):
-                if ranges and ranges[-1][2] is dev_weights and ranges[-1][1] == start:
-                    ranges[-1][1] = start + e.n
-                else:
-                    ranges.append([start, start + e.n, dev_weights])
-                slot = None  # not a LoRA row
-            elif dev_weights is not None:
-                slot = None  # soft prompt / prefix: no per-layer work
-            if slot is not None and e.n == 1 and batched_decode:
-                decode_slots.append((start, slot))
-            elif slot is not None:
-                if segments and segments[-1][0] == slot and segments[-1][2] == start:
-                    segments[-1][2] = start + e.n
-                else:
-                    segments.append([slot, start, start + e.n])
-            if e.samples:
-                sample_idx.append(start + e.n - 1)
-                sampled.append(e)
-        dev = self.device
-        embed_override = None
-        if overrides:
-            embed_override = (torch.tensor([i for i, _ in overrides], device=dev),
-                              torch.stack([v for _, v in overrides]))
-        step = StepInputs(
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(pos, device=dev),
-            rows=torch.tensor(rows, device=dev),
-            decode_tok=torch.tensor(dec_tok, dtype=torch.long, device=dev),
-            decode_rows=torch.tensor(dec_rows, dtype=torch.long, device=dev),
-            decode_lens=torch.tensor(dec_lens, dtype=torch.long, device=dev),
-            prefill=prefill,
-            sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
-            decode_n_rows=max(dec_rows) + 1 if dec_rows else 0,
-            decode_kv_len=max(dec_lens) if dec_lens else 0,
-            embed_override=embed_override,
-        )
-        hooks = None
-        if segments or decode_slots or ranges:
-            lora = None
-            if segments or decode_slots:
-                batched = (BatchedRows.build(self.table, decode_slots, len(ids), dev)
-                           if decode_slots else None)
-                lora = LoraHooks(self.table, [tuple(s) for s in segments], batched)
-            hooks = AdapterHooks(lora, [tuple(r) for r in ranges], self.table.groups)
-        logits = self.model(step, self.kv, hooks)
+        for e in plan.entries:
+            self._place_prefix(e.seq)
+        packed = pack_step(plan.entries, self.table, self.device)
+        logits = self.model(packed.inputs, self.kv, packed.hooks)
         self.scheduler.advance(plan)
+        sampled = packed.sampled
         bad = nonfinite_rows(logits) if sampled else []
         for i in reversed(bad):  # a poisoned row fails its own request only
             e = sampled.pop(i)
             self._fail(e.seq, "INTERNAL", nonfinite_message(e.seq.payload.req.adapter_id))
         if bad and sampled:
-            keep = [i for i in range(logits.shape[0]) if i not in set(bad)]
-            logits = logits[keep]
+            logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
         if sampled:
             self._sample(sampled, logits)
         if self.metrics is not None:
-            self.metrics.observe_step(len(entries), len(ids), time.perf_counter() - t0)
+            self.metrics.observe_step(len(plan.entries), packed.num_tokens,
+                                      time.perf_counter() - t0)
 
-    def _place_virtual_tokens(self, state: _State, seq: Sequence, e: Entry, start: int,
-                              overrides: list) -> None:
-        """Soft prompts: embeddings for the virtual positions of this chunk. Prefixes:
-        keys and values written into the row's first cache positions, once."""
-        w = state.entry.device_weights
-        state.prefix_written = True
-        if state.entry.method == "prefix_tuning":
-            for layer in range(self.spec.num_layers):
-                self.kv.k[layer][seq.row, :, : state.virtual] = w.keys[layer]
-                self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
+    def _place_prefix(self, seq: Sequence) -> None:
+        """Prefix tuning: the adapter's keys and values go into the row's first cache
+        positions once, before the row's first chunk runs."""
+        state: _State = seq.payload
+        if state.prefix_written or state.entry is None or state.entry.method != "prefix_tuning":
             return
-        end = min(e.start + e.n, state.virtual)
-        for pos in range(e.start, end):
-            overrides.append((start + pos - e.start, w.embeddings[pos]))
-
-    def _batch_decode_adapters(self, entries: list[Entry]) -> bool:
-        """Batched LoRA over the whole slot table reads every slot's weights; worth it when
-        at least half of the slots have decode rows in this step."""
-        slots = {e.seq.payload.slot for e in entries if e.n == 1} - {None}
-        return len(slots) >= 2 and 2 * len(slots) >= self.table.num_slots
+        w = state.entry.device_weights
+        for layer in range(self.spec.num_layers):
+            self.kv.k[layer][seq.row, :, : state.virtual] = w.keys[layer]
+            self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
+        state.prefix_written = True
 
     def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
         states: list[_State] = [e.seq.payload for e in sampled]
