@@ -117,7 +117,9 @@ class AdapterRegistry:
     def _adapter_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return [p for p in sorted(self.root.iterdir()) if p.is_dir() and (
+        # Hidden folders are skipped: the trainer builds artifacts in ".name.tmp-*" first.
+        return [p for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(
+            ".") and (
             (p / "adapter_config.json").is_file() or (p / "bottleneck_config.json").is_file())]
 
     def resolve_path(self, path: str) -> Path:
