@@ -17,14 +17,19 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 class Server:
-    """`switchboard serve` on loopback (port picked by the server) for a benchmark."""
+    """`switchboard serve` as a subprocess on loopback, port picked by the server; used by
+    the benchmarks and the tests. `--metrics-port -1` unless the args name one."""
 
-    def __init__(self, args: list[str], timeout: float = 600.0) -> None:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "-1", "--log-level", "WARNING", *map(str, args)]
+    def __init__(self, args: list, timeout: float = 600.0) -> None:
+        args = [str(a) for a in args]
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+               "--port", "0", *args]
+        if "--metrics-port" not in args:
+            cmd += ["--metrics-port", "-1"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.port = 0
+        self.metrics_port = 0
         self.lines: list[str] = []
         ready = threading.Event()
 
@@ -33,6 +38,8 @@ class Server:
                 self.lines.append(line)
                 if line.startswith("switchboard: listening on"):
                     self.port = int(line.split()[3].rsplit(":", 1)[1])
+                    if "metrics on port" in line:
+                        self.metrics_port = int(line.rstrip().rstrip(")").rsplit(" ", 1)[1])
                 if line.startswith("switchboard: ready"):
                     ready.set()
             ready.set()
@@ -40,7 +47,7 @@ class Server:
         threading.Thread(target=pump, daemon=True).start()
         if not ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
+            raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
 
     @property
     def target(self) -> str:
@@ -53,6 +60,7 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
 
     def __enter__(self) -> Server:
         return self

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
+
+from benchmarks.common import Server
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,6 +18,18 @@ def default_model_dir() -> Path:
     from server.model_store import provision_default_model
 
     return provision_default_model()
+
+
+def _tiny_spec():
+    from server.engine.model import ModelSpec
+
+    return ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     intermediate_size=128, vocab_size=49152, rms_norm_eps=1e-5,
+                     max_positions=1024, tie_word_embeddings=True, attention_bias=False,
+                     mlp_bias=False)
+
+
+TINY_SPEC = _tiny_spec()  # the shape of make_tiny_model()'s defaults
 
 
 def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
@@ -69,49 +80,11 @@ def make_lora(model_dir: Path, out: Path, *, r: int, targets: list[str], seed: i
     return out
 
 
-class ServerProcess:
-    """`switchboard serve` as a subprocess on loopback, port picked by the server."""
+class ServerProcess(Server):
+    """`switchboard serve` on loopback for a test (benchmarks.common.Server)."""
 
     def __init__(self, args: list[str], *, timeout: float = 240.0) -> None:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-               "--port", "0", *args]
-        if "--metrics-port" not in args:
-            cmd += ["--metrics-port", "-1"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self.lines: list[str] = []
-        self.port = 0
-        self.metrics_port = 0
-        ready = threading.Event()
-
-        def pump() -> None:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("switchboard: listening on"):
-                    self.port = int(line.split()[3].rsplit(":", 1)[1])
-                    if "metrics on port" in line:
-                        self.metrics_port = int(line.rstrip().rstrip(")").rsplit(" ", 1)[1])
-                if line.startswith("switchboard: ready"):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(args, timeout)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

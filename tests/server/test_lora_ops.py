@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from support import TINY_SPEC as SPEC
 from support import make_lora
 
 from server.adapters.lora import GROUPS, AdapterError, read_lora
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable, lora_reference
-from server.engine.model import ModelSpec
-
-SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 intermediate_size=128, vocab_size=49152, rms_norm_eps=1e-5,
-                 max_positions=1024, tie_word_embeddings=True, attention_bias=False,
-                 mlp_bias=False)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +93,7 @@ def test_rank_limit_reports_both_numbers(adapters):
 
 def test_adapter_for_another_base_is_refused(tiny_model, tmp_path):
     path = make_lora(tiny_model, tmp_path / "a", r=4, targets=["q_proj"], seed=1)
-    other = ModelSpec(**{**SPEC.__dict__, "hidden_size": 96})
+    other = dataclasses.replace(SPEC, hidden_size=96)
     with pytest.raises(AdapterError, match="trained for a different base"):
         read_lora(path, other)
 

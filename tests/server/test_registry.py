@@ -9,17 +9,12 @@ import time
 
 import pytest
 import torch
+from support import TINY_SPEC as SPEC
 from support import make_lora
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterNotFoundError, AdapterRegistry
 from server.adapters.slots import LoraSlotTable
-from server.engine.model import ModelSpec
-
-SPEC = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 intermediate_size=128, vocab_size=49152, rms_norm_eps=1e-5,
-                 max_positions=1024, tie_word_embeddings=True, attention_bias=False,
-                 mlp_bias=False)
 
 
 @pytest.fixture(scope="module")
