@@ -103,9 +103,14 @@ class Scheduler:
         heapq.heapify(self._free_rows)
         self._lock = threading.Lock()
         self.has_work = threading.Event()
+        self._purged: list[Sequence] = []  # dropped by submit(); reported by the next plan
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
+            if len(self.waiting) >= self.config.max_queue:
+                # Requests already cancelled or past their deadline must not hold the queue
+                # against a live one until the engine's next step.
+                self._purged += self._drop_finished(time.monotonic(), self.waiting)
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(len(self.waiting), self.config.max_queue)
             self.waiting.append(seq)
@@ -118,7 +123,8 @@ class Scheduler:
     def schedule(self, can_admit: Callable[[Sequence], bool] = lambda s: True) -> StepPlan:
         now = time.monotonic()
         with self._lock:
-            dropped = self._drop_finished(now)
+            dropped = self._purged + self._drop_finished(now, (*self.running, *self.waiting))
+            self._purged = []
             entries: list[Entry] = []
             budget = self.config.max_tokens_per_step
             for seq in self.running:  # decode first
@@ -173,9 +179,8 @@ class Scheduler:
             heapq.heappush(self._free_rows, seq.row)
             seq.row = None
 
-    def _drop_finished(self, now: float) -> list[Sequence]:
-        gone = [s for s in (*self.running, *self.waiting)
-                if s.cancelled or (s.deadline is not None and now >= s.deadline)]
+    def _drop_finished(self, now: float, seqs) -> list[Sequence]:
+        gone = [s for s in seqs if s.cancelled or (s.deadline is not None and now >= s.deadline)]
         for seq in gone:
             self._remove(seq)
         return gone

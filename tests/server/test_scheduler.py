@@ -96,6 +96,25 @@ def test_bounded_queue_reports_both_numbers():
         s.submit(seq("c", 1))
 
 
+def test_dead_requests_do_not_hold_a_full_queue():
+    s = Scheduler(SchedulerConfig(max_batch_size=1, max_tokens_per_step=8, max_queue=2,
+                                  kv_rows=1))
+    late = seq("late", 1, deadline=time.monotonic() - 1)
+    gone = seq("gone", 1)
+    s.submit(late)
+    s.submit(gone)
+    gone.cancelled = True
+    s.submit(live := seq("live", 1))  # both dead ones make room at once
+    entries, plan = plan_of(s)
+    assert [e[0] for e in entries] == ["live"]
+    assert plan.dropped == [late, gone]  # the engine still answers them
+    s.submit(seq("x", 1))
+    s.submit(seq("y", 1))
+    with pytest.raises(QueueFullError):
+        s.submit(seq("z", 1))
+    assert live.row is not None
+
+
 def test_cancelled_and_expired_leave_within_one_step():
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_tokens_per_step=16, kv_rows=4))
     a, b = seq("a", 2), seq("b", 2, deadline=time.monotonic() + 3600)
