@@ -17,7 +17,7 @@ from server import __version__
 from server.api.convert import RequestConverter
 from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
-from server.engine.engine import Engine, load_engine_adapters
+from server.engine.engine import Engine, helper_thread_init, load_engine_adapters
 from server.engine.model import ModelLoadError
 from server.model_store import ModelNotFoundError, resolve_base_model
 from server.security.interceptor import DrainGate, SecurityInterceptor
@@ -204,6 +204,7 @@ def _make_metrics():
 
 
 def serve(config: ServerConfig) -> int:
+    helper_thread_init()  # before any torch work here: the engine thread owns the cores
     try:
         app = App(config)
     except (ModelNotFoundError, ModelLoadError, KeysFileError) as e:

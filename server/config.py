@@ -96,6 +96,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=e.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=e.dtype,
                    help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=e.threads,
+                   help="CPU threads of the engine's matmuls (0 = every core; the process's "
+                   "other threads use one each)")
     p.add_argument("--max-batch-size", type=int, default=e.max_batch_size)
     p.add_argument("--max-tokens-per-step", type=int, default=e.max_tokens_per_step,
                    help="token budget of one engine step; long prefills are chunked to it")
@@ -164,13 +167,15 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                  "default_max_new_tokens", "max_stop_sequence_chars", "max_prompt_chars"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if a.threads < 0:
+        raise SystemExit("error: --threads must be 0 (every core) or more")
     engine = EngineConfig(
         device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size,
         max_tokens_per_step=a.max_tokens_per_step, max_queue=a.max_queue,
         max_seq_len=a.max_seq_len, kv_cache_bytes=a.kv_cache_memory,
         max_active_adapters=a.max_active_adapters, max_lora_rank=a.max_lora_rank,
         allow_pickle=a.allow_pickle, quantize=a.quantize,
-        max_host_adapter_bytes=a.max_host_adapter_memory,
+        max_host_adapter_bytes=a.max_host_adapter_memory, threads=a.threads,
     )
     limits = Limits(max_new_tokens=a.max_new_tokens,
                     default_max_new_tokens=min(a.default_max_new_tokens, a.max_new_tokens),

@@ -91,7 +91,8 @@ class AdapterRegistry:
         self._slots: list[AdapterEntry | None] = [None] * table.num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # unpinned occupied slots
         self._lock = threading.RLock()
-        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load",
+                                          initializer=torch.set_num_threads, initargs=(1,))
         self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
         self.metrics = None  # server.metrics.ServerMetrics, set by the app
 

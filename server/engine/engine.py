@@ -58,6 +58,19 @@ class EngineConfig:
     max_host_adapter_bytes: int = 4 << 30
     allow_pickle: bool = False
     quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
+    threads: int = 0  # intra-op threads of the engine thread; 0 = every core this process has
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def helper_thread_init() -> None:
+    """For every thread but the engine's that runs torch ops (adapter loading, exports):
+    one intra-op thread. The engine thread owns the cores; a second multi-threaded OpenMP
+    team in the process (say, the main thread's after loading the model) cost the engine
+    a third of its batch throughput on a 2-core machine (benchmarks/serving.py)."""
+    torch.set_num_threads(1)
 
 
 def pick_device(name: str) -> torch.device:
@@ -100,6 +113,8 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.config = config
+        self.threads = config.threads or cpu_count()
+        helper_thread_init()  # the caller (the main thread) loads the model on one thread
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model_dir = model_dir
@@ -202,6 +217,8 @@ class Engine:
     # ---- engine thread ------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
+        torch.ones(1 << 16).sum()  # binds this thread's OpenMP team to that count now
         while not self._stopping.is_set():
             if not self.scheduler.has_work.wait(timeout=0.5):
                 continue

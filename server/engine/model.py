@@ -140,10 +140,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32:  # one fused kernel; same result as below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 class Projection(nn.Module):
@@ -249,18 +250,23 @@ class DecoderModel(nn.Module):
             lens[step.decode_rows] = step.decode_lens
             pad = torch.arange(step.decode_kv_len, device=x.device)[None, :] >= lens[:, None]
             pad = pad[:, None, None, :]
+        heads = spec.num_heads + spec.num_kv_heads
+        # Where each token's keys and values go in a cache layer seen as [rows*KV*L, D]
+        kv_heads = torch.arange(spec.num_kv_heads, device=x.device)
+        cache_idx = ((step.rows[:, None] * spec.num_kv_heads + kv_heads) * kv.max_len
+                     + step.positions[:, None]).view(-1)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm(x)
             qkv = layer.qkv(h)
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
-            q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-            q = _rope(q.view(-1, spec.num_heads, spec.head_dim), cos, sin)
-            k = _rope(k.view(-1, spec.num_kv_heads, spec.head_dim), cos, sin)
-            v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+            qk = _rope(qkv[:, : spec.q_size + spec.kv_size].view(-1, heads, spec.head_dim),
+                       cos, sin)
+            q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
+            v = qkv[:, spec.q_size + spec.kv_size :]
             kc, vc = kv.k[i], kv.v[i]
-            kc[step.rows, :, step.positions] = k
-            vc[step.rows, :, step.positions] = v
+            kc.view(-1, spec.head_dim).index_copy_(0, cache_idx, k.reshape(-1, spec.head_dim))
+            vc.view(-1, spec.head_dim).index_copy_(0, cache_idx, v.reshape(-1, spec.head_dim))
             attn = self._attention(q, kc, vc, step, pad)
             if hooks is not None:
                 attn = hooks.pre(i, "o", attn)

@@ -158,6 +158,7 @@ class OnnxEngine:
 
     # ---- engine thread ------------------------------------------------------------
     def _loop(self) -> None:
+        torch.set_num_threads(1)  # sampling only; ONNX Runtime has its own thread pool
         while not self._stopping.is_set():
             if not self.scheduler.has_work.wait(timeout=0.5):
                 continue
