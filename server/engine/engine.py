@@ -157,7 +157,8 @@ class Engine:
         return self.kv.rows
 
     def memory(self) -> dict[str, int]:
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = sum(t.numel() * t.element_size()
+                      for t in (*self.model.parameters(), *self.model.buffers()))
         return {"base_model": weights, "kv_cache": self.kv.nbytes,
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}
 
