@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                        "a KV cache; parity-checked, recorded in the adapter's manifest")
     x.add_argument("adapter_dir")
     x.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
-                   help="weights: none (fp32), int8 (dynamic) or int4 (MatMulNBits blocks)")
+                   help="weights: none (fp32), int8 or int4 (weight-only MatMulNBits blocks)")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--base-model", default=None,
                    help="base model path or id (default: the adapter's recorded base)")

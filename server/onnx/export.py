@@ -5,9 +5,9 @@
 Steps: refuse what cannot be merged (soft prompts, bottleneck, 4-bit bases); load the base
 in fp32 with the adapter through PEFT (the reference); merge it (`merge_and_unload`, safe
 mode); export `ExportDecoder` as one graph; optionally quantize its weights with ONNX
-Runtime's own tools (dynamic int8 on constant-weight MatMuls, or 4-bit blocks through
-MatMulNBits); check parity against the unmerged PEFT model on sample prompts (maximum
-last-token logit difference while the contexts agree, and greedy tokens); only then move
+Runtime's own tools (weight-only 8- or 4-bit blocks through MatMulNBits); check parity
+against the unmerged PEFT model on sample prompts (fed the reference's greedy tokens:
+maximum logit difference and greedy agreement); only then move
 the files to `<adapter>/onnx/<variant>/` and record the export in `switchboard.json`.
 Everything is written in a hidden temporary directory first, so a failed export leaves
 the adapter directory as it was.
@@ -53,15 +53,18 @@ class ParityError(ExportError):
 
 @dataclass(frozen=True)
 class ParityConfig:
-    """Limits an export must meet. Greedy agreement is the share of generated tokens
-    before the first divergence from the unmerged PyTorch model, over all prompts."""
+    """Limits an export must meet. Greedy agreement: the export is fed the unmerged
+    PyTorch model's greedy tokens (teacher forcing) and agrees where its own greedy choice
+    is the same token, over all steps of all prompts. (Free-running agreement, tokens
+    before the first divergence, is recorded too; one near-tie early in a prompt zeroes
+    the rest of it, so it judges a quantized export by luck.)"""
 
     new_tokens: int = 16
     max_logit_diff: float = 1e-2  # fp32 only: quantized exports are judged on tokens
     min_agreement: dict[str, float] | None = None
 
     def agreement_for(self, variant: str) -> float:
-        table = self.min_agreement or {"fp32": 1.0, "int8": 0.75, "int4": 0.5}
+        table = self.min_agreement or {"fp32": 1.0, "int8": 0.95, "int4": 0.5}
         return table[variant]
 
 
@@ -274,43 +277,38 @@ def _export_graph(merged, path: Path, opset: int) -> None:
 
 
 def _quantize(src: Path, dst: Path, quantize: str) -> None:
-    if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Weight-only block quantization (MatMulNBits, blocks of 32 along the input, one
+    scale each): 8 or 4 bits. Activations keep their range; dynamic int8 quantization
+    (one scale per activation tensor) lost the default model to its outlier activations
+    (max |logit diff| 14, a third of greedy tokens wrong)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        # Weights only: attention's activation x activation MatMuls stay in fp32. Unsigned
-        # weights: the u8 x s8 kernels of AVX2 CPUs without VNNI saturate (measured: max
-        # |logit diff| 1.0 with s8 against 0.04 with u8 on the test model).
-        quantize_dynamic(src, dst, weight_type=QuantType.QUInt8, per_channel=False,
-                         extra_options={"MatMulConstBOnly": True})
-    else:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True,
-                                 accuracy_level=4)
-        q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8 if quantize == "int8" else 4,
+                             block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def _parity(path: Path, prompts: list[list[int]], ref_tokens, ref_logits) -> dict[str, Any]:
     from server.onnx.session import OnnxDecoderSession
 
     sess = OnnxDecoderSession(path, threads=0)
-    agree = total = 0
+    forced_agree = free_agree = total = mismatched = 0
     max_diff = 0.0
-    mismatched = 0
     for ids, want, want_logits in zip(prompts, ref_tokens, ref_logits, strict=True):
-        got, got_logits = sess.greedy(ids, len(want))
-        prefix = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b),
+        got, got_logits = sess.greedy(ids, len(want), forced=want)
+        forced_agree += sum(a == b for a, b in zip(got, want, strict=True))
+        max_diff = max(max_diff, float(np.abs(got_logits - want_logits).max()))
+        free, _ = sess.greedy(ids, len(want))
+        prefix = next((i for i, (a, b) in enumerate(zip(free, want, strict=True)) if a != b),
                       len(want))
-        agree += prefix
-        total += len(want)
+        free_agree += prefix
         mismatched += prefix < len(want)
-        # logits are comparable while both saw the same context: up to the first divergence
-        k = min(prefix + 1, len(want))
-        max_diff = max(max_diff, float(np.abs(got_logits[:k] - want_logits[:k]).max()))
-    return {"max_abs_logit_diff": max_diff, "greedy_agreement": agree / max(total, 1),
-            "greedy_tokens": total, "prompts": len(prompts), "prompts_diverged": mismatched}
+        total += len(want)
+    return {"max_abs_logit_diff": max_diff, "greedy_agreement": forced_agree / max(total, 1),
+            "free_running_agreement": free_agree / max(total, 1), "greedy_tokens": total,
+            "prompts": len(prompts), "prompts_diverged": mismatched}
 
 
 # ---- install ------------------------------------------------------------------------

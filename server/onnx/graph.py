@@ -12,8 +12,7 @@ T = P + S, KV kv heads, D head dim):
 Rows may hold holes (masked entries) anywhere in their past: positions come from
 position_ids, so a row's attention result does not depend on where its cache entries sit.
 Weights are stored as [in, out] matrices so that every projection is a plain MatMul with
-a constant right operand, the pattern ONNX Runtime's quantizers (dynamic int8 and
-MatMulNBits) rewrite.
+a constant right operand, the pattern ONNX Runtime's MatMulNBits quantizer rewrites.
 """
 
 from __future__ import annotations

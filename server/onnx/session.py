@@ -67,17 +67,20 @@ class OnnxDecoderSession:
         out = self.session.run(self.output_names, feed)
         return out[0], out[1:]
 
-    def greedy(self, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
-        """n greedy tokens (no EOS stop) and the logits [n, V] that chose them."""
+    def greedy(self, prompt: list[int], n: int,
+               forced: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+        """n greedy tokens (no EOS stop) and the logits [n, V] that chose them. With
+        `forced`, those tokens are fed instead of the chosen ones (teacher forcing), so
+        every step sees the reference context."""
         past = self.empty_past()
         ids = np.array([prompt], np.int64)
         pos = np.arange(len(prompt), dtype=np.int64)[None]
         tokens, logits = [], []
-        for _ in range(n):
+        for i in range(n):
             mask = np.ones((1, past[0].shape[2] + ids.shape[1]), np.int64)
             row, past = self.step(ids, pos, mask, past)
             logits.append(row[0])
             tokens.append(int(row[0].argmax()))
-            ids = np.array([[tokens[-1]]], np.int64)
+            ids = np.array([[tokens[-1] if forced is None else forced[i]]], np.int64)
             pos = np.array([[pos[0, -1] + 1]], np.int64)
         return tokens, np.stack(logits)
