@@ -84,6 +84,7 @@ class AdapterRegistry:
         self.base_fingerprint = base_fingerprint
         self.allow_pickle = allow_pickle
         self.host_bytes = host_bytes
+        self._external: dict[str, int] = {}  # host bytes of other tiers (ONNX sessions)
         self.dtype = dtype
         self.device = device
         self._entries: dict[str, AdapterEntry] = {}
@@ -161,7 +162,7 @@ class AdapterRegistry:
         entry.weights = weights
         with self._lock:
             replaced = self._install(entry)
-            self._trim_host()
+            self._trim_host(keep=entry)
             self._report("host", time.perf_counter() - t0)
         log.info("adapter %s version %s (%s) loaded from %s", adapter_id, entry.version,
                  method, full)
@@ -194,8 +195,29 @@ class AdapterRegistry:
             return [None if e is None else (e.adapter_id, e.version, e.refs) for e in self._slots]
 
     def host_usage(self) -> int:
+        """Adapter weights in host memory (the budget also counts `reserve_host`)."""
         with self._lock:
             return sum(e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+
+    def reserve_host(self, key: str, nbytes: int) -> bool:
+        """Count another tier's host memory (an ONNX session) in the host budget, evicting
+        unused adapter weights (LRU) to make room. False, and nothing reserved, when it
+        cannot fit."""
+        with self._lock:
+            self._external[key] = nbytes
+            self._trim_host()
+            if self._host_total() <= self.host_bytes:
+                return True
+            del self._external[key]
+            return False
+
+    def release_host(self, key: str) -> None:
+        with self._lock:
+            self._external.pop(key, None)
+
+    def _host_total(self) -> int:
+        return sum(self._external.values()) + sum(
+            e.weights.nbytes for e in self._all_entries() if e.weights is not None)
 
     def sync_with_disk(self) -> dict[str, list[str]]:
         """Pick up adapters added to, changed in or removed from the root (--watch)."""
@@ -250,7 +272,7 @@ class AdapterRegistry:
             with self._lock:
                 entry.weights = weights
                 entry.loading = False
-                self._trim_host()
+                self._trim_host(keep=entry)
                 self._report("host", time.perf_counter() - t0)
         self.on_ready()
 
@@ -328,13 +350,14 @@ class AdapterRegistry:
         live = list(self._entries.values())
         return live + [e for e in self._slots if e is not None and e not in live]
 
-    def _trim_host(self) -> None:
+    def _trim_host(self, keep: AdapterEntry | None = None) -> None:
         """Evict host weights, least recently used first, until within the budget.
-        Entries on the device or being used keep theirs."""
-        candidates = sorted((e for e in self._entries.values()
-                             if e.weights is not None and e.slot is None and e.refs == 0),
+        Entries on the device or being used keep theirs, and so does `keep` (just loaded
+        for a request: evicting it would only make the request load it again)."""
+        candidates = sorted((e for e in self._entries.values() if e.weights is not None
+                             and e.slot is None and e.refs == 0 and e is not keep),
                             key=lambda e: e.last_used)
-        usage = sum(e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+        usage = self._host_total()
         for entry in candidates:
             if usage <= self.host_bytes:
                 break

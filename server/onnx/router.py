@@ -201,6 +201,7 @@ class EngineRouter:
             if loaded is not None:  # a new version: the old engine drains, then stops
                 del self._loaded[aid]
                 self._retired.append(loaded.engine)
+                self.engine.registry.release_host(_host_key(aid))
             found = self.find_export(entry)
             if isinstance(found, str):
                 if found != "no ONNX export":
@@ -209,9 +210,11 @@ class EngineRouter:
                 return None
             variant, path = found
             size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-            if not self._make_room(size):
-                self._refused[aid] = (f"ONNX memory budget {self.onnx_config.memory_bytes} "
-                                      f"bytes is full (the {variant} export needs {size})")
+            if not self._make_room(aid, size):
+                self._refused[aid] = (
+                    f"no host memory for the {variant} export ({size} bytes): --onnx-memory "
+                    f"is {self.onnx_config.memory_bytes}, --max-host-adapter-memory "
+                    f"{self.engine.registry.host_bytes} (shared with adapter weights)")
                 return None
             engine = self._load(entry, variant, path)
             self._loaded[aid] = _Loaded(entry, engine)
@@ -236,21 +239,31 @@ class EngineRouter:
                  entry.version, variant, path, engine.nbytes / 1e6)
         return engine
 
-    def _make_room(self, size: int) -> bool:
+    def _make_room(self, aid: str, size: int) -> bool:
+        """Room for a session of `size` bytes: within --onnx-memory, and within the
+        registry's host budget (shared with adapter weights, which are evicted first).
+        Idle sessions are evicted, least recently used first, until both hold."""
+        registry = self.engine.registry
         budget = self.onnx_config.memory_bytes
         used = sum(x.engine.nbytes for x in self._loaded.values())
-        for aid in list(self._loaded):  # least recently used first
-            if used + size <= budget:
-                break
-            loaded = self._loaded[aid]
-            if loaded.engine.idle():
-                del self._loaded[aid]
-                loaded.engine.stop()
-                used -= loaded.engine.nbytes
-                log.info("ONNX session of %s evicted (memory budget)", aid)
-        return used + size <= budget
+        victims = [a for a in self._loaded if self._loaded[a].engine.idle()]  # LRU first
+        while True:
+            if used + size <= budget and registry.reserve_host(_host_key(aid), size):
+                return True
+            if not victims:
+                return False
+            victim = victims.pop(0)
+            loaded = self._loaded.pop(victim)
+            loaded.engine.stop()
+            registry.release_host(_host_key(victim))
+            used -= loaded.engine.nbytes
+            log.info("ONNX session of %s evicted (memory budget)", victim)
 
     def _stop_idle_retired(self) -> None:
         for e in [e for e in self._retired if e.idle()]:
             self._retired.remove(e)
             e.stop()
+
+
+def _host_key(adapter_id: str) -> str:
+    return f"onnx:{adapter_id}"

@@ -98,6 +98,25 @@ def test_host_lru_is_bounded_in_bytes(root):
     assert slot == 0 and (b.tier, c.tier, d.tier) == ("device", "disk", "host")
 
 
+def test_other_tiers_share_the_host_budget(root):
+    """An ONNX session's bytes count in the budget: unused adapter weights make room."""
+    probe = registry(root)
+    one = probe.load("a")[0].weights.nbytes
+    reg = registry(root, host_bytes=2 * one + one // 2)
+    reg.scan()
+    a, _ = reg.load("a")
+    b, _ = reg.load("b")
+    a.last_used, b.last_used = 1.0, 2.0
+    assert reg.reserve_host("onnx:x", one)  # a (least recently used) leaves the host
+    assert (a.tier, b.tier) == ("disk", "host")
+    assert not reg.reserve_host("onnx:y", 2 * one)  # b alone cannot make that room...
+    assert b.tier == "disk"  # ... though it was evicted trying
+    reg.release_host("onnx:x")
+    assert reg.reserve_host("onnx:y", 2 * one)
+    c, _ = reg.load("c")  # the session holds 2 of 2.5: loading c evicts nothing it can't
+    assert reg.host_usage() == one and c.tier == "host"
+
+
 def test_background_load_and_failure(root, tmp_path):
     work = tmp_path / "root"
     shutil.copytree(root, work)
