@@ -10,8 +10,9 @@ the first server), (b) ONNX fp32, (c) ONNX int8, (d) ONNX int4:
     rate after the first token, median of --runs;
   - 8-stream throughput: 8 concurrent greedy requests (different chat prompts), generated
     tokens / wall time;
-  - greedy agreement with (a): generated tokens before the first divergence, over the
-    8 prompts.
+  - greedy agreement with (a), free-running: generated tokens before the first
+    divergence, over the 8 prompts; and teacher-forced: given the prompt and the first i
+    tokens of (a), the share of steps (i < 16) where the path chooses (a)'s next token.
 Where llama-cpp-python is installed, the base model's GGUF runs too, for reference.
 
     python -m benchmarks.onnx [--runs 3] [--new-tokens 128] [--quick]
@@ -93,6 +94,23 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
+def forced_agreement(stub, want: list[list[int]], path: int, tokens: int = 16) -> float:
+    """Teacher-forced: given each prompt plus the first i reference tokens, does this path
+    choose reference token i? Over the first `tokens` tokens of every prompt."""
+    same = total = 0
+    for prompt, ref in zip(PROMPTS, want, strict=False):
+        ids = list(stub.Tokenize(pb.TokenizeRequest(messages=pb.ChatMessages(
+            messages=[pb.ChatMessage(role="user", content=prompt)]))).token_ids)
+        for i, token in enumerate(ref[:tokens]):
+            r = stub.Generate(pb.GenerateRequest(
+                adapter_id=ADAPTER, engine_path=path, token_ids=pb.TokenIds(ids=ids + ref[:i]),
+                stopping=pb.StoppingCriteria(max_new_tokens=1, ignore_eos=True),
+                response=pb.ResponseOptions(token_ids=True)))
+            same += list(r.token_ids) == [token]
+            total += 1
+    return same / max(total, 1)
+
+
 def llama_cpp_reference(new_tokens: int, runs: int) -> dict | None:
     """The base model's GGUF through llama-cpp-python, where installed (never required)."""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -163,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                     rows[name] = {"single_stream_tokens_per_s": single,
                                   "throughput_8_streams_tokens_per_s": median([t[0] for t in tput]),
                                   "greedy_agreement_with_pytorch": agreement(tokens, reference),
+                                  "teacher_forced_agreement_with_pytorch":
+                                      forced_agreement(stub, reference, path),
                                   "engine_paths": sorted(pb.EnginePath.Name(p) for p in tput[0][2])}
         results["engines"] = rows
     base = rows["pytorch"]["single_stream_tokens_per_s"]
@@ -177,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in rows.items():
         table += [(f"{name} single-stream tok/s", r["single_stream_tokens_per_s"]),
                   (f"{name} 8-stream tok/s", r["throughput_8_streams_tokens_per_s"]),
-                  (f"{name} greedy agreement", r["greedy_agreement_with_pytorch"])]
+                  (f"{name} greedy agreement (free-running)",
+                   r["greedy_agreement_with_pytorch"]),
+                  (f"{name} greedy agreement (teacher-forced, 16 tokens)",
+                   r["teacher_forced_agreement_with_pytorch"])]
     for v, e in exports.items():
         table += [(f"export {v} seconds", e["export_seconds"]),
                   (f"export {v} MB", e["size_bytes"] / 1e6),
