@@ -358,7 +358,7 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     del hf
     model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.float()
-    if device.type == "cpu":
+    if device.type == "cpu" and quantize == "none":  # a quantized base is about memory
         model.lm_head_t = model.lm_head.detach().T.contiguous()
     if quantize != "none":
         for layer in model.layers:
