@@ -303,10 +303,19 @@ class AdapterRegistry:
         """Write an adapter into its reserved slot. No step reads this slot meanwhile: it
         was free or held an unpinned adapter, and no running row refers to it."""
         t0 = time.perf_counter()
-        if isinstance(entry.weights, LoraWeights):
-            self.table.write(slot, entry.weights)
-        else:
-            entry.device_weights = _to_device(entry.weights, self.dtype, self.device)
+        try:
+            if isinstance(entry.weights, LoraWeights):
+                self.table.write(slot, entry.weights)
+            else:
+                entry.device_weights = _to_device(entry.weights, self.dtype, self.device)
+        except Exception as e:  # the slot must not stay reserved: fail this adapter only
+            log.exception("adapter %s: writing device slot %d failed", entry.adapter_id, slot)
+            with self._lock:
+                entry.staging = False
+                entry.error = f"writing its device slot failed: {type(e).__name__}: {e}"
+                self._free(entry)
+            self.on_ready()
+            return
         with self._lock:
             entry.staging = False
             if entry.retired:

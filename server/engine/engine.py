@@ -246,6 +246,16 @@ class Engine:
         entry = state.entry
         if entry is None:
             return True
+        if entry.retired and state.slot is None:
+            # Replaced or unloaded before this request started: it is a new request for
+            # the id, so it gets the current version (a retired one is never staged again).
+            try:
+                entry = state.entry = self.registry.get(entry.adapter_id)
+            except AdapterNotFoundError:
+                self._drop(seq, "NOT_FOUND", f"adapter {entry.adapter_id!r} was unloaded "
+                           "before this request started")
+                return False
+            state.handle.adapter_version = entry.version
         if entry.error is not None:
             self._drop(seq, "FAILED_PRECONDITION",
                        f"adapter {entry.adapter_id!r} failed to load: {entry.error}")

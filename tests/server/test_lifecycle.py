@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import grpc
 import pytest
@@ -83,6 +84,47 @@ def test_hot_swap_under_load(tiny_model, root, start_server):
     for version, tokens in results:
         assert tokens == expected[version]
     assert gen(stub, "swap")[0] == "2"
+
+
+def test_swap_or_unload_while_a_request_waits_for_a_slot(tiny_model, root, start_server):
+    """One slot, held by a long stream: a request for another adapter waits. Swapping that
+    adapter meanwhile gives the waiting request the new version once a slot frees (it has
+    not started, so it is a new request); unloading it fails the waiting one NOT_FOUND."""
+    server = start_server("--base-model", tiny_model, "--adapter-dir", root, "--enable-admin",
+                          "--max-active-adapters", 1, "--max-seq-len", 600,
+                          "--kv-cache-memory", "16MiB")
+    channel = grpc.insecure_channel(server.target)
+    stub, admin = pb_grpc.TextGenerationStub(channel), pb_grpc.AdapterAdminStub(channel)
+    v2 = gen(stub, "swap")  # version 1 at scan, loaded just in time
+    assert v2[0] == "1"
+    admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="swap", path="incoming/swap-v2"))
+    want_v2 = gen(stub, "swap")
+    assert want_v2[0] == "2"
+    admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="swap", path="swap"))  # version 3
+
+    for action in ("swap", "unload"):
+        hold = stub.GenerateStream(pb.GenerateRequest(
+            adapter_id="jit-0", token_ids=pb.TokenIds(ids=PROMPT),
+            stopping=pb.StoppingCriteria(max_new_tokens=500, ignore_eos=True)), timeout=120)
+        next(hold)  # jit-0 holds the only slot
+        waiting = stub.Generate.future(pb.GenerateRequest(
+            adapter_id="swap", token_ids=pb.TokenIds(ids=PROMPT),
+            stopping=pb.StoppingCriteria(max_new_tokens=16, ignore_eos=True),
+            response=pb.ResponseOptions(token_ids=True)), timeout=60)
+        time.sleep(0.5)
+        assert not waiting.done()
+        if action == "swap":
+            admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="swap", path="incoming/swap-v2"))
+        else:
+            admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="swap"))
+        hold.cancel()
+        if action == "swap":
+            r = waiting.result()
+            assert (r.adapter_version, list(r.token_ids)) == ("4", want_v2[1])
+        else:
+            assert waiting.exception().code() == grpc.StatusCode.NOT_FOUND
+            assert "unloaded before this request started" in waiting.exception().details()
+    assert gen(stub, "jit-1")[0] == "1"  # the server goes on
 
 
 def test_more_adapters_than_slots_load_just_in_time(tiny_model, root, start_server):
