@@ -91,7 +91,7 @@ def test_swap_or_unload_while_a_request_waits_for_a_slot(tiny_model, root, start
     adapter meanwhile gives the waiting request the new version once a slot frees (it has
     not started, so it is a new request); unloading it fails the waiting one NOT_FOUND."""
     server = start_server("--base-model", tiny_model, "--adapter-dir", root, "--enable-admin",
-                          "--max-active-adapters", 1, "--max-seq-len", 600,
+                          "--max-active-adapters", 1, "--max-seq-len", 1100,
                           "--kv-cache-memory", "16MiB")
     channel = grpc.insecure_channel(server.target)
     stub, admin = pb_grpc.TextGenerationStub(channel), pb_grpc.AdapterAdminStub(channel)
@@ -105,7 +105,7 @@ def test_swap_or_unload_while_a_request_waits_for_a_slot(tiny_model, root, start
     for action in ("swap", "unload"):
         hold = stub.GenerateStream(pb.GenerateRequest(
             adapter_id="jit-0", token_ids=pb.TokenIds(ids=PROMPT),
-            stopping=pb.StoppingCriteria(max_new_tokens=500, ignore_eos=True)), timeout=120)
+            stopping=pb.StoppingCriteria(max_new_tokens=1000, ignore_eos=True)), timeout=120)
         next(hold)  # jit-0 holds the only slot
         waiting = stub.Generate.future(pb.GenerateRequest(
             adapter_id="swap", token_ids=pb.TokenIds(ids=PROMPT),
