@@ -197,7 +197,7 @@ class AdapterRegistry:
     def host_usage(self) -> int:
         """Adapter weights in host memory (the budget also counts `reserve_host`)."""
         with self._lock:
-            return sum(e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+            return self._weights_bytes()
 
     def reserve_host(self, key: str, nbytes: int) -> bool:
         """Count another tier's host memory (an ONNX session) in the host budget, evicting
@@ -215,9 +215,11 @@ class AdapterRegistry:
         with self._lock:
             self._external.pop(key, None)
 
+    def _weights_bytes(self) -> int:
+        return sum(e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+
     def _host_total(self) -> int:
-        return sum(self._external.values()) + sum(
-            e.weights.nbytes for e in self._all_entries() if e.weights is not None)
+        return sum(self._external.values()) + self._weights_bytes()
 
     def sync_with_disk(self) -> dict[str, list[str]]:
         """Pick up adapters added to, changed in or removed from the root (--watch)."""
@@ -367,14 +369,17 @@ class AdapterRegistry:
                              and e.slot is None and e.refs == 0 and e is not keep),
                             key=lambda e: e.last_used)
         usage = self._host_total()
+        evicted = False
         for entry in candidates:
             if usage <= self.host_bytes:
                 break
             usage -= entry.weights.nbytes
             entry.weights = None
-            _release_heap()
+            evicted = True
             if self.metrics is not None:
                 self.metrics.adapter_evicted("host")
+        if evicted:
+            _release_heap()  # one heap walk for the whole pass
 
     def _check_fits(self, adapter_id: str, weights: AdapterWeights) -> None:
         if isinstance(weights, LoraWeights):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from server.engine.detokenizer import TextStream
+from server.engine.engine import helper_thread_init
 from server.engine.sampling import select_tokens
 from server.engine.types import (
     EngineError,
@@ -158,7 +159,7 @@ class OnnxEngine:
 
     # ---- engine thread ------------------------------------------------------------
     def _loop(self) -> None:
-        torch.set_num_threads(1)  # sampling only; ONNX Runtime has its own thread pool
+        helper_thread_init()  # sampling only; ONNX Runtime has its own thread pool
         while not self._stopping.is_set():
             if not self.scheduler.has_work.wait(timeout=0.5):
                 continue
