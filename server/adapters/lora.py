@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
 from server.engine.model import ModelSpec
 
@@ -153,9 +153,10 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def _read_raw(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st = path / "adapter_model.safetensors"
     if st.is_file():
+        # Read the bytes, then parse: a file mapped into memory and truncated meanwhile by a
+        # writer (an upload in progress) would kill the process with SIGBUS.
         try:
-            with safe_open(str(st), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            return load_safetensors(st.read_bytes())
         except Exception as e:
             raise AdapterError(f"{st}: corrupt or truncated safetensors file ({e})") from e
     pickled = path / "adapter_model.bin"

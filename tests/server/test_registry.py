@@ -31,10 +31,12 @@ def registry(root, slots=2, **kw) -> AdapterRegistry:
 
 
 def pin(reg: AdapterRegistry, entry) -> int | None:
-    """acquire(), waiting for a slot write that it starts on the loader thread."""
+    """acquire(), waiting for a slot write that it starts on the loader thread. An entry
+    given a slot (entry.slot set) is pinned once the write ends, however fast it ends; one
+    left without a slot (every slot pinned) gives None at once."""
     slot = reg.acquire(entry)
     deadline = time.monotonic() + 30
-    while slot is None and entry.staging and time.monotonic() < deadline:
+    while slot is None and entry.slot is not None and time.monotonic() < deadline:
         time.sleep(0.005)
         slot = reg.acquire(entry)
     return slot
