@@ -3,8 +3,9 @@
 (a) 256 registered LoRA adapters (rank 16, all seven projections), 16 device slots,
     Zipf-distributed traffic (s=1.1) from 32 clients, against the same traffic over 16
     adapters that all stay resident: throughput ratio.
-(b) Cold load of one rank-16 all-projection adapter from local disk to usable
-    (LoadAdapter round trip, then the first token of a request on it): p50 and p99.
+(b) Cold load of one rank-16 all-projection adapter from local disk (its files dropped
+    from the page cache first) to usable (LoadAdapter round trip, then the first token of
+    a request on it): p50 and p99.
 (c) nf4 base: resident weight memory against fp32, throughput, and greedy-token agreement
     with the fp32 server on the benchmark prompts.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -72,14 +74,28 @@ def load(target, adapters, requests, new_tokens, clients=32, distribution="zipf"
     return result
 
 
-def cold_loads(target: str, names: list[str], count: int) -> tuple[list[float], list[float]]:
-    """Per adapter never loaded before: LoadAdapter round trip (read from disk, checked,
-    in host memory, requests may use it), and load plus the first token of a request
-    (which also writes its device slot)."""
+def evict_from_page_cache(directory: Path) -> None:
+    """Drop a directory's files from the OS page cache, so the next read comes from the
+    disk (clean pages only, hence the fsync; no root needed)."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_loads(target: str, root: Path, names: list[str],
+               count: int) -> tuple[list[float], list[float]]:
+    """Per adapter never loaded before, its files out of the page cache: LoadAdapter round
+    trip (read from disk, checked, in host memory, requests may use it), and load plus the
+    first token of a request (which also writes its device slot)."""
     channel = grpc.insecure_channel(target)
     admin, stub = pb_grpc.AdapterAdminStub(channel), pb_grpc.TextGenerationStub(channel)
     loads, first_tokens = [], []
     for name in names[:count]:
+        evict_from_page_cache(root / name)
         t0 = time.perf_counter()
         admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id=f"cold-{name}", path=name))
         loads.append(time.perf_counter() - t0)
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"run {run + 1}: {a.adapters} adapters {many.output_tokens_per_s:.1f} "
                       f"tok/s, {a.slots} resident {resident.output_tokens_per_s:.1f} tok/s",
                       flush=True)
-            cold, cold_first = cold_loads(server.target, names[a.slots:], a.cold_loads)
+            cold, cold_first = cold_loads(server.target, root, names[a.slots:], a.cold_loads)
             fp32_tokens = greedy_tokens(server.target, prompts, a.new_tokens)
             fp32_mem = _memory(server.target)
         t0 = time.perf_counter()
