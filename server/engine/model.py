@@ -228,16 +228,19 @@ class DecoderModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.rope_scaling = rope_scaling
         self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self.sin_rot: torch.Tensor | None = None
 
     def build_rope(self, max_len: int) -> None:
-        """cos/sin tables [max_len, head_dim], computed as HF does (fp32, then cast)."""
+        """cos/sin tables [max_len, head_dim], computed as HF does (fp32, then cast); the
+        sin table's first half negated for `_rope`."""
         pos = torch.arange(max_len, device=self.inv_freq.device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = self.embed.weight.dtype
         self.cos = (emb.cos() * self.rope_scaling).to(dtype)
-        self.sin = (emb.sin() * self.rope_scaling).to(dtype)
+        sin = (emb.sin() * self.rope_scaling).to(dtype)
+        half = sin.shape[-1] // 2
+        self.sin_rot = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv: KVCache, hooks: AdapterHooks | None) -> torch.Tensor:
@@ -246,9 +249,9 @@ class DecoderModel(nn.Module):
         if step.embed_override is not None:
             x[step.embed_override[0]] = step.embed_override[1]
         cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[step.positions].unsqueeze(1)
+        sin = self.sin_rot[step.positions].unsqueeze(1)
         pad = None  # decode rows: [rows, 1, 1, L] True past each row's length, for all layers
-        if step.decode_n_rows:
+        if step.decode_tok.shape[0] > 1:
             lens = torch.ones(step.decode_n_rows, dtype=torch.long, device=x.device)
             lens[step.decode_rows] = step.decode_lens
             pad = torch.arange(step.decode_kv_len, device=x.device)[None, :] >= lens[:, None]
@@ -259,8 +262,8 @@ class DecoderModel(nn.Module):
         cache_idx = ((step.rows[:, None] * spec.num_kv_heads + kv_heads) * kv.max_len
                      + step.positions[:, None]).view(-1)
         for i, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            qkv = layer.qkv(h)
+            h = layer.input_norm.forward(x)  # .forward: no Module.__call__ overhead
+            qkv = layer.qkv.forward(h)
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
             qk = _rope(qkv[:, : spec.q_size + spec.kv_size].view(-1, heads, spec.head_dim),
@@ -273,22 +276,22 @@ class DecoderModel(nn.Module):
             attn = self._attention(q, kc, vc, step, pad)
             if hooks is not None:
                 attn = hooks.pre(i, "o", attn)
-            o = layer.o(attn)
+            o = layer.o.forward(attn)
             if hooks is not None:
                 hooks.linear(i, "o", attn, o)
-            x = x + o
-            h = layer.post_norm(x)
-            gu = layer.gate_up(h)
+            x += o
+            h = layer.post_norm.forward(x)
+            gu = layer.gate_up.forward(h)
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
             if hooks is not None:
                 act = hooks.pre(i, "down", act)
-            down = layer.down(act)
+            down = layer.down.forward(act)
             if hooks is not None:
                 hooks.linear(i, "down", act, down)
-            x = x + down
+            x += down
         x = self.norm(x[step.sample_idx])
         if x.shape[0] == 1 and self.lm_head_t is not None:
             return x @ self.lm_head_t
@@ -301,7 +304,16 @@ class DecoderModel(nn.Module):
         out = q.new_empty(n_tok, spec.num_heads, spec.head_dim)
         groups = spec.num_heads // spec.num_kv_heads
         scale = spec.head_dim**-0.5
-        if step.decode_n_rows:
+        if step.decode_tok.shape[0] == 1:
+            # One decode row: one kernel over its cache prefix (no padding to mask).
+            row, kv_len = step.decode_n_rows - 1, step.decode_kv_len
+            od = F.scaled_dot_product_attention(
+                q.index_select(0, step.decode_tok).unsqueeze(2), kc[row : row + 1, :, :kv_len],
+                vc[row : row + 1, :, :kv_len], enable_gqa=True)  # [1, H, 1, D]
+            if n_tok == 1:
+                return od.view(1, spec.num_heads * spec.head_dim)
+            out[step.decode_tok] = od.view(1, spec.num_heads, spec.head_dim)
+        elif step.decode_n_rows:
             # Decode rows: one batched attention over the cache rows [0, n_rows) in place.
             n_rows, kv_len = step.decode_n_rows, step.decode_kv_len
             qd = q.new_zeros(n_rows, spec.num_heads, spec.head_dim)
@@ -330,10 +342,11 @@ class DecoderModel(nn.Module):
         return out.view(n_tok, spec.num_heads * spec.head_dim)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> torch.Tensor:
+    """HF's `x * cos + rotate_half(x) * sin` in fewer ops, with the same result bit for bit:
+    rotate_half(x) = cat(-x2, x1) and roll(x) = cat(x2, x1), so rotate_half(x) * sin =
+    roll(x) * sin_rot, where sin_rot is sin with its first half negated."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_rot
 
 
 def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
