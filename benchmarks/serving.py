@@ -5,8 +5,10 @@ made here; 32 concurrent streaming clients through gRPC (the project's load gene
 each request naming the next adapter in turn, 128 new tokens each (EOS ignored), the
 load generator's built-in chat prompts. Baselines in the same run: PEFT
 `generate(adapter_names=...)` in static batches of 32 on the same prompts and adapters,
-and HF `generate` for a single stream. Each measurement is repeated --runs times and the
-medians are reported.
+right after the server's mixed-adapter run, and HF `generate` for a single stream,
+alternated with the server's single stream (--single-pairs per run); the baselines run
+in this process while the server idles. Each measurement is repeated --runs times and
+the medians of the per-run ratios are reported.
 
     python -m benchmarks.serving [--runs 3] [--requests 64] [--quick]
 """
@@ -60,45 +62,54 @@ def chat_ids(tokenizer, prompt) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def peft_baseline(model_dir: Path, root: Path, names: list[str], batch: int,
-                  new_tokens: int) -> float:
-    """Tokens/s of PEFT's mixed-adapter generate on one static batch."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class PeftBaseline:
+    """Tokens/s of PEFT's mixed-adapter generate on one static batch (loaded once)."""
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(root / name, adapter_name=name)
-    prompts = builtin_prompts()
-    ids = [chat_ids(tok, prompts[i % len(prompts)]) for i in range(batch)]
-    width = max(len(x) for x in ids)
-    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-    adapters = [names[i % len(names)] for i in range(batch)]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=adapters,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    elapsed = time.perf_counter() - t0
-    return (out.shape[1] - width) * batch / elapsed
+    def __init__(self, model_dir: Path, root: Path, names: list[str], batch: int) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(root / name, adapter_name=name)
+        prompts = builtin_prompts()
+        ids = [chat_ids(tok, prompts[i % len(prompts)]) for i in range(batch)]
+        self.width = max(len(x) for x in ids)
+        self.pad = tok.pad_token_id
+        self.input_ids = torch.tensor([[self.pad] * (self.width - len(x)) + x for x in ids])
+        self.mask = torch.tensor([[0] * (self.width - len(x)) + [1] * len(x) for x in ids])
+        self.adapters = [names[i % len(names)] for i in range(batch)]
 
-def hf_single_stream(model_dir: Path, new_tokens: int) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = torch.tensor([chat_ids(tok, builtin_prompts()[0])])
-    with torch.no_grad():
-        model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)  # warm-up
+    def __call__(self, new_tokens: int) -> float:
         t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False)
-    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=self.input_ids, attention_mask=self.mask,
+                                      adapter_names=self.adapters, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=self.pad)
+        elapsed = time.perf_counter() - t0
+        return (out.shape[1] - self.width) * len(self.adapters) / elapsed
+
+
+class HFSingleStream:
+    """HF `generate` for one stream, greedy, on the first built-in prompt; loaded once."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.ids = torch.tensor([chat_ids(tok, builtin_prompts()[0])])
+        self(4)  # warm-up
+
+    def __call__(self, new_tokens: int) -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = self.model.generate(input_ids=self.ids, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False)
+        return (out.shape[1] - self.ids.shape[1]) / (time.perf_counter() - t0)
 
 
 def load(target: str, adapters: tuple[str, ...], concurrency: int, requests: int,
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=64, help="requests per load run")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--single-pairs", type=int, default=3,
+                   help="alternated (server, HF) single-stream measurements per run")
     p.add_argument("--quick", action="store_true", help="one run, fewer requests (smoke test)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for switchboard serve (repeatable)")
@@ -134,32 +147,36 @@ def main(argv: list[str] | None = None) -> dict:
         server_args = ["--adapter-dir", root, "--max-batch-size", a.clients,
                        "--max-active-adapters", a.adapters, "--max-lora-rank", a.rank,
                        "--max-seq-len", 1024, "--kv-cache-memory", "2GiB", *a.server_arg]
+        hf = HFSingleStream(model_dir)
+        peft = PeftBaseline(model_dir, root, names, a.clients)
         with Server(server_args) as server:
             for run in range(a.runs):
-                mixed = load(server.target, tuple(names), a.clients, a.requests, a.new_tokens)
+                # Each ratio's two sides run back to back (base, mixed, PEFT), the
+                # baselines in this process while the server idles: this VM's speed
+                # drifts by up to 2x over minutes.
                 base = load(server.target, ("",), a.clients, a.requests, a.new_tokens)
-                single = load(server.target, ("",), 1, 2, a.new_tokens)
+                mixed = load(server.target, tuple(names), a.clients, a.requests, a.new_tokens)
+                peft_tps = peft(a.new_tokens)
+                pairs = [(load(server.target, ("",), 1, 1, a.new_tokens).output_tokens_per_s,
+                          hf(a.new_tokens)) for _ in range(a.single_pairs)]
                 runs.append({
                     "tokens_per_s": mixed.output_tokens_per_s,
                     "base_only_tokens_per_s": base.output_tokens_per_s,
-                    "single_stream_tokens_per_s": single.output_tokens_per_s,
+                    "peft_tokens_per_s": peft_tps,
+                    "single_stream_tokens_per_s": median([p[0] for p in pairs]),
+                    "hf_single_stream_tokens_per_s": median([p[1] for p in pairs]),
+                    "single_stream_ratio_vs_hf": median([p[0] / p[1] for p in pairs]),
                     "ttft_p50_s": mixed.ttft.p50, "ttft_p99_s": mixed.ttft.p99,
                     "itl_p50_s": mixed.itl.p50, "itl_p99_s": mixed.itl.p99,
                 })
                 print(f"run {run + 1}: server {mixed.output_tokens_per_s:.1f} tok/s with "
-                      f"{a.adapters} adapters, {base.output_tokens_per_s:.1f} base only, "
-                      f"{single.output_tokens_per_s:.1f} single stream", flush=True)
-        for run in runs:  # baselines after the server has exited: no CPU contention
-            run["peft_tokens_per_s"] = peft_baseline(model_dir, root, names, a.clients,
-                                                     a.new_tokens)
-            run["hf_single_stream_tokens_per_s"] = hf_single_stream(model_dir, a.new_tokens)
-            print(f"baseline: PEFT {run['peft_tokens_per_s']:.1f} tok/s, HF single stream "
-                  f"{run['hf_single_stream_tokens_per_s']:.1f} tok/s", flush=True)
+                      f"{a.adapters} adapters, {base.output_tokens_per_s:.1f} base only, PEFT "
+                      f"{peft_tps:.1f}; single stream "
+                      f"{runs[-1]['single_stream_tokens_per_s']:.1f} tok/s, HF "
+                      f"{runs[-1]['hf_single_stream_tokens_per_s']:.1f}", flush=True)
     for run in runs:
         run["ratio_vs_peft"] = run["tokens_per_s"] / run["peft_tokens_per_s"]
         run["adapter_overhead_ratio"] = run["tokens_per_s"] / run["base_only_tokens_per_s"]
-        run["single_stream_ratio_vs_hf"] = (run["single_stream_tokens_per_s"]
-                                            / run["hf_single_stream_tokens_per_s"])
     summary = {key: median([r[key] for r in runs]) for key in runs[0]}
     rows = [(k, v) for k, v in summary.items()]
     print_table(f"serving (median of {len(runs)} runs; {a.adapters} adapters rank {a.rank}, "
