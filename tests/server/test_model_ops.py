@@ -14,12 +14,11 @@ def test_rope_is_bit_identical_to_hf():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 4, 16, generator=g)  # [T, heads, D]
     k = torch.randn(5, 2, 16, generator=g)
-    cos, sin = torch.randn(5, 1, 16, generator=g), torch.randn(5, 1, 16, generator=g)
-    half = 8
-    sin_rot = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
-    assert torch.equal(_rope(q, cos, sin_rot), hf_q)
-    assert torch.equal(_rope(k, cos, sin_rot), hf_k)
+    cos, sin = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)  # [T, D]
+    sin_rot = torch.cat((-sin[:, :8], sin[:, 8:]), dim=-1)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    assert torch.equal(_rope(q, cos[:, None], sin_rot[:, None]), hf_q)
+    assert torch.equal(_rope(k, cos[:, None], sin_rot[:, None]), hf_k)
 
 
 def _long(values):
