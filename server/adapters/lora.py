@@ -7,6 +7,7 @@ arranges the per-module weights read here into that fused layout.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -219,21 +220,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     # Same-dtype neighbours are contiguous in the buffer: one check per run. A sum is finite
     # only if every term is (NaN and Inf propagate), and it reads the run once; only a
     # non-finite sum (or an overflow of huge finite values) looks tensor by tensor.
-    i = 0
-    while i < len(spans):
-        j = i
-        while j + 1 < len(spans) and spans[j + 1][3] == spans[i][3]:
-            j += 1
-        start, end, dtype = spans[i][0], spans[j][1], spans[i][3]
-        if dtype.is_floating_point and end > start:
-            run = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize,
-                                   offset=base + start)
-            if not bool(torch.isfinite(run.sum(dtype=torch.float32))):
-                for _, _, name, _, _ in spans[i : j + 1]:
-                    if not bool(torch.isfinite(tensors[name]).all()):
-                        raise AdapterError(f"{path.parent.name}: tensor {name!r} contains "
-                                           "NaN or Inf")
-        i = j + 1
+    for dtype, group in itertools.groupby(spans, key=lambda s: s[3]):
+        group = list(group)
+        start, end = group[0][0], group[-1][1]
+        if not dtype.is_floating_point or end == start:
+            continue
+        run = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize,
+                               offset=base + start)
+        if not bool(torch.isfinite(run.sum(dtype=torch.float32))):
+            for _, _, name, _, _ in group:
+                if not bool(torch.isfinite(tensors[name]).all()):
+                    raise AdapterError(f"{path.parent.name}: tensor {name!r} contains NaN or Inf")
     return tensors
 
 
