@@ -184,12 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
         "many_tokens_per_s": median([r["many_tokens_per_s"] for r in runs]),
         "resident_tokens_per_s": median([r["resident_tokens_per_s"] for r in runs]),
         "many_vs_resident_ratio": median([r["ratio"] for r in runs]),
-        "cold_load_p50_ms": 1000 * cold[len(cold) // 2],
-        "cold_load_p99_ms": 1000 * cold[min(len(cold) - 1, int(len(cold) * 0.99))],
-        "cold_load_to_first_token_p50_ms": 1000 * cold_first[len(cold_first) // 2],
-        "cold_load_fresh_server_p50_ms": 1000 * fresh[len(fresh) // 2],
-        "cold_load_fresh_server_p99_ms": 1000 * fresh[min(len(fresh) - 1,
-                                                          int(len(fresh) * 0.99))],
+        "cold_load_p50_ms": _rank_ms(cold, 0.5),
+        "cold_load_p99_ms": _rank_ms(cold, 0.99),
+        "cold_load_to_first_token_p50_ms": _rank_ms(cold_first, 0.5),
+        "cold_load_fresh_server_p50_ms": _rank_ms(fresh, 0.5),
+        "cold_load_fresh_server_p99_ms": _rank_ms(fresh, 0.99),
         "fp32_base_bytes": fp32_mem, "nf4_base_bytes": nf4_mem,
         "nf4_memory_ratio": nf4_mem / fp32_mem,
         "nf4_tokens_per_s_8_clients": nf4_tps,
@@ -200,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_results("adapters", {**result, "runs": runs, "settings": vars(a)})
     print(f"wrote {path}")
     return result
+
+
+def _rank_ms(sorted_seconds: list[float], q: float) -> float:
+    """The value at rank q (nearest rank, no interpolation) of sorted seconds, in ms."""
+    return 1000 * sorted_seconds[min(len(sorted_seconds) - 1, int(len(sorted_seconds) * q))]
 
 
 def _memory(target: str) -> int:

@@ -211,23 +211,23 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if pos != data_len:
         raise corrupt(f"{data_len - pos} data bytes belong to no tensor")
 
-    base = 8 + n
-    tensors: dict[str, torch.Tensor] = {}
-    for start, end, name, dtype, shape in spans:
-        tensors[name] = (torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize,
-                                          offset=base + start).view(shape)
-                         if end > start else torch.empty(shape, dtype=dtype))
+    def data(start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Data bytes [start, end) as a flat tensor viewing the buffer."""
+        if end == start:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize,
+                                offset=8 + n + start)
+
+    tensors = {name: data(start, end, dtype).view(shape)
+               for start, end, name, dtype, shape in spans}
     # Same-dtype neighbours are contiguous in the buffer: one check per run. A sum is finite
     # only if every term is (NaN and Inf propagate), and it reads the run once; only a
     # non-finite sum (or an overflow of huge finite values) looks tensor by tensor.
     for dtype, group in itertools.groupby(spans, key=lambda s: s[3]):
         group = list(group)
         start, end = group[0][0], group[-1][1]
-        if not dtype.is_floating_point or end == start:
-            continue
-        run = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize,
-                               offset=base + start)
-        if not bool(torch.isfinite(run.sum(dtype=torch.float32))):
+        if dtype.is_floating_point and not bool(
+                torch.isfinite(data(start, end, dtype).sum(dtype=torch.float32))):
             for _, _, name, _, _ in group:
                 if not bool(torch.isfinite(tensors[name]).all()):
                     raise AdapterError(f"{path.parent.name}: tensor {name!r} contains NaN or Inf")
