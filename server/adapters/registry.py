@@ -95,6 +95,9 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load",
                                           initializer=torch.set_num_threads, initargs=(1,))
+        # Slot writes have their own thread: they never queue behind reads from disk.
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage",
+                                          initializer=torch.set_num_threads, initargs=(1,))
         self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
         self.metrics = None  # server.metrics.ServerMetrics, set by the app
 
@@ -280,14 +283,15 @@ class AdapterRegistry:
         self.on_ready()
 
     def acquire(self, entry: AdapterEntry) -> int | None:
-        """Pin the slot holding the entry and return it. An entry not on the device gets a
-        free (or evicted) slot, written on a loader thread, off the step loop: None until
-        then (the registry wakes the engine), and None while every slot is pinned."""
+        """Pin the slot holding the entry, or a free (or evicted) one reserved for it, and
+        return it; None, and nothing pinned, while every slot is pinned. A newly reserved
+        slot is written on a loader thread, off the step loop: the entry is `staging`
+        until then (the registry wakes the engine). Each slot returned is released once.
+        The pin taken while staging keeps the slot for the request that asked: no other
+        waiting request can evict it between the write and the request's start."""
         with self._lock:
             entry.last_used = time.monotonic()
             if entry.slot is not None:
-                if entry.staging:
-                    return None
                 entry.refs += 1
                 self._lru.pop(entry.slot, None)
                 return entry.slot
@@ -299,8 +303,9 @@ class AdapterRegistry:
             self._slots[slot] = entry  # reserved: neither free nor in the LRU
             entry.slot = slot
             entry.staging = True
-        self._loader.submit(self._stage, entry, slot)
-        return None
+            entry.refs += 1
+        self._stager.submit(self._stage, entry, slot)
+        return slot
 
     def _stage(self, entry: AdapterEntry, slot: int) -> None:
         """Write an adapter into its reserved slot. No step reads this slot meanwhile: it
@@ -321,21 +326,16 @@ class AdapterRegistry:
             return
         with self._lock:
             entry.staging = False
-            if entry.retired:
-                self._free(entry)
-            else:
-                self._lru[slot] = None  # resident and unpinned until a request pins it
+            if entry.refs == 0:  # the requests that asked for it ended meanwhile
+                self._unpinned(entry)
             self._report("device", time.perf_counter() - t0)
         self.on_ready()
 
     def release(self, entry: AdapterEntry) -> None:
         with self._lock:
             entry.refs -= 1
-            if entry.refs == 0 and entry.slot is not None:
-                if entry.retired:
-                    self._free(entry)
-                else:
-                    self._lru[entry.slot] = None
+            if entry.refs == 0 and entry.slot is not None and not entry.staging:
+                self._unpinned(entry)
 
     def busy_slots(self) -> int:
         with self._lock:
@@ -403,6 +403,14 @@ class AdapterRegistry:
                 self.metrics.adapter_evicted("device")
             return slot
         return None
+
+    def _unpinned(self, entry: AdapterEntry) -> None:
+        """An entry on the device that no request uses: freed if retired, else in the
+        LRU of slots that may be evicted."""
+        if entry.retired:
+            self._free(entry)
+        else:
+            self._lru[entry.slot] = None
 
     def _free(self, entry: AdapterEntry) -> None:
         slot = entry.slot

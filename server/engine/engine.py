@@ -262,12 +262,13 @@ class Engine:
             return False
         if not self.registry.ensure_host(entry):
             return False  # loading off the step loop; the registry wakes us when done
-        slot = self.registry.acquire(entry)
-        if slot is None:
-            state.waiting_for_slot = True
-            return False
-        state.slot = slot
-        state.waiting_for_slot = False
+        if state.slot is None:
+            state.slot = self.registry.acquire(entry)  # pinned for this request
+            state.waiting_for_slot = state.slot is None
+            if state.slot is None:
+                return False
+        if entry.staging:
+            return False  # its slot is being written off the step loop; we are woken
         virtual = getattr(entry.weights, "num_virtual_tokens", 0)
         if virtual:
             total = virtual + len(seq.prompt_ids) + state.req.stopping.max_new_tokens
