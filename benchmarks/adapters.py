@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
         root = Path(tmp)
         names = write_adapters(model_dir, root, a.adapters, 16)
+        os.sync()  # on disk before any is timed, not still being flushed from the cache
         args = ["--adapter-dir", root, "--enable-admin", "--max-active-adapters", a.slots,
                 "--max-lora-rank", 16, "--max-seq-len", 512, "--kv-cache-memory", "1GiB"]
         with Server(args) as server:

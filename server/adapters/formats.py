@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.lora import MODULES, AdapterError, LoraWeights, _read_tensors, read_lora
+from server.adapters.buffers import fresh
+from server.adapters.lora import (
+    MODULES,
+    AdapterError,
+    Alloc,
+    LoraWeights,
+    _read_tensors,
+    read_lora,
+)
 from server.engine.model import ModelSpec
 
 METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck")
@@ -118,15 +126,17 @@ def method_of(path: Path) -> str:
     return peft_type
 
 
-def read_adapter(path: Path, spec: ModelSpec, *, allow_pickle: bool = False
-                 ) -> tuple[str, AdapterWeights]:
+def read_adapter(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
+                 alloc: Alloc = fresh) -> tuple[str, AdapterWeights]:
+    """An adapter's weights, checked against the base model; `alloc` gives the buffers
+    that safetensors files are read into."""
     method = method_of(path)
     if method == "lora":
-        return method, read_lora(path, spec, allow_pickle=allow_pickle)
+        return method, read_lora(path, spec, allow_pickle=allow_pickle, alloc=alloc)
     if method == "bottleneck":
         return method, _read_bottleneck(path, spec)
     cfg = _read_json(path / "adapter_config.json")
-    tensors = _read_tensors(path, allow_pickle)
+    tensors = _read_tensors(path, allow_pickle, alloc)
     if method == "ia3":
         return method, _read_ia3(path, cfg, tensors, spec)
     emb = tensors.get("prompt_embeddings")

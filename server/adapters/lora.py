@@ -12,12 +12,17 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from server.adapters.buffers import fresh
 from server.engine.model import ModelSpec
+
+Alloc = Callable[[int], np.ndarray]  # a uint8 buffer of the given size
 
 GROUPS = ("qkv", "o", "gate_up", "down")
 # module name -> (group, index of the module inside its group)
@@ -73,7 +78,8 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False) -> LoraWeights:
+def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
+              alloc: Alloc = fresh) -> LoraWeights:
     """Read a PEFT LoRA directory and check every shape against the base model."""
     cfg_path = path / "adapter_config.json"
     try:
@@ -90,7 +96,7 @@ def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False) -> Lor
         raise AdapterError(f"{cfg_path}: modules_to_save is not supported")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} is not supported (only 'none')")
-    tensors = _read_tensors(path, allow_pickle)
+    tensors = _read_tensors(path, allow_pickle, alloc)
     alpha = float(cfg.get("lora_alpha", 8))
     use_rslora = bool(cfg.get("use_rslora", False))
     alpha_pattern = cfg.get("alpha_pattern") or {}
@@ -141,12 +147,13 @@ def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False) -> Lor
     )
 
 
-def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, allow_pickle: bool, alloc: Alloc = fresh
+                  ) -> dict[str, torch.Tensor]:
     """The adapter's tensors; NaN or Inf anywhere fails the load (a non-finite weight
     would poison every row of a batched step, not just this adapter's)."""
     st = path / "adapter_model.safetensors"
     if st.is_file():
-        return read_safetensors(st)
+        return read_safetensors(st, alloc)
     tensors = _read_pickled(path, allow_pickle)
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -159,8 +166,9 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, as views of one buffer filled by one read, checked
+def read_safetensors(path: Path, alloc: Alloc = fresh) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, as views of one buffer (from `alloc`, given the
+    file's size) filled by one read, checked
     finite with one op per run of same-dtype tensors (a check per tensor cost more than
     reading the file: an all-projection LoRA holds 420 tensors).
 
@@ -173,16 +181,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
+        buf = alloc(size)
         if f.readinto(buf) != size:
             raise corrupt("the file changed while it was read")
     if size < 8:
         raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
-    n = int.from_bytes(buf[:8], "little")
+    n = int.from_bytes(buf[:8].tobytes(), "little")
     if n > size - 8:
         raise corrupt(f"header length {n} exceeds the file's {size} bytes")
     try:
-        header = json.loads(buf[8 : 8 + n])
+        header = json.loads(buf[8 : 8 + n].tobytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise corrupt(f"header is not JSON: {e}") from e
     if not isinstance(header, dict):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from server.adapters.buffers import HostBuffers
 from server.adapters.formats import AdapterWeights, method_of, read_adapter
 from server.adapters.lora import AdapterError, LoraWeights
 from server.adapters.slots import LoraSlotTable
@@ -95,6 +96,7 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load",
                                           initializer=torch.set_num_threads, initargs=(1,))
+        self.buffers = HostBuffers()  # files are read into buffers faulted in advance
         # Slot writes have their own thread: they never queue behind reads from disk.
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage",
                                           initializer=torch.set_num_threads, initargs=(1,))
@@ -160,7 +162,8 @@ class AdapterRegistry:
         full = self.resolve_path(path or adapter_id)
         method = method_of(full)
         self._check_manifest(full, adapter_id)
-        method, weights = read_adapter(full, self.spec, allow_pickle=self.allow_pickle)
+        method, weights = read_adapter(full, self.spec, allow_pickle=self.allow_pickle,
+                                       alloc=self.buffers.take)
         self._check_fits(adapter_id, weights)
         entry = self._new_entry(adapter_id, full, method, weights.rank, weights.target_modules)
         entry.weights = weights
@@ -267,7 +270,8 @@ class AdapterRegistry:
     def _load_in_background(self, entry: AdapterEntry) -> None:
         t0 = time.perf_counter()
         try:
-            _, weights = read_adapter(entry.path, self.spec, allow_pickle=self.allow_pickle)
+            _, weights = read_adapter(entry.path, self.spec, allow_pickle=self.allow_pickle,
+                                      alloc=self.buffers.take)
             self._check_fits(entry.adapter_id, weights)
         except Exception as e:  # a bad file fails this adapter's requests, nothing else
             log.error("adapter %s failed to load: %s", entry.adapter_id, e)
