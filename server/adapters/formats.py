@@ -8,6 +8,7 @@ its own load with a message naming the tensor and both shapes.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class IA3Weights:
     in_scale: dict[tuple[int, str], torch.Tensor] = field(repr=False)
     rank: int = 0
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return _nbytes([*self.out_scale.values(), *self.in_scale.values()])
 
@@ -69,7 +70,7 @@ class PromptWeights:
     def num_virtual_tokens(self) -> int:
         return self.embeddings.shape[0]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return _nbytes([self.embeddings])
 
@@ -88,7 +89,7 @@ class PrefixWeights:
     def num_virtual_tokens(self) -> int:
         return self.keys[0].shape[1]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return _nbytes([*self.keys, *self.values])
 
@@ -105,7 +106,7 @@ class BottleneckWeights:
     target_modules: list[str] = field(default_factory=list)
     rank: int = 0
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return _nbytes([t for w in self.layers.values() for t in w.values()])
 

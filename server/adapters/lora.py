@@ -7,6 +7,7 @@ arranges the per-module weights read here into that fused layout.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -65,7 +66,7 @@ class LoraWeights:
     target_modules: list[str]
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
 
-    @property
+    @functools.cached_property  # the registry sums it over every host entry per load
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                    for a, b, _ in self.modules.values())
