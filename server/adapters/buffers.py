@@ -7,7 +7,7 @@ on the 2-core benchmark VM, reading a 19.6 MB adapter from disk took 15-17 ms in
 memory the process had touched before and 55-75 ms into fresh memory once the process
 held 2 GB (a model server always does). So the pool keeps a few buffers ready:
 
-  * spares, allocated and faulted on a background thread after a load takes one;
+  * spares, allocated and faulted on a background thread after a load is over;
   * buffers given back when the adapter that used them leaves host memory (evicted,
     replaced or unloaded): a `weakref.finalize` on the array handed out fires only once
     every tensor viewing it is gone, so a buffer is never reused while still read.
@@ -40,6 +40,7 @@ class HostBuffers:
         self.min_bytes = min_bytes
         self._free: list[torch.Tensor] = []
         self._filling = 0
+        self._size = 0  # of the last buffer taken from the pool
         self._lock = threading.RLock()  # finalizers may run inside a locked section
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefault")
 
@@ -51,15 +52,21 @@ class HostBuffers:
             base = min(fits, key=torch.Tensor.numel) if fits else None
             if base is not None:
                 self._free.remove(base)
-            refill = max(0, self.spare - len(self._free) - self._filling)
-            self._filling += refill
-        for _ in range(refill):
-            self._filler.submit(self._fill, nbytes)
+            self._size = nbytes
         if base is None:
             base = torch.empty(nbytes, dtype=torch.uint8)
         out = base[:nbytes].numpy()
         weakref.finalize(out, self._give_back, base)
         return out
+
+    def refill(self) -> None:
+        """Make spares, of the size last taken, up to `spare` waiting buffers. Called once
+        a load is over: not racing its read, and after its evictions gave buffers back."""
+        with self._lock:
+            missing = max(0, self.spare - len(self._free) - self._filling) if self._size else 0
+            self._filling += missing
+        for _ in range(missing):
+            self._filler.submit(self._fill, self._size)
 
     @property
     def nbytes(self) -> int:

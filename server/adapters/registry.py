@@ -171,6 +171,7 @@ class AdapterRegistry:
             replaced = self._install(entry)
             self._trim_host(keep=entry)
             self._report("host", time.perf_counter() - t0)
+        self.buffers.refill()  # after the evictions, which give buffers back
         log.info("adapter %s version %s (%s) loaded from %s", adapter_id, entry.version,
                  method, full)
         return entry, replaced
@@ -285,6 +286,7 @@ class AdapterRegistry:
                 self._trim_host(keep=entry)
                 self._report("host", time.perf_counter() - t0)
         self.on_ready()
+        self.buffers.refill()
 
     def acquire(self, entry: AdapterEntry) -> int | None:
         """Pin the slot holding the entry, or a free (or evicted) one reserved for it, and

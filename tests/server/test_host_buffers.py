@@ -32,7 +32,9 @@ def test_a_buffer_comes_back_only_once_every_view_is_gone():
     first = pool.take(4 * MB)
     assert first.shape == (4 * MB,) and first.dtype.itemsize == 1
     address = _ptr(first)
-    [(spare, size)] = _pooled(pool)  # one spare, faulted in the background
+    assert _pooled(pool) == []  # spares are made once the load is over...
+    pool.refill()
+    [(spare, size)] = _pooled(pool)  # ... one, faulted in the background
     assert size == 4 * MB and spare != address
 
     view = torch.frombuffer(first, dtype=torch.float32, count=16, offset=64)
@@ -40,6 +42,8 @@ def test_a_buffer_comes_back_only_once_every_view_is_gone():
     assert _pooled(pool) == [(spare, 4 * MB)]  # still read through `view`: not back
     view.fill_(7.0)
     del view  # now it is back; the pool keeps one buffer, the newest
+    assert _pooled(pool) == [(address, 4 * MB)]
+    pool.refill()  # the pool holds its one buffer: nothing to make
     assert _pooled(pool) == [(address, 4 * MB)]
     again = pool.take(4 * MB)
     assert _ptr(again) == address
@@ -50,13 +54,18 @@ def test_small_reads_bypass_the_pool_and_spares_fit_up_to_twice():
     small = pool.take(1000)
     assert small.shape == (1000,) and _pooled(pool) == []
 
+    pool.refill()
+    assert _pooled(pool) == []  # nothing taken from the pool yet: no size to make
     big = pool.take(3 * MB)
+    pool.refill()
     spares = _pooled(pool)
     assert [size for _, size in spares] == [3 * MB, 3 * MB]
     two = pool.take(2 * MB)  # 2 MB <= 3 MB < 4 MB: a spare serves it
     assert two.shape == (2 * MB,) and _ptr(two) in [a for a, _ in spares]
+    pool.refill()
     assert sorted(size for _, size in _pooled(pool)) == [2 * MB, 3 * MB]  # refilled
     one = pool.take(MB)  # every spare is at least twice too big: a fresh buffer
     assert one.shape == (MB,) and _ptr(one) not in [a for a, _ in spares]
+    pool.refill()  # two waiting already
     assert sorted(size for _, size in _pooled(pool)) == [2 * MB, 3 * MB]
     del big
