@@ -24,21 +24,30 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+ALIGN = 4096  # O_DIRECT reads need block-aligned addresses and lengths
+
+
+def padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
 
 def fresh(nbytes: int) -> np.ndarray:
-    """An uninitialised buffer (a bytearray would be zero-filled: every page touched
-    twice)."""
-    return torch.empty(nbytes, dtype=torch.uint8).numpy()
+    """An uninitialised buffer of `padded(nbytes)` bytes at a block-aligned address (a
+    bytearray would be zero-filled: every page touched twice)."""
+    raw = torch.empty(padded(nbytes) + ALIGN, dtype=torch.uint8)
+    start = -raw.data_ptr() % ALIGN
+    return raw[start : start + padded(nbytes)].numpy()
 
 
 class HostBuffers:
-    """Buffers of at least `min_bytes` come from the pool: a pooled buffer serves a
-    request of n bytes when it holds n to 2n bytes. At most `spare` buffers wait in it."""
+    """Buffers for at least `min_bytes` come from the pool: a pooled buffer serves a
+    request of n bytes when it holds n to 2n bytes. At most `spare` buffers wait in it.
+    Like `fresh`, `take` returns block-aligned buffers of `padded(n)` bytes."""
 
     def __init__(self, spare: int = 2, min_bytes: int = 1 << 20) -> None:
         self.spare = spare
         self.min_bytes = min_bytes
-        self._free: list[torch.Tensor] = []
+        self._free: list[np.ndarray] = []
         self._filling = 0
         self._size = 0  # of the last buffer taken from the pool
         self._lock = threading.RLock()  # finalizers may run inside a locked section
@@ -47,15 +56,16 @@ class HostBuffers:
     def take(self, nbytes: int) -> np.ndarray:
         if nbytes < self.min_bytes:
             return fresh(nbytes)
+        n = padded(nbytes)
         with self._lock:
-            fits = [b for b in self._free if nbytes <= b.numel() < 2 * nbytes]
-            base = min(fits, key=torch.Tensor.numel) if fits else None
+            fits = [b for b in self._free if n <= b.size < 2 * n]
+            base = min(fits, key=lambda b: b.size) if fits else None
             if base is not None:
-                self._free.remove(base)
+                self._free = [b for b in self._free if b is not base]
             self._size = nbytes
         if base is None:
-            base = torch.empty(nbytes, dtype=torch.uint8)
-        out = base[:nbytes].numpy()
+            base = fresh(nbytes)
+        out = base[:n]
         weakref.finalize(out, self._give_back, base)
         return out
 
@@ -72,20 +82,20 @@ class HostBuffers:
     def nbytes(self) -> int:
         """Bytes waiting in the pool."""
         with self._lock:
-            return sum(b.numel() for b in self._free)
+            return sum(b.size for b in self._free)
 
     def _fill(self, nbytes: int) -> None:
-        base = torch.empty(nbytes, dtype=torch.uint8)
-        base.numpy().fill(0)  # every page faulted here, off the load's path
+        base = fresh(nbytes)
+        base.fill(0)  # every page faulted here, off the load's path
         with self._lock:
             self._filling -= 1
             self._keep(base)
 
-    def _give_back(self, base: torch.Tensor) -> None:
+    def _give_back(self, base: np.ndarray) -> None:
         with self._lock:
             self._keep(base)
 
-    def _keep(self, base: torch.Tensor) -> None:
+    def _keep(self, base: np.ndarray) -> None:
         self._free.append(base)
         if len(self._free) > self.spare:  # the oldest goes back to the allocator
             del self._free[0]

@@ -7,6 +7,7 @@ arranges the per-module weights read here into that fused layout.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import json
@@ -180,11 +181,14 @@ def read_safetensors(path: Path, alloc: Alloc = fresh) -> dict[str, torch.Tensor
     def corrupt(why: str) -> AdapterError:
         return AdapterError(f"{path}: corrupt or truncated safetensors file ({why})")
 
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = alloc(size)
-        if f.readinto(buf) != size:
-            raise corrupt("the file changed while it was read")
+    try:
+        buf, size, got = _read_file(path, alloc, os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        buf, size, got = _read_file(path, alloc, 0)  # a filesystem without O_DIRECT
+    if got != size:
+        raise corrupt("the file changed while it was read")
     if size < 8:
         raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
     n = int.from_bytes(buf[:8].tobytes(), "little")
@@ -241,6 +245,27 @@ def read_safetensors(path: Path, alloc: Alloc = fresh) -> dict[str, torch.Tensor
                 if not bool(torch.isfinite(tensors[name]).all()):
                     raise AdapterError(f"{path.parent.name}: tensor {name!r} contains NaN or Inf")
     return tensors
+
+
+def _read_file(path: Path, alloc: Alloc, flags: int) -> tuple[np.ndarray, int, int]:
+    """(buffer, file size, bytes read). O_DIRECT reads from the disk into the buffer with
+    no copy through the page cache: the host tier is the adapter cache, and on the
+    benchmark VM allocating page-cache pages cost as much as faulting fresh memory
+    (a cold 19.6 MB read: 22 ms p50 and 31 ms at worst, against 27-54 ms p50 and 281 ms
+    buffered, in a process holding 6 GB). A page-cached file is read from disk too."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        size = os.fstat(fd).st_size
+        buf = alloc(size)  # block-aligned, padded to whole blocks as O_DIRECT needs
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [buf[got:]], got)
+            if n == 0:
+                break
+            got += n
+    finally:
+        os.close(fd)
+    return buf[:size], size, got
 
 
 def _read_pickled(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

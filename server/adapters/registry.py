@@ -435,7 +435,7 @@ class AdapterRegistry:
             return  # freed when its last request ends, or when its slot write completes
         if entry.slot is not None:
             self._free(entry)
-        else:
+        elif entry.weights is not None:  # (a disk-tier entry has nothing to give back)
             entry.weights = None
             _release_heap()
 

@@ -24,7 +24,7 @@ def _pooled(pool: HostBuffers) -> list[tuple[int, int]]:
         assert time.monotonic() < deadline, "spares not made within 30 s"
         time.sleep(0.005)
     with pool._lock:
-        return [(b.data_ptr(), b.numel()) for b in pool._free]
+        return [(_ptr(b), b.size) for b in pool._free]
 
 
 def test_a_buffer_comes_back_only_once_every_view_is_gone():
@@ -51,8 +51,8 @@ def test_a_buffer_comes_back_only_once_every_view_is_gone():
 
 def test_small_reads_bypass_the_pool_and_spares_fit_up_to_twice():
     pool = HostBuffers(spare=2, min_bytes=MB)
-    small = pool.take(1000)
-    assert small.shape == (1000,) and _pooled(pool) == []
+    small = pool.take(1000)  # block-aligned and padded to whole blocks, for O_DIRECT
+    assert small.shape == (4096,) and _ptr(small) % 4096 == 0 and _pooled(pool) == []
 
     pool.refill()
     assert _pooled(pool) == []  # nothing taken from the pool yet: no size to make
@@ -68,4 +68,6 @@ def test_small_reads_bypass_the_pool_and_spares_fit_up_to_twice():
     assert one.shape == (MB,) and _ptr(one) not in [a for a, _ in spares]
     pool.refill()  # two waiting already
     assert sorted(size for _, size in _pooled(pool)) == [2 * MB, 3 * MB]
+    odd = pool.take(MB + 1)
+    assert odd.shape == (MB + 4096,) and _ptr(odd) % 4096 == 0
     del big

@@ -175,7 +175,7 @@ def test_a_slot_written_for_a_waiting_request_stays_its_own(root):
     reg.scan()
     a, _ = reg.load("a")
     b, _ = reg.load("b")
-    assert reg.acquire(a) == 0 and a.staging  # reserved and pinned while written
+    assert reg.acquire(a) == 0  # reserved and pinned from now on, written meanwhile
     assert reg.acquire(b) is None
     assert pin(reg, a) == 0 and not a.staging  # a second request on a shares the slot
     assert reg.slot_table() == [("a", "2", 2)]
