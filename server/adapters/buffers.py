@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 ALIGN = 4096  # O_DIRECT reads need block-aligned addresses and lengths
+Alloc = Callable[[int], np.ndarray]  # a block-aligned uint8 buffer for n bytes, padded
 
 
 def padded(nbytes: int) -> int:

@@ -16,15 +16,8 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.buffers import fresh
-from server.adapters.lora import (
-    MODULES,
-    AdapterError,
-    Alloc,
-    LoraWeights,
-    _read_tensors,
-    read_lora,
-)
+from server.adapters.buffers import Alloc, fresh
+from server.adapters.lora import MODULES, AdapterError, LoraWeights, _read_tensors, read_lora
 from server.engine.model import ModelSpec
 
 METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck")
