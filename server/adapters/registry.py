@@ -291,7 +291,7 @@ class AdapterRegistry:
     def acquire(self, entry: AdapterEntry) -> int | None:
         """Pin the slot holding the entry, or a free (or evicted) one reserved for it, and
         return it; None, and nothing pinned, while every slot is pinned. A newly reserved
-        slot is written on a loader thread, off the step loop: the entry is `staging`
+        slot is written on the stager thread, off the step loop: the entry is `staging`
         until then (the registry wakes the engine). Each slot returned is released once.
         The pin taken while staging keeps the slot for the request that asked: no other
         waiting request can evict it between the write and the request's start."""
