@@ -98,3 +98,32 @@ def test_every_truncation_of_a_real_file_is_refused(tmp_path):
         cut.write_bytes(data[:size])
         with pytest.raises(AdapterError):
             read_safetensors(cut)
+
+
+def test_filesystems_without_o_direct_are_read_buffered(tmp_path, monkeypatch):
+    """O_DIRECT refused (EINVAL, as some filesystems answer): the same tensors, read
+    through the page cache; any other error is not hidden."""
+    import errno
+    import os
+
+    path = tmp_path / "m.safetensors"
+    save_file(_tensors(), str(path))
+    real_open, flags_seen = os.open, []
+
+    def no_direct(p, flags, *a):
+        flags_seen.append(flags)
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    ours, ref = read_safetensors(path), load_file(str(path))
+    assert [bool(f & os.O_DIRECT) for f in flags_seen] == [True, False]
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+    def denied(p, flags, *a):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(PermissionError):
+        read_safetensors(path)
