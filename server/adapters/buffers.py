@@ -80,12 +80,6 @@ class HostBuffers:
         for _ in range(missing):
             self._filler.submit(self._fill, self._size)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes waiting in the pool."""
-        with self._lock:
-            return sum(b.size for b in self._free)
-
     def _fill(self, nbytes: int) -> None:
         base = fresh(nbytes)
         base.fill(0)  # every page faulted here, off the load's path

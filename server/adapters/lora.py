@@ -177,13 +177,8 @@ def read_safetensors(path: Path, alloc: Alloc = fresh) -> dict[str, torch.Tensor
     def corrupt(why: str) -> AdapterError:
         return AdapterError(f"{path}: corrupt or truncated safetensors file ({why})")
 
-    try:
-        buf, size, got = _read_file(path, alloc, os.O_DIRECT)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        buf, size, got = _read_file(path, alloc, 0)  # a filesystem without O_DIRECT
-    if got != size:
+    buf, size = _read_file(path, alloc)
+    if len(buf) != size:
         raise corrupt("the file changed while it was read")
     if size < 8:
         raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
@@ -243,12 +238,22 @@ def read_safetensors(path: Path, alloc: Alloc = fresh) -> dict[str, torch.Tensor
     return tensors
 
 
-def _read_file(path: Path, alloc: Alloc, flags: int) -> tuple[np.ndarray, int, int]:
-    """(buffer, file size, bytes read). O_DIRECT reads from the disk into the buffer with
-    no copy through the page cache: the host tier is the adapter cache, and on the
-    benchmark VM the page-cache pages cost as much as faulting fresh memory (reading a
+def _read_file(path: Path, alloc: Alloc) -> tuple[np.ndarray, int]:
+    """(the bytes read, the file's size at open). O_DIRECT reads from the disk into the
+    buffer with no copy through the page cache: the host tier is the adapter cache, and on
+    the benchmark VM the page-cache pages cost as much as faulting fresh memory (reading a
     19.6 MB adapter from disk in a process holding 6 GB: 13.5-15 ms p50 with O_DIRECT,
-    33-52 ms buffered). A page-cached file is read from disk too."""
+    33-52 ms buffered). A page-cached file is read from disk too; a filesystem that
+    refuses O_DIRECT (EINVAL) is read buffered."""
+    try:
+        return _read_with(path, alloc, os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return _read_with(path, alloc, 0)
+
+
+def _read_with(path: Path, alloc: Alloc, flags: int) -> tuple[np.ndarray, int]:
     fd = os.open(path, os.O_RDONLY | flags)
     try:
         size = os.fstat(fd).st_size
@@ -261,7 +266,7 @@ def _read_file(path: Path, alloc: Alloc, flags: int) -> tuple[np.ndarray, int, i
             got += n
     finally:
         os.close(fd)
-    return buf[:size], size, got
+    return buf[:got], size
 
 
 def _read_pickled(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
