@@ -44,8 +44,11 @@ def test_sigterm_drains_running_streams_and_exits_0(tiny_model, tmp_path):
             for r in readers:
                 r.start()
             server.proc.send_signal(signal.SIGTERM)
-            wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(),
-                                          timeout=5).status == NOT_SERVING, timeout=10)
+            try:
+                wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(),
+                                              timeout=5).status == NOT_SERVING, timeout=10)
+            except AssertionError as e:  # seen once in a full local run: keep the evidence
+                raise AssertionError(f"{e}; server log tail:\n{''.join(server.lines[-30:])}")
             assert code_of(stub.Generate, small(), timeout=10) == grpc.StatusCode.UNAVAILABLE
             err_details = []
             try:
