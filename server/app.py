@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import __version__
+from server.adapters.native import NativeError
 from server.api.convert import RequestConverter
 from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
@@ -207,7 +208,7 @@ def serve(config: ServerConfig) -> int:
     helper_thread_init()  # before any torch work here: the engine thread owns the cores
     try:
         app = App(config)
-    except (ModelNotFoundError, ModelLoadError, KeysFileError) as e:
+    except (ModelNotFoundError, ModelLoadError, KeysFileError, NativeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     done = threading.Event()

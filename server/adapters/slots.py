@@ -11,12 +11,14 @@ What the op computes, for every token i whose row uses an adapter (slot[i] >= 0)
 
     y[i, cols(m)] += x[i] @ A[slot[i]][:, block(m)] @ B[m][slot[i]]     (scale folded in B)
 
-Two ways, chosen per step by the engine:
+Three ways, chosen per step by the engine:
+  * native (CPU, fp32): segments of up to `native.MAX_ROWS` tokens (decode rows) go to the
+    C kernel of `server.adapters.native`, one call per group for all of them.
   * segments (Punica's SGMV): tokens of one slot are contiguous; one small matmul chain
     per (segment, module). Best for prefill chunks and for few distinct adapters.
-  * batched (BGMV over the whole table): decode tokens gathered into [slots, L, in]
-    (zero rows for padding), two bmm per module over all slots, scattered back with
-    index_add. A fixed number of ops per layer, whatever the number of adapters.
+  * batched (BGMV over the whole table, when there is no native kernel): decode tokens
+    gathered into [slots, L, in] (zero rows for padding), two bmm per module over all
+    slots, scattered back with index_add. A fixed number of ops per layer.
 `lora_reference` computes the same from PEFT's per-module tensors, token by token.
 """
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from server.adapters import native
 from server.adapters.lora import GROUPS, MODULES, AdapterError, LoraWeights, group_shapes
 from server.engine.model import ModelSpec
 
@@ -42,10 +46,12 @@ def group_modules(spec: ModelSpec) -> dict[str, list[tuple[str, int, int, int]]]
 
 
 _MODULE_BIT = {m: i for i, m in enumerate(MODULES)}
+_GROUP_INDEX = {g: i for i, g in enumerate(GROUPS)}
 
 
 class LoraSlotTable:
-    def __init__(self, spec: ModelSpec, num_slots: int, max_rank: int, dtype, device) -> None:
+    def __init__(self, spec: ModelSpec, num_slots: int, max_rank: int, dtype, device,
+                 kernel: native.LoraKernel | None = None) -> None:
         self.spec = spec
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -62,6 +68,24 @@ class LoraSlotTable:
         self.A_layers = {g: list(t.unbind(0)) for g, t in self.A.items()}
         self.B_layers = {m: list(t.unbind(0)) for m, t in self.B.items()}
         self._present: dict[tuple[int, int, str], list] = {}
+        # The native kernel's view: per (slot, layer, group) the bits of the group's
+        # modules the slot targets, and per (group, layer) a descriptor of the tables.
+        self.kernel = kernel
+        self.group_bits = np.zeros((S, L, len(GROUPS)), dtype=np.int64)
+        self.native_desc = {g: [self._desc(g, layer) for layer in range(L)] for g in GROUPS}
+
+    def _desc(self, group: str, layer: int) -> np.ndarray:
+        A = self.A_layers[group][layer]
+        desc = [A.shape[1], A.data_ptr(), A.shape[2], self.max_rank, len(self.groups[group]),
+                self.spec.num_layers * len(GROUPS)]
+        for module, _, off, size in self.groups[group]:
+            desc += [self.B_layers[module][layer].data_ptr(), off, size]
+        return np.array(desc, dtype=np.int64)
+
+    def bits_ptr(self, layer: int, group: str) -> int:
+        """Address of group_bits[0, layer, group] (the kernel strides by slot)."""
+        return (self.group_bits.ctypes.data
+                + (layer * len(GROUPS) + _GROUP_INDEX[group]) * self.group_bits.itemsize)
 
     @property
     def nbytes(self) -> int:
@@ -88,11 +112,19 @@ class LoraSlotTable:
             rows[r:].zero_()
             bits |= 1 << (layer * len(MODULES) + _MODULE_BIT[module])
         self._zero(slot, self.targets[slot] & ~bits)
-        self.targets[slot] = bits
+        self._set_targets(slot, bits)
 
     def clear(self, slot: int) -> None:
         self._zero(slot, self.targets[slot])
-        self.targets[slot] = 0
+        self._set_targets(slot, 0)
+
+    def _set_targets(self, slot: int, bits: int) -> None:
+        self.targets[slot] = bits
+        self.group_bits[slot] = 0
+        for layer in range(self.spec.num_layers):
+            for module, (group, idx) in MODULES.items():
+                if self.targeted(bits, layer, module):
+                    self.group_bits[slot, layer, _GROUP_INDEX[group]] |= 1 << idx
 
     def _zero(self, slot: int, bits: int) -> None:
         r_max = self.max_rank
@@ -159,16 +191,28 @@ class BatchedRows:
 
 
 class LoraHooks:
-    """The model's adapter hook for one step."""
+    """The model's adapter hook for one step. With the table's native kernel, segments of
+    up to `native.MAX_ROWS` tokens go to it and longer ones to BLAS."""
 
     def __init__(self, table: LoraSlotTable, segments: Sequence[tuple[int, int, int]],
                  batched: BatchedRows | None = None) -> None:
         self.table = table
-        self.segments = segments  # (slot, start, end): tokens [start, end) use `slot`
         self.batched = batched
+        self.native = None  # (segments [n, 3] int64, threads) for the kernel
+        if table.kernel is not None:
+            short = [s for s in segments if s[2] - s[1] <= native.MAX_ROWS]
+            if short:
+                self.native = (np.array(short, dtype=np.int64), torch.get_num_threads())
+            segments = [s for s in segments if s[2] - s[1] > native.MAX_ROWS]
+        self.segments = segments  # (slot, start, end): tokens [start, end) use `slot`
 
     def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         table, r = self.table, self.table.max_rank
+        if self.native is not None:
+            segs, threads = self.native
+            table.kernel(x if x.stride(1) == 1 else x.contiguous(), out,
+                         table.native_desc[group][layer], segs, table.bits_ptr(layer, group),
+                         threads)
         A = table.A_layers[group][layer]
         for slot, start, end in self.segments:
             present = table.present(table.targets[slot], layer, group)

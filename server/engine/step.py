@@ -98,7 +98,10 @@ def _slot(e: Entry) -> int:
 
 def _batch_decode(entries: list[Entry], table: LoraSlotTable) -> bool:
     """Batched LoRA over the whole slot table reads every slot's weights: worth it when at
-    least half of the slots have decode rows in this step."""
+    least half of the slots have decode rows in this step (and there is no native kernel,
+    which reads just the slots in use)."""
+    if table.kernel is not None:
+        return False
     slots = {e.seq.payload.slot for e in entries
              if e.n == 1 and e.seq.payload.entry is not None
              and e.seq.payload.entry.device_weights is None} - {None}

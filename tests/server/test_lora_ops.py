@@ -9,8 +9,10 @@ import torch
 from support import TINY_SPEC as SPEC
 from support import make_lora
 
-from server.adapters.lora import GROUPS, AdapterError, read_lora
+from server.adapters import native
+from server.adapters.lora import GROUPS, MODULES, AdapterError, LoraWeights, group_shapes, read_lora
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable, lora_reference
+from server.engine.model import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,11 @@ def test_batched_op_on_views_when_rows_are_even(adapters):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["segments", "batched", "both"])
+@pytest.mark.parametrize("path", ["segments", "batched", "both", "native"])
 def test_fast_op_matches_reference_for_mixed_rows(adapters, path):
-    table = LoraSlotTable(SPEC, num_slots=4, max_rank=16, dtype=torch.float32, device="cpu")
+    kernel = native.lora_kernel() if path == "native" else None
+    table = LoraSlotTable(SPEC, num_slots=4, max_rank=16, dtype=torch.float32, device="cpu",
+                          kernel=kernel)
     for slot, weights in zip((2, 0, 3), adapters, strict=True):
         table.write(slot, weights)
     # Rows sorted by slot: base rows (no segment), then slots 0, 2, 3.
@@ -50,8 +54,10 @@ def test_fast_op_matches_reference_for_mixed_rows(adapters, path):
     by_slot = {2: adapters[0], 0: adapters[1], 3: adapters[2]}
     segments = [(0, 2, 5), (2, 5, 6), (3, 6, 8)]
     pairs = [(i, s) for i, s in enumerate(token_slots) if s is not None]
-    if path == "segments":
+    if path in ("segments", "native"):
         hooks = LoraHooks(table, segments)
+        assert (hooks.native is not None) == (path == "native") and not (
+            path == "native" and hooks.segments)
     elif path == "batched":
         hooks = LoraHooks(table, [], BatchedRows.build(table, pairs, len(token_slots), "cpu"))
     else:  # a prefill segment for slot 0, the other tokens batched
@@ -71,6 +77,113 @@ def test_fast_op_matches_reference_for_mixed_rows(adapters, path):
             assert out[:2].abs().max() == 0  # base rows untouched
 
 
+def _random_lora(spec: ModelSpec, rank: int, targets: list[str], seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    shapes = group_shapes(spec)
+    modules = {}
+    for layer in range(spec.num_layers):
+        for name in targets:
+            group, idx = MODULES[name]
+            in_f, outs = shapes[group]
+            modules[(layer, name)] = (torch.randn(rank, in_f, generator=g),
+                                      torch.randn(outs[idx], rank, generator=g), 0.5)
+    return LoraWeights(rank=rank, alpha=rank / 2, target_modules=targets, modules=modules)
+
+
+# Sizes that are no multiple of a vector (16 or 8 floats): the kernel's scalar tails.
+ODD_SPEC = ModelSpec(hidden_size=40, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=20,
+                     intermediate_size=75, vocab_size=100, rms_norm_eps=1e-5,
+                     max_positions=64, tie_word_embeddings=True, attention_bias=False,
+                     mlp_bias=False)
+
+
+@pytest.mark.parametrize("spec,max_rank", [(SPEC, 64), (ODD_SPEC, 5), (ODD_SPEC, 24)])
+def test_native_kernel_matches_reference_for_any_shape(spec, max_rank):
+    """Short segments (the kernel) and one longer than native.MAX_ROWS (BLAS) in one step,
+    ranks below the table's max rank, modules some adapters do not target."""
+    table = LoraSlotTable(spec, num_slots=4, max_rank=max_rank, dtype=torch.float32,
+                          device="cpu", kernel=native.lora_kernel())
+    all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    by_slot = {3: _random_lora(spec, max_rank, all_modules, 1),
+               1: _random_lora(spec, max(1, max_rank // 3), ["k_proj", "up_proj"], 2),
+               0: _random_lora(spec, max_rank - 1, ["q_proj", "o_proj", "down_proj"], 3)}
+    for slot, weights in by_slot.items():
+        table.write(slot, weights)
+    long = native.MAX_ROWS + 3
+    token_slots = [None, 0, 1, 1, 1, 1, 1, 3, 3] + [0] * long
+    segments = [(0, 1, 2), (1, 2, 7), (3, 7, 9), (0, 9, 9 + long)]
+    hooks = LoraHooks(table, segments)
+    assert hooks.segments == [(0, 9, 9 + long)] and len(hooks.native[0]) == 3
+    shapes = {g: (in_f, sum(outs)) for g, (in_f, outs) in group_shapes(spec).items()}
+    torch.manual_seed(0)
+    for layer in range(spec.num_layers):
+        for group in GROUPS:
+            in_f, out_f = shapes[group]
+            x = torch.randn(len(token_slots), in_f)
+            base = torch.randn(len(token_slots), out_f)
+            out = base.clone()
+            hooks.linear(layer, group, x, out)
+            ref = lora_reference(x, [by_slot.get(s) if s is not None else None
+                                     for s in token_slots], layer, group, spec)
+            torch.testing.assert_close(out, base + ref, atol=1e-4, rtol=1e-4)
+            assert torch.equal(out[0], base[0])  # the base row is untouched
+
+
+def test_native_rows_are_the_same_alone_and_in_any_mix(adapters):
+    """A row's delta does not depend on the other rows of its step, bit for bit."""
+    table = LoraSlotTable(SPEC, num_slots=3, max_rank=16, dtype=torch.float32, device="cpu",
+                          kernel=native.lora_kernel())
+    for slot, weights in enumerate(adapters):
+        table.write(slot, weights)
+    torch.manual_seed(0)
+    x = torch.randn(7, 64)
+    mixed = torch.zeros(7, 128)
+    LoraHooks(table, [(0, 0, 3), (1, 3, 4), (2, 4, 7)]).linear(1, "qkv", x, mixed)
+    for row, slot in enumerate([0, 0, 0, 1, 2, 2, 2]):
+        alone = torch.zeros(1, 128)
+        LoraHooks(table, [(slot, 0, 1)]).linear(1, "qkv", x[row : row + 1], alone)
+        assert torch.equal(alone[0], mixed[row])
+
+
+def test_kernel_refuses_tensors_it_cannot_read():
+    table = LoraSlotTable(SPEC, num_slots=1, max_rank=4, dtype=torch.float32, device="cpu",
+                          kernel=native.lora_kernel())
+    hooks = LoraHooks(table, [(0, 0, 2)])
+    with pytest.raises(ValueError, match="unit column stride"):
+        hooks.linear(0, "qkv", torch.randn(2, 64), torch.zeros(128, 2).T)
+
+
+def test_without_a_compiler_auto_falls_back_and_native_is_an_error(monkeypatch, tmp_path,
+                                                                    caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("SWITCHBOARD_CACHE", str(tmp_path / "cache"))
+    native.lora_kernel.cache_clear()
+    try:
+        with pytest.raises(native.NativeError, match="does not run"):
+            native.build()
+        cpu = torch.device("cpu")
+        assert native.pick("auto", cpu, torch.float32) is None
+        assert "LoRA uses PyTorch ops" in caplog.text
+        with pytest.raises(native.NativeError, match="does not run"):
+            native.pick("native", cpu, torch.float32)
+        assert native.pick("torch", cpu, torch.float32) is None
+        with pytest.raises(native.NativeError, match="float32"):
+            native.pick("native", cpu, torch.bfloat16)
+        monkeypatch.setenv("CC", "false")  # runs, but builds nothing
+        with pytest.raises(native.NativeError, match="could not build"):
+            native.build()
+    finally:
+        native.lora_kernel.cache_clear()
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
+
+
+def test_build_is_cached_per_cpu_and_source(tmp_path):
+    first = native.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]
+
+
 def test_slot_clear_and_overwrite(adapters):
     table = LoraSlotTable(SPEC, num_slots=1, max_rank=16, dtype=torch.float32, device="cpu")
     table.write(0, adapters[1])  # k, o, down at rank 16
@@ -81,8 +194,11 @@ def test_slot_clear_and_overwrite(adapters):
     assert table.targeted(bits, 0, "q_proj") and not table.targeted(bits, 0, "o_proj")
     assert table.B["o_proj"][:, 0].abs().sum() == 0
     assert table.A["qkv"][0, 0, :, 4:16].abs().sum() == 0  # rank 4 is zero-padded to 16
+    assert table.group_bits[0, :, GROUPS.index("qkv")].tolist() == [0b101] * SPEC.num_layers
+    assert not table.group_bits[0, :, 1:].any()  # the kernel skips o, gate_up, down
     table.clear(0)
     assert table.targets[0] == 0 and all(t[:, 0].abs().sum() == 0 for t in table.B.values())
+    assert not table.group_bits[0].any()
 
 
 def test_rank_limit_reports_both_numbers(adapters):
