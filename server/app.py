@@ -14,13 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import __version__
-from server.adapters.native import NativeError
 from server.api.convert import RequestConverter
 from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
 from server.engine.engine import Engine, helper_thread_init, load_engine_adapters
 from server.engine.model import ModelLoadError
 from server.model_store import ModelNotFoundError, resolve_base_model
+from server.native import NativeError
 from server.security.interceptor import DrainGate, SecurityInterceptor
 from server.security.keys import KeysFileError, KeyStore
 from server.security.tls import TlsConfigError, server_credentials

@@ -111,10 +111,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-active-adapters", type=int, default=e.max_active_adapters,
                    help="LoRA slots on the device")
     p.add_argument("--max-lora-rank", type=int, default=e.max_lora_rank)
-    p.add_argument("--lora-kernel", choices=["auto", "native", "torch"], default=e.lora_kernel,
-                   help="decode-time LoRA on the CPU: the C kernel built for this CPU on "
-                   "first start (native; needs a C compiler), PyTorch ops (torch), or native "
-                   "when it builds (auto, default)")
+    p.add_argument("--cpu-kernels", choices=["auto", "native", "torch"], default=e.cpu_kernels,
+                   help="on the CPU in float32: C kernels built for this CPU on first start "
+                   "for decode-time LoRA and single-token steps (native; needs a C compiler), "
+                   "PyTorch ops only (torch), or native when they build (auto, default)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow adapter_model.bin (pickle) files")
     p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens,
@@ -180,7 +180,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         max_active_adapters=a.max_active_adapters, max_lora_rank=a.max_lora_rank,
         allow_pickle=a.allow_pickle, quantize=a.quantize,
         max_host_adapter_bytes=a.max_host_adapter_memory, threads=a.threads,
-        lora_kernel=a.lora_kernel,
+        cpu_kernels=a.cpu_kernels,
     )
     limits = Limits(max_new_tokens=a.max_new_tokens,
                     default_max_new_tokens=min(a.default_max_new_tokens, a.max_new_tokens),

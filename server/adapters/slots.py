@@ -13,7 +13,7 @@ What the op computes, for every token i whose row uses an adapter (slot[i] >= 0)
 
 Three ways, chosen per step by the engine:
   * native (CPU, fp32): segments of up to `native.MAX_ROWS` tokens (decode rows) go to the
-    C kernel of `server.adapters.native`, one call per group for all of them.
+    C kernel of `server.native`, one call per group for all of them.
   * segments (Punica's SGMV): tokens of one slot are contiguous; one small matmul chain
     per (segment, module). Best for prefill chunks and for few distinct adapters.
   * batched (BGMV over the whole table, when there is no native kernel): decode tokens
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.adapters import native
+from server import native
 from server.adapters.lora import GROUPS, MODULES, AdapterError, LoraWeights, group_shapes
 from server.engine.model import ModelSpec
 
@@ -51,7 +51,7 @@ _GROUP_INDEX = {g: i for i, g in enumerate(GROUPS)}
 
 class LoraSlotTable:
     def __init__(self, spec: ModelSpec, num_slots: int, max_rank: int, dtype, device,
-                 kernel: native.LoraKernel | None = None) -> None:
+                 kernel: native.Kernels | None = None) -> None:
         self.spec = spec
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -210,7 +210,7 @@ class LoraHooks:
         table, r = self.table, self.table.max_rank
         if self.native is not None:
             segs, threads = self.native
-            table.kernel(x if x.stride(1) == 1 else x.contiguous(), out,
+            table.kernel.lora(x if x.stride(1) == 1 else x.contiguous(), out,
                          table.native_desc[group][layer], segs, table.bits_ptr(layer, group),
                          threads)
         A = table.A_layers[group][layer]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from server.adapters import native
+from server import native
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
 from server.adapters.slots import LoraSlotTable
@@ -60,7 +60,7 @@ class EngineConfig:
     allow_pickle: bool = False
     quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
     threads: int = 0  # intra-op threads of the engine thread; 0 = every core this process has
-    lora_kernel: str = "auto"  # auto, native, torch (server.adapters.native.pick)
+    cpu_kernels: str = "auto"  # auto, native, torch (server.native.pick)
 
 
 def cpu_count() -> int:
@@ -134,9 +134,11 @@ class Engine:
                 "or lower --max-seq-len"
             )
         self.kv = KVCache(self.spec, rows, self.max_seq_len, self.dtype, self.device)
+        self.kernels = native.pick(config.cpu_kernels, self.device, self.dtype)
+        self.model.kernels = self.kernels
         self.table = LoraSlotTable(self.spec, config.max_active_adapters, config.max_lora_rank,
                                    self.dtype, self.device,
-                                   native.pick(config.lora_kernel, self.device, self.dtype))
+                                   self.kernels)
         self.fingerprint = model_fingerprint(model_dir)
         self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
                                         allow_pickle=config.allow_pickle,

@@ -9,7 +9,7 @@ import torch
 from support import TINY_SPEC as SPEC
 from support import make_lora
 
-from server.adapters import native
+from server import native
 from server.adapters.lora import GROUPS, MODULES, AdapterError, LoraWeights, group_shapes, read_lora
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable, lora_reference
 from server.engine.model import ModelSpec
@@ -44,7 +44,7 @@ def test_batched_op_on_views_when_rows_are_even(adapters):
 
 @pytest.mark.parametrize("path", ["segments", "batched", "both", "native"])
 def test_fast_op_matches_reference_for_mixed_rows(adapters, path):
-    kernel = native.lora_kernel() if path == "native" else None
+    kernel = native.kernels() if path == "native" else None
     table = LoraSlotTable(SPEC, num_slots=4, max_rank=16, dtype=torch.float32, device="cpu",
                           kernel=kernel)
     for slot, weights in zip((2, 0, 3), adapters, strict=True):
@@ -102,7 +102,7 @@ def test_native_kernel_matches_reference_for_any_shape(spec, max_rank):
     """Short segments (the kernel) and one longer than native.MAX_ROWS (BLAS) in one step,
     ranks below the table's max rank, modules some adapters do not target."""
     table = LoraSlotTable(spec, num_slots=4, max_rank=max_rank, dtype=torch.float32,
-                          device="cpu", kernel=native.lora_kernel())
+                          device="cpu", kernel=native.kernels())
     all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     by_slot = {3: _random_lora(spec, max_rank, all_modules, 1),
                1: _random_lora(spec, max(1, max_rank // 3), ["k_proj", "up_proj"], 2),
@@ -132,7 +132,7 @@ def test_native_kernel_matches_reference_for_any_shape(spec, max_rank):
 def test_native_rows_are_the_same_alone_and_in_any_mix(adapters):
     """A row's delta does not depend on the other rows of its step, bit for bit."""
     table = LoraSlotTable(SPEC, num_slots=3, max_rank=16, dtype=torch.float32, device="cpu",
-                          kernel=native.lora_kernel())
+                          kernel=native.kernels())
     for slot, weights in enumerate(adapters):
         table.write(slot, weights)
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_native_rows_are_the_same_alone_and_in_any_mix(adapters):
 
 def test_kernel_refuses_tensors_it_cannot_read():
     table = LoraSlotTable(SPEC, num_slots=1, max_rank=4, dtype=torch.float32, device="cpu",
-                          kernel=native.lora_kernel())
+                          kernel=native.kernels())
     hooks = LoraHooks(table, [(0, 0, 2)])
     with pytest.raises(ValueError, match="unit column stride"):
         hooks.linear(0, "qkv", torch.randn(2, 64), torch.zeros(128, 2).T)
@@ -157,13 +157,13 @@ def test_without_a_compiler_auto_falls_back_and_native_is_an_error(monkeypatch, 
                                                                     caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("SWITCHBOARD_CACHE", str(tmp_path / "cache"))
-    native.lora_kernel.cache_clear()
+    native.kernels.cache_clear()
     try:
         with pytest.raises(native.NativeError, match="does not run"):
             native.build()
         cpu = torch.device("cpu")
         assert native.pick("auto", cpu, torch.float32) is None
-        assert "LoRA uses PyTorch ops" in caplog.text
+        assert "the engine uses PyTorch ops only" in caplog.text
         with pytest.raises(native.NativeError, match="does not run"):
             native.pick("native", cpu, torch.float32)
         assert native.pick("torch", cpu, torch.float32) is None
@@ -173,7 +173,7 @@ def test_without_a_compiler_auto_falls_back_and_native_is_an_error(monkeypatch, 
         with pytest.raises(native.NativeError, match="could not build"):
             native.build()
     finally:
-        native.lora_kernel.cache_clear()
+        native.kernels.cache_clear()
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
 
 

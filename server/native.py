@@ -1,12 +1,15 @@
-"""The CPU LoRA kernel (csrc/lora_cpu.c), compiled on first use for this machine's CPU.
+"""The engine's C kernels for the CPU (csrc/), compiled on first use for this machine's CPU.
 
-Decode-time LoRA is bound by reading the slot tables; the C kernel streams each slot's
-weights once per step with register-blocked FMAs (AVX-512, AVX2 or plain C, whatever the
-compiler finds with -march=native) in one call per projection group. It is built with
-the system C compiler into the cache (SWITCHBOARD_CACHE, default ~/.cache/switchboard)
-under a name that hashes the source, the flags, the compiler and the CPU, so a shared
+  * lora.c: decode-time LoRA, bound by reading the slot tables; it streams each slot's
+    weights once per step with register-blocked FMAs, one call per projection group.
+  * decode.c: a single decode token's non-matmul work in a layer (norms, RoPE, cache
+    write, attention, SiLU), one call where PyTorch takes about 28 small ops a layer.
+
+They are built with the system C compiler (-march=native: AVX-512, AVX2 or plain C,
+whatever the CPU has) into the cache (SWITCHBOARD_CACHE, default ~/.cache/switchboard)
+under a name that hashes the sources, the flags, the compiler and the CPU, so a shared
 cache never hands one CPU another's build. Without a compiler the engine logs why and
-keeps the PyTorch ops (`server.adapters.slots`), which compute the same.
+keeps the PyTorch ops, which compute the same (and are the reference in the tests).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.c"
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 # Segments longer than this (prefill chunks) go to BLAS, which wins once there are
 # enough rows to reuse each weight (benchmarks/lora_kernel.py).
@@ -37,27 +40,38 @@ class NativeError(Exception):
     """The kernel cannot be built or loaded here; the message says why in one line."""
 
 
-class LoraKernel:
-    """ctypes front of `lora_segments`; one instance per process."""
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {  # name: (restype, argtypes)
+    "lora_segments": (ctypes.c_int, [_P, _I, _P, _I, _I, _P, _P, _I, _P, _I]),
+    "rms_norm_row": (None, [_P, _P, _P, _I, _F]),
+    "add_rms_norm_row": (None, [_P, _P, _P, _P, _I, _F]),
+    "silu_mul_row": (None, [_P, _P, _I]),
+    "decode_attention_row": (ctypes.c_int, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P,
+                                            _P]),
+}
+
+
+class Kernels:
+    """ctypes front of the library; one instance per process. The row functions take
+    raw pointers (the model's fast path checks its tensors once per step)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL calls release the GIL
-        fn = lib.lora_segments
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_int64]
-        self._fn = fn
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        self._lora = self.lora_segments
         self.path = path
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
-                 segs: np.ndarray, bits_ptr: int, threads: int) -> None:
+    def lora(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
+             segs: np.ndarray, bits_ptr: int, threads: int) -> None:
         """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; x and out
         are fp32 CPU tensors with unit column stride; desc as `LoraSlotTable.native_desc`."""
         if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != torch.float32 \
                 or out.dtype != torch.float32:
             raise ValueError("lora kernel: x and out must be float32 with unit column stride")
-        if self._fn(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
+        if self._lora(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
                     desc.ctypes.data, segs.ctypes.data, len(segs), bits_ptr, threads):
             raise MemoryError("lora kernel: no memory for its scratch")
 
@@ -75,7 +89,7 @@ def _cpu_signature() -> str:
 def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        raise NativeError("no C compiler (cc, gcc or $CC) to build the CPU LoRA kernel")
+        raise NativeError("no C compiler (cc, gcc or $CC) to build the CPU kernels")
     return cc
 
 
@@ -89,24 +103,25 @@ def build(cache: Path | None = None) -> Path:
                                  timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeError(f"C compiler {cc!r} does not run: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *version,
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *FLAGS, *version,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    root = (cache or cache_dir()) / "kernels"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only cache: build into a private temporary directory
-        root = Path(tempfile.mkdtemp(prefix="switchboard-kernels-"))
-    target = root / f"lora_cpu-{key}.so"
+    name = f"switchboard_cpu-{key}.so"
+    target = (cache or cache_dir()) / "kernels" / name
     if target.is_file():
         return target
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".so")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    except OSError:  # a read-only cache: build into a private temporary directory
+        target = Path(tempfile.mkdtemp(prefix="switchboard-kernels-")) / name
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
+                              capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise NativeError(f"{cc} could not build the CPU LoRA kernel: {detail}")
+            raise NativeError(f"{cc} could not build the CPU kernels: {detail}")
         os.replace(tmp, target)  # atomic: concurrent builders leave one whole file
     except subprocess.TimeoutExpired as e:
         raise NativeError(f"{cc} took over {e.timeout:.0f} s to build the kernel") from e
@@ -117,32 +132,32 @@ def build(cache: Path | None = None) -> Path:
 
 
 @functools.cache
-def lora_kernel() -> LoraKernel:
-    """The process's kernel (built once); raises NativeError with the reason."""
+def kernels() -> Kernels:
+    """The process's kernels (built once); raises NativeError with the reason."""
     path = build()
     try:
-        return LoraKernel(path)
+        return Kernels(path)
     except (OSError, AttributeError) as e:
         raise NativeError(f"cannot load {path}: {e}") from e
 
 
-def pick(mode: str, device: torch.device, dtype: torch.dtype) -> LoraKernel | None:
-    """The kernel for `--lora-kernel` mode (auto, native, torch), or None for PyTorch ops.
-    auto: native on a CPU in fp32 when it builds, else PyTorch ops (with a warning);
+def pick(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
+    """The kernels for `--cpu-kernels` mode (auto, native, torch), or None for PyTorch ops.
+    auto: native on a CPU in fp32 when they build, else PyTorch ops (with a warning);
     native: the same but a failure is an error."""
     if mode == "torch":
         return None
     if mode not in ("auto", "native"):
-        raise ValueError(f"lora kernel {mode!r} is not one of auto, native, torch")
+        raise ValueError(f"cpu kernels {mode!r} is not one of auto, native, torch")
     if device.type != "cpu" or dtype != torch.float32:
         if mode == "native":
-            raise NativeError(f"the native LoRA kernel runs on the CPU in float32, not "
+            raise NativeError(f"the native kernels run on the CPU in float32, not "
                               f"{device.type} {str(dtype).removeprefix('torch.')}")
         return None
     try:
-        return lora_kernel()
+        return kernels()
     except NativeError as e:
         if mode == "native":
             raise
-        log.warning("LoRA uses PyTorch ops: %s", e)
+        log.warning("the engine uses PyTorch ops only: %s", e)
         return None
