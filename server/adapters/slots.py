@@ -12,8 +12,8 @@ What the op computes, for every token i whose row uses an adapter (slot[i] >= 0)
     y[i, cols(m)] += x[i] @ A[slot[i]][:, block(m)] @ B[m][slot[i]]     (scale folded in B)
 
 Three ways, chosen per step by the engine:
-  * native (CPU, fp32): segments of up to `native.MAX_ROWS` tokens (decode rows) go to the
-    C kernel of `server.native`, one call per group for all of them.
+  * native (CPU, fp32): segments of up to `native.MAX_ROWS` tokens (decode rows, short
+    prefill chunks) go to the C kernel of `server.native`, one call per group for all.
   * segments (Punica's SGMV): tokens of one slot are contiguous; one small matmul chain
     per (segment, module). Best for prefill chunks and for few distinct adapters.
   * batched (BGMV over the whole table, when there is no native kernel): decode tokens
