@@ -113,7 +113,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=e.max_lora_rank)
     p.add_argument("--cpu-kernels", choices=["auto", "native", "torch"], default=e.cpu_kernels,
                    help="on the CPU in float32: C kernels built for this CPU on first start "
-                   "for decode-time LoRA and single-token steps (native; needs a C compiler), "
+                   "for decode-time LoRA and decode steps (native; needs a C compiler), "
                    "PyTorch ops only (torch), or native when they build (auto, default)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow adapter_model.bin (pickle) files")

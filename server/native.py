@@ -2,8 +2,9 @@
 
   * lora.c: decode-time LoRA, bound by reading the slot tables; it streams each slot's
     weights once per step with register-blocked FMAs, one call per projection group.
-  * decode.c: a single decode token's non-matmul work in a layer (norms, RoPE, cache
-    write, attention, SiLU), one call where PyTorch takes about 28 small ops a layer.
+  * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
+    attention over each row's own length, SiLU), one call each where PyTorch takes about
+    28 small ops a layer.
 
 They are built with the system C compiler (-march=native: AVX-512, AVX2 or plain C,
 whatever the CPU has) into the cache (SWITCHBOARD_CACHE, default ~/.cache/switchboard)
@@ -45,17 +46,17 @@ class NativeError(Exception):
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
     "lora_segments": (ctypes.c_int, [_P, _I, _P, _I, _I, _P, _P, _I, _P, _I]),
-    "rms_norm_row": (None, [_P, _P, _P, _I, _F]),
-    "add_rms_norm_row": (None, [_P, _P, _P, _P, _I, _F]),
-    "silu_mul_row": (None, [_P, _P, _I]),
-    "decode_attention_row": (ctypes.c_int, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P,
-                                            _P]),
+    "rms_norm_rows": (None, [_P, _P, _P, _I, _I, _F]),
+    "add_rms_norm_rows": (None, [_P, _P, _P, _P, _I, _I, _F]),
+    "silu_mul_rows": (None, [_P, _P, _I, _I]),
+    "decode_attention_rows": (ctypes.c_int, [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I,
+                                             _P, _I]),
 }
 
 
 class Kernels:
-    """ctypes front of the library; one instance per process. The row functions take
-    raw pointers (the model's fast path checks its tensors once per step)."""
+    """ctypes front of the library; one instance per process. The decode functions take
+    raw pointers (`DecoderModel._forward_decode` makes its tensors contiguous fp32)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL calls release the GIL

@@ -211,8 +211,8 @@ class LoraHooks:
         if self.native is not None:
             segs, threads = self.native
             table.kernel.lora(x if x.stride(1) == 1 else x.contiguous(), out,
-                         table.native_desc[group][layer], segs, table.bits_ptr(layer, group),
-                         threads)
+                              table.native_desc[group][layer], segs,
+                              table.bits_ptr(layer, group), threads)
         A = table.A_layers[group][layer]
         for slot, start, end in self.segments:
             present = table.present(table.targets[slot], layer, group)

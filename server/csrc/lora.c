@@ -16,36 +16,7 @@
    fixed by the table's shape alone), so a request's output is the same in any batch. */
 #include <stdint.h>
 #include <stdlib.h>
-#include <immintrin.h>
-
-#if defined(__AVX512F__)
-#define W 16
-typedef __m512 vec;
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps(p, v)
-#define VSET1(f) _mm512_set1_ps(f)
-#define VZERO() _mm512_setzero_ps()
-#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define VADD(a, b) _mm512_add_ps(a, b)
-#elif defined(__AVX2__) && defined(__FMA__)
-#define W 8
-typedef __m256 vec;
-#define VLOAD(p) _mm256_loadu_ps(p)
-#define VSTORE(p, v) _mm256_storeu_ps(p, v)
-#define VSET1(f) _mm256_set1_ps(f)
-#define VZERO() _mm256_setzero_ps()
-#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define VADD(a, b) _mm256_add_ps(a, b)
-#else
-#define W 1
-typedef float vec;
-#define VLOAD(p) (*(p))
-#define VSTORE(p, v) (*(p) = (v))
-#define VSET1(f) (f)
-#define VZERO() 0.0f
-#define VFMA(a, b, c) ((a) * (b) + (c))
-#define VADD(a, b) ((a) + (b))
-#endif
+#include "simd.h"
 
 #define NR 4          /* rows done together */
 #define NB 4          /* vectors of columns done together */

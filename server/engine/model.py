@@ -6,6 +6,8 @@ positions that need a next token. Adapters are applied by an `AdapterHooks` obje
 the engine passes in; the model only says where ("qkv", "o", "gate_up", "down").
 Weights come from any Hugging Face LlamaForCausalLM directory (Llama, SmolLM, Mistral
 without sliding window, ...); q/k/v and gate/up are fused into one matmul each.
+On the CPU in fp32, steps of decode tokens only run the work between the matmuls in the
+C kernels of `server.native` (`_forward_decode`); PyTorch's ops are the general path.
 """
 
 from __future__ import annotations
@@ -229,7 +231,7 @@ class DecoderModel(nn.Module):
         self.rope_scaling = rope_scaling
         self.cos: torch.Tensor | None = None
         self.sin_rot: torch.Tensor | None = None
-        # server.native.Kernels (CPU, fp32) for steps of one decode token, or None
+        # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
         self.kernels = None
 
     def build_rope(self, max_len: int) -> None:
@@ -250,8 +252,8 @@ class DecoderModel(nn.Module):
         x = self.embed(step.input_ids)
         if step.embed_override is not None:
             x[step.embed_override[0]] = step.embed_override[1]
-        if self.kernels is not None and x.shape[0] == 1 and step.decode_tok.shape[0] == 1:
-            return self._forward_token(x, step, kv, hooks)
+        if self.kernels is not None and not step.prefill:  # decode tokens only
+            return self._forward_decode(x, step, kv, hooks)
         cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin_rot[step.positions].unsqueeze(1)
         pad = None  # decode rows: [rows, 1, 1, L] True past each row's length, for all layers
@@ -301,52 +303,51 @@ class DecoderModel(nn.Module):
             return x @ self.lm_head_t
         return torch.mm(self.lm_head, x.T).T  # [R, vocab]
 
-    def _forward_token(self, x: torch.Tensor, step: StepInputs, kv: KVCache,
-                       hooks: AdapterHooks | None) -> torch.Tensor:
-        """`forward` for a step of one decode token, with the native kernels between the
-        matmuls: the same computation in about 8 calls a layer instead of about 28 ops.
-        Each residual add is fused with the norm that follows it."""
+    def _forward_decode(self, x: torch.Tensor, step: StepInputs, kv: KVCache,
+                        hooks: AdapterHooks | None) -> torch.Tensor:
+        """`forward` for a step of decode tokens only (one a row), with the native kernels
+        between the matmuls: about 8 calls a layer instead of about 28 ops, and attention
+        over each row's own length. Each residual add is fused with the next norm."""
         spec, nk = self.spec, self.kernels
-        row, pos = step.decode_n_rows - 1, step.decode_kv_len - 1
-        h_size, eps = spec.hidden_size, spec.rms_norm_eps
+        n, h_size, eps = x.shape[0], spec.hidden_size, spec.rms_norm_eps
+        threads = 1 if n == 1 else torch.get_num_threads()
+        pos, rows = step.positions.contiguous(), step.rows.contiguous()
         x = x.contiguous()
         h = torch.empty_like(x)
-        act = x.new_empty(1, spec.intermediate_size)
-        attn = x.new_empty(1, spec.q_size)
-        scores = x.new_empty(pos + 1)
-        cos = self.cos.data_ptr() + pos * self.cos.stride(0) * 4
-        sin = self.sin_rot.data_ptr() + pos * self.sin_rot.stride(0) * 4
-        nk.rms_norm_row(x.data_ptr(), self.layers[0].input_norm.weight.data_ptr(),
-                        h.data_ptr(), h_size, eps)
+        act = x.new_empty(n, spec.intermediate_size)
+        attn = x.new_empty(n, spec.q_size)
+        nk.rms_norm_rows(x.data_ptr(), self.layers[0].input_norm.weight.data_ptr(),
+                         h.data_ptr(), n, h_size, eps)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
-            if nk.decode_attention_row(qkv.data_ptr(), cos, sin, kv.k[i].data_ptr(),
-                                       kv.v[i].data_ptr(), row, pos, spec.num_heads,
-                                       spec.num_kv_heads, spec.head_dim, kv.max_len,
-                                       scores.data_ptr(), attn.data_ptr()):
-                raise ValueError(f"head_dim {spec.head_dim} is over the kernel's 512")
+            if nk.decode_attention_rows(
+                    qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n, self.cos.data_ptr(),
+                    self.sin_rot.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(),
+                    spec.num_heads, spec.num_kv_heads, spec.head_dim, kv.max_len,
+                    attn.data_ptr(), threads):
+                raise MemoryError("decode attention: head_dim over 512 or no memory")
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
             o = layer.o.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
-            nk.add_rms_norm_row(x.data_ptr(), o.data_ptr(), layer.post_norm.weight.data_ptr(),
-                                h.data_ptr(), h_size, eps)
+            nk.add_rms_norm_rows(x.data_ptr(), o.data_ptr(),
+                                 layer.post_norm.weight.data_ptr(), h.data_ptr(), n, h_size,
+                                 eps)
             gu = layer.gate_up.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
-            nk.silu_mul_row(gu.data_ptr(), act.data_ptr(), spec.intermediate_size)
+            nk.silu_mul_rows(gu.data_ptr(), act.data_ptr(), n, spec.intermediate_size)
             a = hooks.pre(i, "down", act) if hooks is not None else act
             down = layer.down.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
-            norm = (self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm)
-            nk.add_rms_norm_row(x.data_ptr(), down.data_ptr(), norm.weight.data_ptr(),
-                                h.data_ptr(), h_size, eps)
-        if step.sample_idx.shape[0] == 0:
-            return x.new_empty(0, spec.vocab_size)
-        if self.lm_head_t is not None:
+            norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            nk.add_rms_norm_rows(x.data_ptr(), down.data_ptr(), norm.weight.data_ptr(),
+                                 h.data_ptr(), n, h_size, eps)
+        h = h[step.sample_idx]
+        if h.shape[0] == 1 and self.lm_head_t is not None:
             return h @ self.lm_head_t
         return torch.mm(self.lm_head, h.T).T
 

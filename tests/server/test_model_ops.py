@@ -57,27 +57,35 @@ def test_one_decode_row_matches_the_batched_path(tiny_model):
         assert int(alone[0].argmax()) == int(together[i].argmax())
 
 
-def test_native_token_step_matches_the_pytorch_ops(tiny_model):
-    """A step of one decode token through the C kernels (server.native) against the same
-    step through PyTorch's ops: logits, and the keys and values written into the cache,
-    over several positions of a row whose cache another row shares."""
+def test_native_decode_steps_match_the_pytorch_ops(tiny_model):
+    """Steps of decode tokens through the C kernels (server.native) against the same steps
+    through PyTorch's ops: logits, and the keys and values written into the cache, for one
+    row alone and for three rows of different lengths together (PyTorch pads them to the
+    longest and masks; the kernel reads each row's own length)."""
     from server import native
 
     model = load_model(tiny_model, torch.float32, torch.device("cpu"))
     model.build_rope(64)
-    caches = {}
-    logits = {}
+    prompts = {0: [3, 9, 4, 1, 5, 2, 6], 1: [8, 4, 6], 2: [5] * 20}
+    caches, logits = {}, {}
     for kernels in (None, native.kernels()):
         model.kernels = kernels
-        kv = KVCache(model.spec, rows=2, max_len=64, dtype=torch.float32, device="cpu")
-        _prefill(model, kv, 0, [3, 9, 4, 1, 5, 2, 6])
-        _prefill(model, kv, 1, [8, 4, 6])
-        steps = [_decode(model, kv, [1], [4 + i], token=10 + i)[0] for i in range(5)]
-        logits[kernels is None] = torch.stack(steps)
+        kv = KVCache(model.spec, rows=3, max_len=64, dtype=torch.float32, device="cpu")
+        for row, ids in prompts.items():
+            _prefill(model, kv, row, ids)
+        lens = {row: len(ids) + 1 for row, ids in prompts.items()}
+        steps = []
+        for i in range(4):
+            steps.append(_decode(model, kv, [1], [lens[1]], token=10 + i))  # alone
+            lens[1] += 1
+            steps.append(_decode(model, kv, [0, 1, 2], [lens[0], lens[1], lens[2]],
+                                 token=20 + i))
+            lens = {row: length + 1 for row, length in lens.items()}
+        logits[kernels is None] = torch.cat(steps)
         caches[kernels is None] = kv
     torch.testing.assert_close(logits[False], logits[True], rtol=1e-5, atol=1e-5)
     assert torch.equal(logits[False].argmax(-1), logits[True].argmax(-1))
     for a, b in zip(caches[True].k + caches[True].v, caches[False].k + caches[False].v,
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert caches[False].k[0][1, :, 8:].abs().max() == 0  # nothing past the last position
+    assert caches[False].k[0][1, :, 3 + 8 :].abs().max() == 0  # nothing past the last position

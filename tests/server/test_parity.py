@@ -93,11 +93,13 @@ def _check(result, expected, label):
     assert diff < 1e-3, f"{label}: logprob differs from PEFT by {diff}"
 
 
-def test_greedy_parity_alone_and_mixed(tiny_model, adapter_root, oracle, start_server):
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_greedy_parity_alone_and_mixed(tiny_model, adapter_root, oracle, start_server, kernels):
+    """With the C kernels (LoRA, single-token steps) and with PyTorch's ops only."""
     server = start_server(
         "--base-model", tiny_model, "--adapter-dir", adapter_root, "--max-lora-rank", 64,
         "--max-active-adapters", 9, "--max-batch-size", 16, "--max-tokens-per-step", 24,
-        "--max-seq-len", 256, "--kv-cache-memory", "64MiB",
+        "--max-seq-len", 256, "--kv-cache-memory", "64MiB", "--cpu-kernels", kernels,
     )
     stub = pb_grpc.TextGenerationStub(grpc.insecure_channel(server.target))
     keys = ["", *ADAPTERS]
