@@ -40,7 +40,7 @@ MAX_ROWS = 128
 
 
 class NativeError(Exception):
-    """The kernel cannot be built or loaded here; the message says why in one line."""
+    """The kernels cannot be built or loaded here; the message says why in one line."""
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -64,7 +64,6 @@ class Kernels:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
             setattr(self, name, fn)
-        self._lora = self.lora_segments
         self.path = path
 
     def lora(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
@@ -74,8 +73,9 @@ class Kernels:
         if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != torch.float32 \
                 or out.dtype != torch.float32:
             raise ValueError("lora kernel: x and out must be float32 with unit column stride")
-        if self._lora(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0],
-                    desc.ctypes.data, segs.ctypes.data, len(segs), bits_ptr, threads):
+        if self.lora_segments(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
+                              x.shape[0], desc.ctypes.data, segs.ctypes.data, len(segs),
+                              bits_ptr, threads):
             raise MemoryError("lora kernel: no memory for its scratch")
 
 
@@ -97,7 +97,7 @@ def _compiler() -> str:
 
 
 def build(cache: Path | None = None) -> Path:
-    """The kernel's shared library for this CPU, compiled unless already cached."""
+    """The kernels' shared library for this CPU, compiled unless already cached."""
     from server.model_store import cache_dir
 
     cc = _compiler()
@@ -127,7 +127,7 @@ def build(cache: Path | None = None) -> Path:
             raise NativeError(f"{cc} could not build the CPU kernels: {detail}")
         os.replace(tmp, target)  # atomic: concurrent builders leave one whole file
     except subprocess.TimeoutExpired as e:
-        raise NativeError(f"{cc} took over {e.timeout:.0f} s to build the kernel") from e
+        raise NativeError(f"{cc} took over {e.timeout:.0f} s to build the CPU kernels") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
