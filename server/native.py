@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 # Segments longer than this (long prefill chunks) go to BLAS, which wins once there are
 # enough rows to reuse each weight. Measured here (default model's shapes, rank 16, all
 # 7 modules, 30 layers, 2 threads): 4 segments of 128 rows 48 ms native vs 69 ms BLAS;
@@ -96,8 +96,10 @@ def _compiler() -> str:
     return cc
 
 
-def build(cache: Path | None = None) -> Path:
-    """The kernels' shared library for this CPU, compiled unless already cached."""
+def build(cache: Path | None = None, march: str = "native") -> Path:
+    """The kernels' shared library for this CPU, compiled unless already cached. `march`
+    other than native builds for an older x86-64 level (the tests check every code path
+    this way: x86-64-v3 is the AVX2 one, x86-64 the plain C one)."""
     from server.model_store import cache_dir
 
     cc = _compiler()
@@ -106,7 +108,8 @@ def build(cache: Path | None = None) -> Path:
                                  timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeError(f"C compiler {cc!r} does not run: {e}") from e
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *FLAGS, *version,
+    flags = (*FLAGS, f"-march={march}")
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *flags, *version,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
     name = f"switchboard_cpu-{key}.so"
     target = (cache or cache_dir()) / "kernels" / name
@@ -120,7 +123,7 @@ def build(cache: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
+        proc = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

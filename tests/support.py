@@ -3,8 +3,11 @@ server processes on loopback. Fixtures using them are in conftest.py."""
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +21,28 @@ def default_model_dir() -> Path:
     from server.model_store import provision_default_model
 
     return provision_default_model()
+
+
+# Builds of the C kernels whose code paths the tests check: this CPU's (AVX-512 here), and
+# on x86 also AVX2+FMA (x86-64-v3) and plain C (x86-64).
+KERNEL_BUILDS = (["native", "x86-64-v3", "x86-64"] if platform.machine() == "x86_64"
+                 else ["native"])
+
+
+@functools.cache
+def kernels_for(march: str):
+    """server.native.Kernels built with -march=`march` (skips if this CPU cannot run it)."""
+    import pytest
+
+    from server import native
+
+    if march == "native":
+        return native.kernels()
+    if march == "x86-64-v3":
+        flags = Path("/proc/cpuinfo").read_text()
+        if not all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
+            pytest.skip("this CPU cannot run an x86-64-v3 build")
+    return native.Kernels(native.build(Path(tempfile.mkdtemp(prefix="kernels-")), march))
 
 
 def _tiny_spec():

@@ -1,4 +1,5 @@
-/* Per-row LoRA for the CPU: the few-rows-per-adapter case of decoding, fp32.
+/* Per-row LoRA for the CPU, fp32: decode rows and short prefill chunks (few rows per
+   adapter).
 
    For every segment j = (slot s, tokens [start, end)) and every module m of a projection
    group whose bit is set in the slot's bits for this layer:
@@ -12,8 +13,8 @@
    also reads the slots without rows), and in one call per group instead of ~5 ops.
    Two phases, each split over the OpenMP team torch uses: shrink (x @ A into a scratch
    [tokens, ncols]) by segment, then expand by (segment, module, column chunk).
-   A row's result never depends on the other rows of the step (the summation order is
-   fixed by the table's shape alone), so a request's output is the same in any batch. */
+   A row's delta never depends on the other rows of the step (the summation order is
+   fixed by the table's shape alone). */
 #include <stdint.h>
 #include <stdlib.h>
 #include "simd.h"

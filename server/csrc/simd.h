@@ -2,7 +2,9 @@
    whatever -march=native gives. */
 #ifndef SWITCHBOARD_SIMD_H
 #define SWITCHBOARD_SIMD_H
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define W 16

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from support import KERNEL_BUILDS, kernels_for, make_lora
 from support import TINY_SPEC as SPEC
-from support import make_lora
 
 from server import native
 from server.adapters.lora import GROUPS, MODULES, AdapterError, LoraWeights, group_shapes, read_lora
@@ -97,12 +97,14 @@ ODD_SPEC = ModelSpec(hidden_size=40, num_layers=2, num_heads=2, num_kv_heads=1, 
                      mlp_bias=False)
 
 
+@pytest.mark.parametrize("march", KERNEL_BUILDS)
 @pytest.mark.parametrize("spec,max_rank", [(SPEC, 64), (ODD_SPEC, 5), (ODD_SPEC, 24)])
-def test_native_kernel_matches_reference_for_any_shape(spec, max_rank):
+def test_native_kernel_matches_reference_for_any_shape(spec, max_rank, march):
     """Short segments (the kernel) and one longer than native.MAX_ROWS (BLAS) in one step,
-    ranks below the table's max rank, modules some adapters do not target."""
+    ranks below the table's max rank, modules some adapters do not target; every build
+    (AVX-512, AVX2, plain C) of the kernel."""
     table = LoraSlotTable(spec, num_slots=4, max_rank=max_rank, dtype=torch.float32,
-                          device="cpu", kernel=native.kernels())
+                          device="cpu", kernel=kernels_for(march))
     all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     by_slot = {3: _random_lora(spec, max_rank, all_modules, 1),
                1: _random_lora(spec, max(1, max_rank // 3), ["k_proj", "up_proj"], 2),

@@ -4,7 +4,9 @@ attention kernel) or among other rows of different lengths (the padded batched p
 
 from __future__ import annotations
 
+import pytest
 import torch
+from support import KERNEL_BUILDS, kernels_for
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine.model import KVCache, StepInputs, _rope, load_model
@@ -57,18 +59,18 @@ def test_one_decode_row_matches_the_batched_path(tiny_model):
         assert int(alone[0].argmax()) == int(together[i].argmax())
 
 
-def test_native_decode_steps_match_the_pytorch_ops(tiny_model):
+@pytest.mark.parametrize("march", KERNEL_BUILDS)
+def test_native_decode_steps_match_the_pytorch_ops(tiny_model, march):
     """Steps of decode tokens through the C kernels (server.native) against the same steps
     through PyTorch's ops: logits, and the keys and values written into the cache, for one
     row alone and for three rows of different lengths together (PyTorch pads them to the
-    longest and masks; the kernel reads each row's own length)."""
-    from server import native
-
+    longest and masks; the kernel reads each row's own length). Every build of the kernels
+    (AVX-512, AVX2, plain C)."""
     model = load_model(tiny_model, torch.float32, torch.device("cpu"))
     model.build_rope(64)
     prompts = {0: [3, 9, 4, 1, 5, 2, 6], 1: [8, 4, 6], 2: [5] * 20}
     caches, logits = {}, {}
-    for kernels in (None, native.kernels()):
+    for kernels in (None, kernels_for(march)):
         model.kernels = kernels
         kv = KVCache(model.spec, rows=3, max_len=64, dtype=torch.float32, device="cpu")
         for row, ids in prompts.items():
