@@ -30,7 +30,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
+SOURCES_DIR = Path(__file__).parent / "csrc"
+SOURCES = tuple(sorted(SOURCES_DIR.glob("*.c")))
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 # Segments longer than this (long prefill chunks) go to BLAS, which wins once there are
 # enough rows to reuse each weight. Measured here (default model's shapes, rank 16, all
@@ -102,6 +103,8 @@ def build(cache: Path | None = None, march: str = "native") -> Path:
     this way: x86-64-v3 is the AVX2 one, x86-64 the plain C one)."""
     from server.model_store import cache_dir
 
+    if not SOURCES:
+        raise NativeError(f"the kernels' C sources are missing from {SOURCES_DIR}")
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True,
