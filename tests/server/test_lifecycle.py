@@ -3,7 +3,10 @@ loading with more adapters than slots, --watch, and a quantized base."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -195,3 +198,18 @@ def test_nf4_base_with_full_precision_adapter(tiny_model, root, start_server):
     assert embed < memory["base_model"] < embed * 1.2
     base = gen(stub, "")[1]
     assert len(base) == 16 and gen(stub, "jit-0")[1] != base
+
+
+def test_native_kernels_without_a_compiler_stop_the_start_with_the_reason(tiny_model,
+                                                                          tmp_path):
+    """--cpu-kernels native where nothing can build them: exit 2 and one line saying why
+    (auto would serve with PyTorch's ops instead; tests/server/test_lora_ops.py)."""
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"),
+               SWITCHBOARD_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model),
+         "--adapter-dir", str(tmp_path), "--port", "0", "--metrics-port", "-1",
+         "--cpu-kernels", "native"],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: C compiler" in proc.stderr and "does not run" in proc.stderr
