@@ -46,7 +46,7 @@ class NativeError(Exception):
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
-    "lora_segments": (ctypes.c_int, [_P, _I, _P, _I, _I, _P, _P, _I, _P, _I]),
+    "lora_segments": (ctypes.c_int, [_P, _I, _P, _I, _I, _P, _P, _I, _I]),
     "rms_norm_rows": (None, [_P, _P, _P, _I, _I, _F]),
     "add_rms_norm_rows": (None, [_P, _P, _P, _P, _I, _I, _F]),
     "silu_mul_rows": (None, [_P, _P, _I, _I]),
@@ -68,7 +68,7 @@ class Kernels:
         self.path = path
 
     def lora(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
-             segs: np.ndarray, bits_ptr: int, threads: int) -> None:
+             segs: np.ndarray, threads: int) -> None:
         """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; x and out
         are fp32 CPU tensors with unit column stride; desc as `LoraSlotTable.native_desc`."""
         if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != torch.float32 \
@@ -76,7 +76,7 @@ class Kernels:
             raise ValueError("lora kernel: x and out must be float32 with unit column stride")
         if self.lora_segments(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
                               x.shape[0], desc.ctypes.data, segs.ctypes.data, len(segs),
-                              bits_ptr, threads):
+                              threads):
             raise MemoryError("lora kernel: no memory for its scratch")
 
 

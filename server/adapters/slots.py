@@ -76,16 +76,15 @@ class LoraSlotTable:
 
     def _desc(self, group: str, layer: int) -> np.ndarray:
         A = self.A_layers[group][layer]
+        # group_bits[0, layer, group]; the kernel strides by slot (the array is never
+        # reallocated, so the address holds)
+        bits = (self.group_bits.ctypes.data
+                + (layer * len(GROUPS) + _GROUP_INDEX[group]) * self.group_bits.itemsize)
         desc = [A.shape[1], A.data_ptr(), A.shape[2], self.max_rank, len(self.groups[group]),
-                self.spec.num_layers * len(GROUPS)]
+                bits, self.spec.num_layers * len(GROUPS)]
         for module, _, off, size in self.groups[group]:
             desc += [self.B_layers[module][layer].data_ptr(), off, size]
         return np.array(desc, dtype=np.int64)
-
-    def bits_ptr(self, layer: int, group: str) -> int:
-        """Address of group_bits[0, layer, group] (the kernel strides by slot)."""
-        return (self.group_bits.ctypes.data
-                + (layer * len(GROUPS) + _GROUP_INDEX[group]) * self.group_bits.itemsize)
 
     @property
     def nbytes(self) -> int:
@@ -211,8 +210,7 @@ class LoraHooks:
         if self.native is not None:
             segs, threads = self.native
             table.kernel.lora(x if x.stride(1) == 1 else x.contiguous(), out,
-                              table.native_desc[group][layer], segs,
-                              table.bits_ptr(layer, group), threads)
+                              table.native_desc[group][layer], segs, threads)
         A = table.A_layers[group][layer]
         for slot, start, end in self.segments:
             present = table.present(table.targets[slot], layer, group)

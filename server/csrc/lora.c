@@ -127,20 +127,20 @@ static void expand_rows(const float *t, int64_t ts, const float *bm, int64_t r, 
         }
 }
 
-/* desc: in_f, A (pointer), ncols, r, nmods, bits stride, then per module B (pointer),
-   column offset in y, size. segs: nsegs x (slot, start, end), tokens < ntok.
-   bits[slot * stride]: the modules the slot's adapter targets in this (layer, group).
+/* desc: in_f, A (pointer), ncols, r, nmods, bits (pointer), bits stride, then per module
+   B (pointer), column offset in y, size. bits[slot * stride]: the modules the slot's
+   adapter targets in this (layer, group). segs: nsegs x (slot, start, end), tokens < ntok.
    Returns 0, or -1 when the scratch cannot be allocated. */
 int lora_segments(const float *x, int64_t xs, float *y, int64_t ys, int64_t ntok,
-                  const int64_t *desc, const int64_t *segs, int64_t nsegs, const int64_t *bits,
-                  int64_t threads)
+                  const int64_t *desc, const int64_t *segs, int64_t nsegs, int64_t threads)
 {
     const int64_t in_f = desc[0], ncols = desc[2], r = desc[3], nmods = desc[4];
-    const int64_t stride = desc[5];
+    const int64_t *bits = (const int64_t *)desc[5], stride = desc[6];
     const float *A = (const float *)desc[1];
+    const int64_t *mods = desc + 7;
     int64_t max_size = 0;
     for (int64_t m = 0; m < nmods; m++)
-        if (desc[8 + 3 * m] > max_size) max_size = desc[8 + 3 * m];
+        if (mods[3 * m + 2] > max_size) max_size = mods[3 * m + 2];
     const int64_t nchunks = (max_size + CHUNK - 1) / CHUNK;
     float *t = malloc(sizeof(float) * (size_t)(ntok * ncols));
     if (!t) return -1;
@@ -159,7 +159,7 @@ int lora_segments(const float *x, int64_t xs, float *y, int64_t ys, int64_t ntok
             int64_t j = item / (nmods * nchunks), m = item / nchunks % nmods;
             int64_t c_begin = item % nchunks * CHUNK;
             int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
-            const int64_t *md = desc + 6 + 3 * m;
+            const int64_t *md = mods + 3 * m;
             int64_t sz = md[2];
             if (c_begin >= sz || !(bits[s * stride] >> m & 1)) continue;
             int64_t c_end = c_begin + CHUNK < sz ? c_begin + CHUNK : sz;

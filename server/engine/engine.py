@@ -137,8 +137,7 @@ class Engine:
         self.kernels = native.pick(config.cpu_kernels, self.device, self.dtype)
         self.model.kernels = self.kernels
         self.table = LoraSlotTable(self.spec, config.max_active_adapters, config.max_lora_rank,
-                                   self.dtype, self.device,
-                                   self.kernels)
+                                   self.dtype, self.device, self.kernels)
         self.fingerprint = model_fingerprint(model_dir)
         self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
                                         allow_pickle=config.allow_pickle,
