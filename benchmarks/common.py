@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -73,21 +74,56 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and its SIMD flags (what decides which kernels run)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = sorted(f for f in value.split()
+                           if f.startswith(("avx", "amx", "fma", "f16c", "sse4", "vnni")))
+    return {"cpu": model, "cpu_flags": flags}
+
+
+def git_commit() -> str:
+    """The commit the benchmark ran on, with "-dirty" when the tree had changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
 def machine() -> dict[str, Any]:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, **cpu_info(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def write_results(name: str, data: dict[str, Any]) -> Path:
+def provenance() -> dict[str, Any]:
+    """Date, command line, commit and machine: what every results JSON carries."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "git_commit": git_commit(), "machine": machine()}
+
+
+def write_results(name: str, data: dict[str, Any], path: Path | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    data = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": machine(), **data}
+    path = path or RESULTS / f"{name}.json"
+    data = {"benchmark": name, **provenance(), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
