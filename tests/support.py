@@ -59,7 +59,7 @@ TINY_SPEC = _tiny_spec()  # the shape of make_tiny_model()'s defaults
 
 def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
-                    weight_scale: float = 4.0) -> Path:
+                    weight_scale: float = 4.0, max_positions: int = 1024) -> Path:
     """A random Llama with the default model's tokenizer. Weights are scaled up from the
     usual init so that logits are peaked and greedy decoding is not a coin toss."""
     import torch
@@ -70,7 +70,7 @@ def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int 
     cfg = LlamaConfig(
         vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=10000.0,
     )
     model = LlamaForCausalLM(cfg)
@@ -120,3 +120,17 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout:.1f}s")
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples of metric `name` (with these label values) that the server
+    at `port` exports now: what the server itself reports, not what a client infers."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

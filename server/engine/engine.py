@@ -231,7 +231,8 @@ class Engine:
             for seq in plan.dropped:
                 self._finish_dropped(seq)
             if not plan.entries:
-                if plan.dropped:
+                if plan.dropped:  # the gauges must not go on counting what was dropped
+                    self._report_gauges()
                     continue
                 time.sleep(0.001)  # waiting requests that cannot be admitted yet
                 continue

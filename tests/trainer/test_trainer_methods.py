@@ -79,7 +79,8 @@ def test_method_trains_saves_and_reloads(method, tiny_base, tmp_path):
     assert m["mergeable"] == (method in ("lora", "ia3")) and m["exports"] == {}
     assert m["pad_token_id"] != m["eos_token_id"]
     metrics = m["metrics"]
-    assert metrics["reload_max_abs_diff"] <= 1e-4 and metrics["steps"] == 4
+    assert metrics["reload_max_abs_diff"] <= metrics["reload_tolerance"] < 1e-3
+    assert metrics["steps"] == 4
     for key in ("train_loss", "eval_loss", "eval_loss_before", "eval_perplexity",
                 "exact_match", "bleu", "rouge_l", "tokens_per_s", "peak_memory_mb"):
         assert metrics[key] is not None, key

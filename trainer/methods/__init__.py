@@ -46,9 +46,32 @@ def load_base(path: str | Path, quantize: str | None = None, device: str = "cpu"
     elif quantize not in (None, "none"):
         raise ValueError(f"quantize {quantize!r} is not one of none, nf4")
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if quantize != "nf4":
+    if quantize == "nf4":
+        keep_4bit_kernels_fixed(model)
+    else:
         model.to(device)
     return model
+
+
+def keep_4bit_kernels_fixed(model: nn.Module) -> int:
+    """Make every bitsandbytes 4-bit layer run one kernel path in training and in eval.
+
+    On CPUs with `avx512_bf16`, bitsandbytes (0.48 and later) repacks a `Linear4bit`'s
+    weight in place the first time the layer runs in eval mode without grad (the trainer's
+    evaluation): the block scales (absmax) are rounded to bf16 and the matmul moves to a
+    bf16 kernel that has no backward. Nothing repacks the weight back when training resumes,
+    so from the first evaluation on the base is computed in bf16 and no gradient flows
+    through its linear layers (QLoRA's loss rose instead of falling); saving the state dict
+    unpacks it by re-quantizing the rounded scales, so the base no longer equals a fresh
+    load of itself (a reloaded adapter then differs from the trained model). The trainer
+    needs the dequantize-then-matmul path in both modes: what it trains is what it
+    evaluates and what a consumer reloads. Returns the number of layers pinned."""
+    pinned = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
 
 
 def peft_config(cfg: TrainConfig, base_path: str | Path):
