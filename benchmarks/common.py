@@ -9,9 +9,11 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
+
+from clients.provenance import cpu_info
+from clients.provenance import provenance as client_provenance
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -74,35 +76,6 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def cpu_info() -> dict[str, Any]:
-    """The CPU's model name and its SIMD flags (what decides which kernels run)."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = sorted(f for f in value.split()
-                           if f.startswith(("avx", "amx", "fma", "f16c", "sse4", "vnni")))
-    return {"cpu": model, "cpu_flags": flags}
-
-
-def git_commit() -> str:
-    """The commit the benchmark ran on, with "-dirty" when the tree had changes."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
 def machine() -> dict[str, Any]:
     import torch
 
@@ -114,10 +87,9 @@ def machine() -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
-    """Date, command line, commit and machine: what every results JSON carries."""
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "git_commit": git_commit(), "machine": machine()}
+    """Date, command line, commit and machine (torch and threads too): what every results
+    JSON carries."""
+    return {**client_provenance(), "machine": machine()}
 
 
 def write_results(name: str, data: dict[str, Any], path: Path | None = None) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from .aio import AsyncSwitchboardClient
 from .errors import SwitchboardError
+from .provenance import provenance
 from .routing import DEFAULT_TARGET
 from .stats import LatencySummary, summarize
 from .workload import (
@@ -156,6 +157,7 @@ class LoadTestResult:
 
     def to_dict(self, *, include_records: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
+            **provenance(),
             "config": dataclasses.asdict(self.config),
             "wall_s": self.wall_s,
             "requests_ok": self.requests_ok,

@@ -114,7 +114,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-kernels", choices=["auto", "native", "torch"], default=e.cpu_kernels,
                    help="on the CPU in float32: C kernels built for this CPU on first start "
                    "for decode-time LoRA and decode steps (native; needs a C compiler), "
-                   "PyTorch ops only (torch), or native when they build (auto, default)")
+                   "PyTorch ops only (torch), or native when they build (auto); default "
+                   "%(default)s (SWITCHBOARD_CPU_KERNELS sets it)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow adapter_model.bin (pickle) files")
     p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens,

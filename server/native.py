@@ -157,7 +157,8 @@ def pick(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
     if mode == "torch":
         return None
     if mode not in ("auto", "native"):
-        raise ValueError(f"cpu kernels {mode!r} is not one of auto, native, torch")
+        raise ValueError(f"cpu kernels {mode!r} (--cpu-kernels or SWITCHBOARD_CPU_KERNELS) is "
+                         "not one of auto, native, torch")
     if device.type != "cpu" or dtype != torch.float32:
         if mode == "native":
             raise NativeError(f"the native kernels run on the CPU in float32, not "

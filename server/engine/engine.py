@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,7 +60,9 @@ class EngineConfig:
     allow_pickle: bool = False
     quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
     threads: int = 0  # intra-op threads of the engine thread; 0 = every core this process has
-    cpu_kernels: str = "auto"  # auto, native, torch (server.native.pick)
+    # auto, native, torch (server.native.pick); SWITCHBOARD_CPU_KERNELS sets the default
+    cpu_kernels: str = field(
+        default_factory=lambda: os.environ.get("SWITCHBOARD_CPU_KERNELS", "auto"))
 
 
 def cpu_count() -> int:

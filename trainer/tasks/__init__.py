@@ -10,13 +10,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from trainer.tasks import bullet_list, date_iso, json_extract
+from trainer.tasks import bullet_list, date_iso, date_zh, json_extract
 
 Example = dict[str, str]
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "json_extract": json_extract.make_example,
     "date_iso": date_iso.make_example,
+    "date_zh": date_zh.make_example,
     "bullet_list": bullet_list.make_example,
 }
 SPLIT_SIZES = {"train": 2000, "validation": 200, "test": 200}
