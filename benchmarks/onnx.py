@@ -28,7 +28,10 @@ check that the reference is reproducible: expected 1.0).
 
 "Fastest" is the fastest variant (single-stream paired speed-up) among those that pass
 QUALITY_BAR (below); the fastest variant regardless of quality is recorded beside it.
-Where llama-cpp-python is installed, the base model's GGUF runs too, for reference.
+"activation_quantization": whether the exporter's MatMulNBits settings (accuracy_level)
+quantize activations on this machine's ONNX Runtime, checked on one MatMul
+(activation_check). Where llama-cpp-python is installed, the base model's GGUF runs
+too, for reference.
 The figures of the results file this run replaces are kept under "previous".
 
     python -m benchmarks.onnx [--runs 3] [--new-tokens 128] [--quick] [--out PATH]
@@ -176,6 +179,83 @@ def _ratios(num: list[float], den: list[float]) -> list[float]:
     return [a / b for a, b in zip(num, den, strict=True)]
 
 
+def activation_check(variants: list[str], rows: tuple[int, ...] = (1, 8)) -> dict:
+    """Does the exporter's quantization (server/onnx/export.py:_quantize, MatMulNBits with
+    its accuracy_level) quantize activations on this machine's ONNX Runtime? One MatMul
+    [576 -> 64] (the default model's hidden size) is quantized by that same code; its
+    output is compared with (a) the same node set to accuracy level 1 (fp32 compute on the
+    same quantized weights) and (b) that fp32 node fed the input already rounded to int8
+    per block of 32 along the input (symmetric, scale max|x|/127). (b) near float rounding
+    while (a) is far larger: the node quantized its input to int8 blocks."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from server.onnx.export import _quantize
+
+    k, n, block = 576, 64, 32
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "check",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+
+    def run(m, x):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(m.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    def int8_blocks(x):
+        b = x.reshape(x.shape[0], -1, block)
+        scale = np.abs(b).max(-1, keepdims=True) / 127
+        scale[scale == 0] = 1
+        return (np.round(b / scale) * scale).reshape(x.shape).astype(np.float32)
+
+    out: dict = {"onnxruntime": ort.__version__, "matmul": [k, n], "method": (
+        "rel diff = max|y - y'| / max|y_fp32|; 'vs_fp32_compute': the node at "
+        "accuracy_level 1; 'vs_int8_block_input': accuracy_level 1 fed the input rounded "
+        "to int8 per block of 32 (symmetric)")}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "matmul.onnx"
+        onnx.save(model, src)
+        for variant in variants:
+            if variant == "fp32":
+                continue
+            dst = Path(tmp) / f"{variant}.onnx"
+            _quantize(src, dst, variant)
+            q = onnx.load(dst)
+            node = next(nd for nd in q.graph.node if nd.op_type == "MatMulNBits")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            fp32 = onnx.ModelProto()
+            fp32.CopyFrom(q)
+            node1 = next(nd for nd in fp32.graph.node if nd.op_type == "MatMulNBits")
+            kept = [a for a in node1.attribute if a.name != "accuracy_level"]
+            del node1.attribute[:]
+            node1.attribute.extend([*kept, helper.make_attribute("accuracy_level", 1)])
+            rec = {key: attrs.get(key) for key in ("bits", "block_size", "accuracy_level")}
+            quantized = True
+            for m in rows:
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[:, 5] = 40.0  # one outlier channel
+                y, y1, yq = run(q, x), run(fp32, x), run(fp32, int8_blocks(x))
+                ref = float(np.abs(y1).max())
+                a = float(np.abs(y - y1).max()) / ref
+                b = float(np.abs(y - yq).max()) / ref
+                rec[f"rows_{m}"] = {"rel_diff_vs_fp32_compute": a,
+                                    "rel_diff_vs_int8_block_input": b}
+                quantized &= b < a / 10
+            rec["activations_quantized_int8_blocks"] = quantized
+            out[variant] = rec
+    return out
+
+
 def llama_cpp_reference(new_tokens: int, runs: int) -> dict | None:
     """The base model's GGUF through llama-cpp-python, where installed (never required)."""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -265,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "size_bytes": rec["size_bytes"], "parity": rec["parity"]}
         results["exports"] = exports
         results["exports_failed_parity"] = failed
+        results["activation_quantization"] = activation_check(list(exports))
         variants: dict[str, dict] = {}
         reference: list[list[int]] = []
         pytorch_ref: dict = {"reference": None, "repeats": {}}
@@ -353,6 +434,10 @@ def main(argv: list[str] | None = None) -> dict:
         table += [(f"export {v} seconds", e["export_seconds"]),
                   (f"export {v} MB", e["size_bytes"] / 1e6),
                   (f"export {v} parity agreement", e["parity"]["greedy_agreement"])]
+    for v, rec in results["activation_quantization"].items():
+        if isinstance(rec, dict) and "bits" in rec:
+            table.append((f"{v}: MatMulNBits accuracy_level {rec['accuracy_level']} "
+                          "quantizes activations", str(rec["activations_quantized_int8_blocks"])))
     for key in ("fastest_passing", "fastest_any"):
         f = results[key]
         table.append((key.replace("_", " "), "none" if f is None else
