@@ -8,9 +8,14 @@ bundled task (exact match, BLEU, ROUGE-L, eval loss), then each method is traine
 `trainer train` and evaluated with `trainer eval` on the same test split. Every train/eval
 runs in its own process, so the peak memory (max RSS, or CUDA max allocated) is its own.
 Speed: LoRA training tokens/s of `trainer train` against a plain transformers Trainer +
-PEFT run on the same model, examples (same token ids), batch size, steps and threads,
-alternating the two runs; the best of the rounds is kept for each.
-Results: benchmarks/results/trainer.json and a table on stdout.
+PEFT run on the same model, examples (same token ids), batch size, steps and threads.
+Each round runs the pair back to back, the first of the pair alternating from round to
+round (ours first in even rounds); the reported ratio is the median of the rounds' ratios
+(ours / theirs), each round's two figures and ratio are stored too.
+`--speed-only` runs the speed part alone and keeps the other figures of the results file,
+each part labelled (`parts`) with the date, command and settings of the run that measured it.
+Results: benchmarks/results/trainer.json (with date, command line, commit and CPU) and a
+table on stdout.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import median, provenance, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "trainer.json"
@@ -97,7 +103,7 @@ def _speed_examples(task: str, n: int) -> list[dict[str, str]]:
     return task_split(task, "train", n)
 
 
-def speed_ours(args, work: Path, rnd: int) -> float:
+def speed_ours(args, work: Path, rnd: int) -> dict[str, float]:
     data = work / "speed.jsonl"
     rows = _speed_examples(args.task, args.speed_steps * 8)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -112,17 +118,54 @@ def speed_ours(args, work: Path, rnd: int) -> float:
     cmd = [sys.executable, "-m", "trainer.cli", "train", *[f"{k}={v}" for k, v in over.items()]]
     _run(cmd, args.threads, work / f"speed-ours-{rnd}.log")
     m = json.loads((out / "switchboard.json").read_text())["metrics"]
-    return m["train_tokens"] / m["train_wall_s"]
+    return {"tokens_per_s": m["train_tokens"] / m["train_wall_s"], "tokens": m["train_tokens"],
+            "wall_s": m["train_wall_s"]}
 
 
-def speed_baseline(args, work: Path, rnd: int) -> float:
+def speed_baseline(args, work: Path, rnd: int) -> dict[str, float]:
     out = work / f"speed-hf-{rnd}.json"
     cmd = [sys.executable, "-m", "benchmarks.trainer", "--_baseline", str(out),
            "--task", args.task, "--speed-steps", str(args.speed_steps)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     _run(cmd, args.threads, work / f"speed-hf-{rnd}.log")
-    return json.loads(out.read_text())["tokens_per_s"]
+    return json.loads(out.read_text())
+
+
+def speed(args, work: Path) -> dict[str, Any]:
+    """Paired rounds: ours and Trainer + PEFT back to back, the first of the pair
+    alternating; the ratio reported is the median of the per-round ratios."""
+    rounds = []
+    for rnd in range(args.speed_rounds):
+        order = ("ours", "hf") if rnd % 2 == 0 else ("hf", "ours")
+        got = {}
+        for who in order:
+            got[who] = (speed_ours if who == "ours" else speed_baseline)(args, work, rnd)
+        ratio = got["ours"]["tokens_per_s"] / got["hf"]["tokens_per_s"]
+        rounds.append({"round": rnd, "first": "ours" if order[0] == "ours" else
+                       "hf_trainer_peft", "ours": got["ours"], "hf_trainer_peft": got["hf"],
+                       "ratio": ratio})
+        print(f"speed round {rnd} ({order[0]} first): ours "
+              f"{got['ours']['tokens_per_s']:.1f} tok/s, Trainer+PEFT "
+              f"{got['hf']['tokens_per_s']:.1f} tok/s, ratio {ratio:.3f}", flush=True)
+    ratios = [r["ratio"] for r in rounds]
+    return {
+        "ratio_median": median(ratios), "ratios": ratios,
+        "ours_tokens_per_s": [r["ours"]["tokens_per_s"] for r in rounds],
+        "hf_trainer_peft_tokens_per_s": [r["hf_trainer_peft"]["tokens_per_s"] for r in rounds],
+        "rounds": rounds, "target_ratio": 1.0,
+        "how": "median over rounds of (ours tokens/s / Trainer+PEFT tokens/s); each round "
+               "runs the pair back to back, ours first in even rounds, Trainer+PEFT first "
+               "in odd rounds",
+        "speed_rounds": args.speed_rounds, "steps": args.speed_steps, "batch_size": 8,
+        "threads": args.threads, "task": args.task, "method": "lora",
+    }
+
+
+def _print_speed(sp: dict[str, Any]) -> None:
+    ratios = ", ".join(f"{r:.3f}" for r in sp["ratios"])
+    print(f"LoRA tokens/s vs Trainer+PEFT: median of {len(sp['ratios'])} paired rounds "
+          f"{sp['ratio_median']:.3f}x ({ratios}; target >= 1.0)")
 
 
 def _baseline_main(args) -> None:
@@ -231,6 +274,47 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PROVENANCE_KEYS = ("benchmark", "date", "command", "git_commit", "machine")
+
+
+def _settings(args) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def _part(args) -> dict[str, Any]:
+    """Which run measured a part of the results: date, command, commit, machine, settings."""
+    return {**provenance(), "settings": _settings(args), "load_avg_at_start": os.getloadavg()}
+
+
+def _file_commit_date() -> str:
+    out = subprocess.run(["git", "log", "-1", "--format=%cI", "--", str(RESULTS)], cwd=REPO,
+                         capture_output=True, text=True).stdout.split()
+    return out[0] if out else "unknown"
+
+
+def _previous() -> dict[str, Any]:
+    """The results file as it is, its provenance moved into `parts` (a file written before
+    results carried a date gets the date of the last commit that changed it)."""
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    kept = {k: v for k, v in old.items() if k not in (*PROVENANCE_KEYS, "settings")}
+    parts = kept.setdefault("parts", {})
+    if old and not old.get("parts"):
+        legacy = {"date": old.get("date") or _file_commit_date(),
+                  "date_source": "results" if old.get("date") else
+                  "commit date of the last commit that changed the results file (the file "
+                  "carried no date)",
+                  "command": old.get("command"), "git_commit": old.get("git_commit"),
+                  "machine": old.get("machine"), "settings": old.get("settings")}
+        for part in ("quality", "serve_parity", "speed"):
+            if part in old or (part == "quality" and "methods" in old):
+                parts[part] = legacy
+    return kept
+
+
+def _write(results: dict[str, Any]) -> None:
+    write_results("trainer", results, RESULTS)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-limit", type=int, default=200, help="test examples evaluated")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--speed-steps", type=int, default=12, help="steps per speed run")
-    p.add_argument("--speed-rounds", type=int, default=2)
+    p.add_argument("--speed-rounds", type=int, default=3,
+                   help="paired speed rounds; the ratio is their median (default 3)")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only the speed part; keep the file's other figures (and their dates)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work-dir", default=None, help="keep artifacts here (default: temp)")
@@ -256,24 +343,31 @@ def main(argv: list[str] | None = None) -> int:
     if args._baseline:
         _baseline_main(args)
         return 0
-    import torch
+    if args.speed_rounds < 1:
+        p.error("--speed-rounds must be at least 1")
+    if args.speed_only and (args.skip_speed or args.parity_only):
+        p.error("--speed-only with --skip-speed or --parity-only")
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="switchboard-bench-trainer-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.parity_only:
-        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-        results["serve_parity"] = serve_parity(work, "lora", args.parity_limit,
-                                               args.max_new_tokens)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results["serve_parity"], indent=2))
+    if args.parity_only or args.speed_only:
+        results = _previous()
+        if args.parity_only:
+            results["parts"]["serve_parity"] = _part(args)
+            results["serve_parity"] = serve_parity(work, "lora", args.parity_limit,
+                                                   args.max_new_tokens)
+            print(json.dumps(results["serve_parity"], indent=2))
+        else:
+            results["parts"]["speed"] = _part(args)
+            print(f"work dir: {work}", flush=True)
+            results["speed"] = speed(args, work)
+            _print_speed(results["speed"])
+        _write(results)
+        print(f"results: {RESULTS}")
         return 0
+    parts: dict[str, Any] = {"quality": _part(args)}
     results: dict[str, Any] = {
-        "benchmark": "trainer", "task": args.task, "model": "smollm2-135m-instruct",
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_count": os.cpu_count(), "gpu": torch.cuda.is_available()
-                    and torch.cuda.get_device_name(0) or None,
-                    "load_avg_at_start": os.getloadavg()},
+        "task": args.task, "model": "smollm2-135m-instruct", "parts": parts,
         "method_settings": METHOD_SETTINGS, "work_dir": str(work),
     }
     print(f"work dir: {work}", flush=True)
@@ -300,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         results["methods"][method] = row
         rows.append(row)
         print(_table(rows[-1:]), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+        _write(results)  # partial results survive
     if "lora" in results["methods"]:
         lora = results["methods"]["lora"]
         results["quality_check"] = {
@@ -312,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             and lora["train_s"] <= TRAIN_LIMIT_S,
         }
     if "lora" in results["methods"] and args.parity_limit:
+        parts["serve_parity"] = _part(args)
         try:
             results["serve_parity"] = serve_parity(work, "lora", args.parity_limit,
                                                    args.max_new_tokens)
@@ -319,17 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             results["serve_parity"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"server parity: {results['serve_parity']}", flush=True)
     if not args.skip_speed:
-        ours, theirs = [], []
-        for rnd in range(args.speed_rounds):
-            ours.append(speed_ours(args, work, rnd))
-            theirs.append(speed_baseline(args, work, rnd))
-            print(f"speed round {rnd}: ours {ours[-1]:.1f} tok/s, "
-                  f"Trainer+PEFT {theirs[-1]:.1f} tok/s", flush=True)
-        results["speed"] = {"ours_tokens_per_s": ours, "hf_trainer_peft_tokens_per_s": theirs,
-                            "ratio_best": max(ours) / max(theirs), "target_ratio": 1.0,
-                            "steps": args.speed_steps, "batch_size": 8}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        parts["speed"] = _part(args)
+        results["speed"] = speed(args, work)
+    _write(results)
     print()
     print(_table(rows))
     if "quality_check" in results:
@@ -338,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{q['lora_train_s']:.0f} s; base {q['base_exact_match']:.3f} (target < 0.2): "
               f"{'PASS' if q['passed'] else 'FAIL'}")
     if "speed" in results:
-        print(f"LoRA tokens/s vs Trainer+PEFT: {results['speed']['ratio_best']:.2f}x "
-              "(target >= 1.0)")
+        _print_speed(results["speed"])
     print(f"results: {RESULTS}")
     return 0
 
