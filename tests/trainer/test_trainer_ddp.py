@@ -25,9 +25,10 @@ def _run(cmd: list[str], tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["lora", pytest.param("adapter", marks=pytest.mark.slow)])
 def test_two_processes_match_one(method, tiny_base, tmp_path):
     results = {}
+    lr, steps = 1e-2, 3
     for nproc, batch in ((1, 8), (2, 4)):
         over = base_overrides(tiny_base, tmp_path / f"p{nproc}", method=method, batch_size=batch,
-                              max_steps=3, eval_generate_max=0, learning_rate=1e-2)
+                              max_steps=steps, eval_generate_max=0, learning_rate=lr)
         args = [f"{k}={v}" for k, v in over.items()]
         if nproc == 1:
             cmd = [sys.executable, "-m", "trainer.cli", "train", *args]
@@ -40,5 +41,11 @@ def test_two_processes_match_one(method, tiny_base, tmp_path):
         metrics = __import__("json").loads((out / "switchboard.json").read_text())["metrics"]
         assert metrics["world_size"] == nproc
     assert results[1].keys() == results[2].keys()
+    # Two ranks sum the same gradients in another order (fp32 rounding, about 1e-7 of each
+    # sum), and Adam's per-element normalisation can turn that into a visible change of the
+    # update where a gradient element is near zero; a real difference of the global batch
+    # (a rank's tokens weighted wrongly, a batch seen twice) moves weights by a fair part of
+    # lr a step. So: a thousandth of the most Adam can move a weight in `steps` steps.
+    atol = 1e-3 * lr * steps
     for k in results[1]:
-        torch.testing.assert_close(results[2][k], results[1][k], atol=1e-5, rtol=0, msg=k)
+        torch.testing.assert_close(results[2][k], results[1][k], atol=atol, rtol=0, msg=k)
