@@ -66,3 +66,13 @@ def base_overrides(tiny_base: Path, tmp_path: Path, **extra) -> dict:
     }
     d.update(extra)
     return d
+
+
+def same_adapter_tolerance(lr: float, steps: int) -> float:
+    """How far two runs that see the same global batches may leave an adapter's weights
+    apart when they sum the gradients in another order (micro-batches, ranks): fp32
+    rounding of about 1e-7 of each sum, which Adam's per-element normalisation can turn into
+    a visible change of the update where a gradient element is near zero. A real difference
+    of the batches (tokens weighted wrongly, a batch seen twice) moves weights by a fair part
+    of `lr` a step; this allows a thousandth of the most Adam can move a weight."""
+    return 1e-3 * lr * steps
