@@ -1,16 +1,24 @@
 """Adapter lifecycle benchmarks on the default model (fp32 unless stated).
 
-(a) 256 registered LoRA adapters (rank 16, all seven projections), 16 device slots,
-    Zipf-distributed traffic (s=1.1) from 32 clients, against the same traffic over 16
-    adapters that all stay resident: throughput ratio.
+(a) Many adapters against resident ones. 256 registered LoRA adapters (rank 16, all seven
+    projections, 19.6 MB each in fp32), 16 device slots and a host-memory budget
+    (--host-memory, default 1 GiB) far under their total (5 GB): the "many" run sends one
+    request to each of the 256 adapters, in an order shuffled by the run's seed
+    (round-robin over a seeded permutation), from 32 clients; the "resident" run sends the
+    same number of requests round-robin over a seeded permutation of 16 adapters that stay
+    in their slots. The two alternate in order from run to run. Per run: throughput of
+    each, their ratio, and from the server's Prometheus counters the adapter reads from
+    disk (host-tier loads), host evictions, slot writes and slot evictions.
 (b) Cold load of one rank-16 all-projection adapter from local disk (its files dropped
-    from the page cache first) to usable (LoadAdapter round trip, then the first token of
-    a request on it): p50 and p99, on the fresh server (host budget with room) and after
-    the Zipf runs (budget full: each load evicts).
-(c) nf4 base: resident weight memory against fp32, throughput, and greedy-token agreement
-    with the fp32 server on the benchmark prompts.
+    from the page cache first; the server reads them with O_DIRECT) to usable (LoadAdapter
+    round trip, then the first token of a request on it): p50 and max of --cold-loads
+    samples, on the fresh server (host budget with room) and after the many runs (budget
+    full), with how many of those loads evicted another adapter from host memory.
+(c) nf4 base: resident weight memory against fp32 (like with like: the fp32 server's
+    transposed output-embedding copy, which only the fp32 CPU engine keeps, is left out of
+    the fp32 side), throughput, and greedy-token agreement with the fp32 server.
 
-    python -m benchmarks.adapters [--requests 96] [--quick]
+    python -m benchmarks.adapters [--runs 3] [--host-memory 1GiB] [--seed 1] [--quick]
 """
 
 from __future__ import annotations
@@ -18,21 +26,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
 from benchmarks.common import Server, median, print_table, write_results
 from clients.loadtest import LoadTestConfig, run_loadtest
+from server.config import parse_size
 from server.model_store import provision_default_model
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAFFIC = ("round-robin over a permutation of the adapter ids shuffled by the run's seed "
+           "(random.Random(seed).shuffle); request i names permutation[i % len], prompt i "
+           "is built-in chat prompt i % 26 (clients.workload); closed loop, each client "
+           "sends its next request when its previous one ends")
+DISK_READS = ("switchboard_adapter_loads_total{tier=\"host\"} delta: every load into the "
+              "host tier reads the adapter's files from disk (O_DIRECT, past the page "
+              "cache); no metric counts disk reads by that name")
+EVICTING_LOADS = ("switchboard_adapter_evictions_total{tier=\"host\"} delta. Every adapter "
+                  "has the same size and at most slots + 1 of them are exempt from eviction "
+                  "(on the device, or just loaded), far under the budget, so one load evicts "
+                  "at most one adapter: host evictions = loads that evicted")
 
 
 def write_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[str]:
@@ -64,15 +87,44 @@ def write_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[s
     return names
 
 
-def load(target, adapters, requests, new_tokens, clients=32, distribution="zipf"):
+def load(target, adapters, requests, new_tokens, clients=32, distribution="round_robin",
+         seed=0):
+    """A closed-loop load run; round_robin goes through `adapters` in the order given."""
     cfg = LoadTestConfig(target=target, concurrency=clients, duration_s=None,
                          num_requests=requests, adapters=tuple(adapters),
-                         distribution=distribution, zipf_exponent=1.1,
-                         max_new_tokens=new_tokens, ignore_eos=True, progress=False, seed=1)
+                         distribution=distribution, max_new_tokens=new_tokens,
+                         ignore_eos=True, progress=False, seed=seed)
     result = run_loadtest(cfg)
     if result.requests_failed:
         raise RuntimeError(f"{result.requests_failed} requests failed: {result.errors_by_code}")
     return result
+
+
+def shuffled(names: list[str], seed: int) -> list[str]:
+    order = list(names)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The server's adapter counters: host/device loads and evictions."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    out = {f"{tier}_{kind}": 0.0 for tier in ("host", "device") for kind in ("loads", "evictions")}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            kind = {"switchboard_adapter_loads_total": "loads",
+                    "switchboard_adapter_evictions_total": "evictions"}.get(s.name)
+            if kind and s.labels.get("tier") in ("host", "device"):
+                out[f"{s.labels['tier']}_{kind}"] = s.value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    d = {k: int(after[k] - before[k]) for k in after}
+    return {"disk_reads": d["host_loads"], "host_evictions": d["host_evictions"],
+            "slot_writes": d["device_loads"], "slot_evictions": d["device_evictions"]}
 
 
 def evict_from_page_cache(directory: Path) -> None:
@@ -87,17 +139,18 @@ def evict_from_page_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def cold_loads(target: str, root: Path, names: list[str],
-               count: int) -> tuple[list[float], list[float], list[float]]:
-    """Per adapter never loaded before, its files out of the page cache: LoadAdapter round
-    trip (read from disk, checked, in host memory, requests may use it), the part of it
-    spent in the server's registry (its `load-seconds` trailer), and load plus the first
-    token of a request (which also writes its device slot)."""
-    channel = grpc.insecure_channel(target)
+def cold_loads(server: Server, root: Path, names: list[str]) -> dict:
+    """Per adapter (a new id, its files out of the page cache): LoadAdapter round trip
+    (read from disk, checked, in host memory, requests may use it), the part of it spent
+    in the server's registry (its `load-seconds` trailer), load plus the first token of a
+    request (which also writes its device slot), and whether the load evicted an adapter
+    from host memory (the counters read before the load and after the first token)."""
+    channel = grpc.insecure_channel(server.target)
     admin, stub = pb_grpc.AdapterAdminStub(channel), pb_grpc.TextGenerationStub(channel)
-    loads, in_server, first_tokens = [], [], []
-    for name in names[:count]:
+    loads, in_server, first_tokens, evicting = [], [], [], 0
+    for name in names:
         evict_from_page_cache(root / name)
+        before = scrape(server.metrics_port)
         t0 = time.perf_counter()
         _, call = admin.LoadAdapter.with_call(
             pb.LoadAdapterRequest(adapter_id=f"cold-{name}", path=name))
@@ -107,7 +160,11 @@ def cold_loads(target: str, root: Path, names: list[str],
             adapter_id=f"cold-{name}", prompt="Hi",
             stopping=pb.StoppingCriteria(max_new_tokens=1, ignore_eos=True)), timeout=60)))
         first_tokens.append(time.perf_counter() - t0)
-    return sorted(loads), sorted(in_server), sorted(first_tokens)
+        evicting += delta(scrape(server.metrics_port), before)["host_evictions"] > 0
+    return {"samples": len(loads), "p50_ms": _ms(median(loads)), "max_ms": _ms(max(loads)),
+            "in_registry_p50_ms": _ms(median(in_server)),
+            "to_first_token_p50_ms": _ms(median(first_tokens)),
+            "loads_that_evicted": evicting}
 
 
 def greedy_tokens(target: str, prompts: list[str], new_tokens: int) -> list[list[int]]:
@@ -136,88 +193,144 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--adapters", type=int, default=256)
     p.add_argument("--slots", type=int, default=16)
-    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--host-memory", default="1GiB",
+                   help="the server's --max-host-adapter-memory (default %(default)s)")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per load run (default: one per adapter)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--clients", type=int, default=32)
     p.add_argument("--cold-loads", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1, help="run i's traffic uses seed + i")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
-        a.runs, a.adapters, a.requests, a.new_tokens, a.cold_loads = 1, 48, 32, 16, 5
+        a.runs, a.adapters, a.new_tokens, a.cold_loads = 1, 48, 16, 5
+        a.host_memory = "512MiB"
+    a.requests = a.requests or a.adapters
+    budget = parse_size(a.host_memory)
     model_dir = provision_default_model()
     prompts = ["What is the capital of France?", "Write a haiku about autumn.",
                "Explain photosynthesis in one sentence.", "List three prime numbers."]
-    out: dict = {"runs": []}
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
         root = Path(tmp)
         names = write_adapters(model_dir, root, a.adapters, 16)
         os.sync()  # on disk before any is timed, not still being flushed from the cache
+        adapter_bytes = (root / names[0] / "adapter_model.safetensors").stat().st_size
+        if adapter_bytes * a.adapters <= budget:
+            print(f"warning: the host budget ({budget} bytes) holds all {a.adapters} "
+                  f"adapters ({adapter_bytes} bytes each): nothing will be evicted", flush=True)
+        resident, fresh_names = names[: a.slots], names[a.slots : a.slots + a.cold_loads]
+        after_names = names[a.slots + a.cold_loads : a.slots + 2 * a.cold_loads]
         args = ["--adapter-dir", root, "--enable-admin", "--max-active-adapters", a.slots,
-                "--max-lora-rank", 16, "--max-seq-len", 512, "--kv-cache-memory", "1GiB"]
-        with Server(args) as server:
-            load(server.target, names[: a.slots], 8, 4)  # warm-up
+                "--max-lora-rank", 16, "--max-seq-len", 512, "--kv-cache-memory", "1GiB",
+                "--max-host-adapter-memory", budget]
+        with Server(args + ["--metrics-port", 0]) as server:
+            load(server.target, resident, a.slots, 4)  # warm-up: each resident one loaded
             # Cold loads on a server whose host budget has room (then unloaded again) ...
-            fresh, fresh_in_server, _ = cold_loads(server.target, root, names[a.slots:],
-                                                   a.cold_loads)
+            fresh = cold_loads(server, root, fresh_names)
             admin = pb_grpc.AdapterAdminStub(grpc.insecure_channel(server.target))
-            for name in names[a.slots : a.slots + a.cold_loads]:
+            for name in fresh_names:
                 admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=f"cold-{name}"))
             for run in range(a.runs):
-                resident = load(server.target, names[: a.slots], a.requests, a.new_tokens)
-                many = load(server.target, names, a.requests, a.new_tokens)
-                out["runs"].append({
-                    "resident_tokens_per_s": resident.output_tokens_per_s,
-                    "many_tokens_per_s": many.output_tokens_per_s,
-                    "ratio": many.output_tokens_per_s / resident.output_tokens_per_s,
-                })
-                print(f"run {run + 1}: {a.adapters} adapters {many.output_tokens_per_s:.1f} "
-                      f"tok/s, {a.slots} resident {resident.output_tokens_per_s:.1f} tok/s",
-                      flush=True)
-            # ... and after the Zipf runs, with the host budget full: each load evicts.
-            cold, cold_in_server, cold_first = cold_loads(server.target, root,
-                                                          names[a.slots:], a.cold_loads)
+                seed = a.seed + run
+                order = ["resident", "many"] if run % 2 == 0 else ["many", "resident"]
+                row: dict = {"seed": seed, "order": order}
+                for kind in order:
+                    if kind == "resident":  # back in host memory and slots, untimed
+                        load(server.target, resident, a.slots, 1)
+                    ids = shuffled(names if kind == "many" else resident, seed)
+                    before = scrape(server.metrics_port)
+                    result = load(server.target, ids, a.requests, a.new_tokens, a.clients,
+                                  seed=seed)
+                    row[kind] = {"tokens_per_s": result.output_tokens_per_s,
+                                 "distinct_adapters": len(result.requests_by_adapter),
+                                 "ttft_p50_s": result.ttft.p50,
+                                 **delta(scrape(server.metrics_port), before)}
+                row["ratio"] = row["many"]["tokens_per_s"] / row["resident"]["tokens_per_s"]
+                runs.append(row)
+                m = row["many"]
+                print(f"run {run + 1} (seed {seed}, {' then '.join(order)}): {a.adapters} "
+                      f"adapters {m['tokens_per_s']:.1f} tok/s ({m['distinct_adapters']} "
+                      f"distinct, {m['disk_reads']} disk reads, {m['host_evictions']} host "
+                      f"evictions), {a.slots} resident {row['resident']['tokens_per_s']:.1f} "
+                      f"tok/s", flush=True)
+            host_after_runs = _memory(server.target, "adapters_host")
+            # ... and after the many runs, with the host budget full.
+            after = cold_loads(server, root, after_names)
             fp32_tokens = greedy_tokens(server.target, prompts, a.new_tokens)
-            fp32_mem = _memory(server.target)
+            fp32_mem = _memory(server.target, "base_model")
+            fp32_extra = _fp32_only_bytes(model_dir, _info(server.target))
         t0 = time.perf_counter()
         with Server(args + ["--quantize", "nf4"]) as server:
             nf4_tokens = greedy_tokens(server.target, prompts, a.new_tokens)
             nf4_wall = time.perf_counter() - t0
             nf4_tps = load(server.target, names[:4], 8, a.new_tokens, clients=8,
                            distribution="uniform").output_tokens_per_s
-            nf4_mem = _memory(server.target)
-    runs = out["runs"]
+            nf4_mem = _memory(server.target, "base_model")
+    many = [r["many"] for r in runs]
     result = {
-        "many_adapters": a.adapters, "slots": a.slots,
-        "many_tokens_per_s": median([r["many_tokens_per_s"] for r in runs]),
-        "resident_tokens_per_s": median([r["resident_tokens_per_s"] for r in runs]),
+        "many_adapters": a.adapters, "slots": a.slots, "host_budget_bytes": budget,
+        "adapter_bytes": adapter_bytes, "adapters_total_bytes": adapter_bytes * a.adapters,
+        "traffic": TRAFFIC, "requests_per_load_run": a.requests, "clients": a.clients,
+        "seeds": [r["seed"] for r in runs],
+        "many_tokens_per_s": median([r["tokens_per_s"] for r in many]),
+        "resident_tokens_per_s": median([r["resident"]["tokens_per_s"] for r in runs]),
         "many_vs_resident_ratio": median([r["ratio"] for r in runs]),
-        "cold_load_p50_ms": _rank_ms(cold, 0.5),
-        "cold_load_p99_ms": _rank_ms(cold, 0.99),
-        "cold_load_in_registry_p50_ms": _rank_ms(cold_in_server, 0.5),
-        "cold_load_to_first_token_p50_ms": _rank_ms(cold_first, 0.5),
-        "cold_load_fresh_server_p50_ms": _rank_ms(fresh, 0.5),
-        "cold_load_fresh_server_p99_ms": _rank_ms(fresh, 0.99),
-        "cold_load_fresh_server_in_registry_p50_ms": _rank_ms(fresh_in_server, 0.5),
-        "fp32_base_bytes": fp32_mem, "nf4_base_bytes": nf4_mem,
-        "nf4_memory_ratio": nf4_mem / fp32_mem,
+        "many_distinct_adapters_min": min(r["distinct_adapters"] for r in many),
+        "many_disk_reads_per_run": [r["disk_reads"] for r in many],
+        "many_evicting_loads_per_run": [r["host_evictions"] for r in many],
+        "many_slot_writes_per_run": [r["slot_writes"] for r in many],
+        "resident_disk_reads_per_run": [r["resident"]["disk_reads"] for r in runs],
+        "disk_reads_counted_as": DISK_READS, "evicting_loads_counted_as": EVICTING_LOADS,
+        "adapters_host_bytes_after_runs": host_after_runs,
+        "cold_load_fresh_server": fresh, "cold_load_after_many_runs": after,
+        "fp32_base_bytes_reported": fp32_mem, "fp32_only_lm_head_t_bytes": fp32_extra,
+        "fp32_base_bytes": fp32_mem - fp32_extra, "nf4_base_bytes": nf4_mem,
+        "nf4_memory_ratio": nf4_mem / (fp32_mem - fp32_extra),
+        "nf4_memory_ratio_basis": (
+            "like with like: both sides are the `base_model` part of GetModelInfo.memory "
+            "(parameters and buffers), the fp32 side less the transposed output-embedding "
+            "copy (lm_head_t, vocab x hidden x 4 bytes) that only the fp32 CPU engine keeps "
+            "for one-row steps; the nf4 side counts bitsandbytes' packed 4-bit weights, not "
+            "their quantization statistics (absmax, about 3% of the packed bytes), which the "
+            "server's memory report leaves out"),
+        "nf4_memory_ratio_incl_lm_head_t": nf4_mem / fp32_mem,
         "nf4_tokens_per_s_8_clients": nf4_tps,
         "nf4_greedy_agreement": agreement(fp32_tokens, nf4_tokens),
         "nf4_startup_and_prompts_s": nf4_wall,
     }
-    print_table(f"adapters (median of {len(runs)} runs)", list(result.items()))
+    rows = [(k, v) for k, v in result.items() if not isinstance(v, (str, dict))]
+    rows += [(f"cold ({k.removeprefix('cold_load_')}) {n}", x) for k in
+             ("cold_load_fresh_server", "cold_load_after_many_runs") for n, x in result[k].items()]
+    print_table(f"adapters (median of {len(runs)} runs)",
+                [(k, str(v) if isinstance(v, list) else v) for k, v in rows])
     path = write_results("adapters", {**result, "runs": runs, "settings": vars(a)})
     print(f"wrote {path}")
     return result
 
 
-def _rank_ms(sorted_seconds: list[float], q: float) -> float:
-    """The value at rank q (nearest rank, no interpolation) of sorted seconds, in ms."""
-    return 1000 * sorted_seconds[min(len(sorted_seconds) - 1, int(len(sorted_seconds) * q))]
+def _ms(seconds: float) -> float:
+    return 1000 * seconds
 
 
-def _memory(target: str) -> int:
-    info = pb_grpc.TextGenerationStub(grpc.insecure_channel(target)).GetModelInfo(
+def _info(target: str) -> pb.GetModelInfoResponse:
+    return pb_grpc.TextGenerationStub(grpc.insecure_channel(target)).GetModelInfo(
         pb.GetModelInfoRequest())
-    return next(m.bytes for m in info.memory if m.part == "base_model")
+
+
+def _memory(target: str, part: str) -> int:
+    return next(m.bytes for m in _info(target).memory if m.part == part)
+
+
+def _fp32_only_bytes(model_dir: Path, info: pb.GetModelInfoResponse) -> int:
+    """Bytes of the [hidden, vocab] output-embedding copy the engine keeps on the CPU
+    without quantization (server/engine/model.py load_model: lm_head_t), in `base_model`."""
+    if info.device != "cpu" or info.quantization not in ("", "none"):
+        return 0
+    cfg = json.loads((model_dir / "config.json").read_text())
+    size = torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
+    return cfg["vocab_size"] * cfg["hidden_size"] * size
 
 
 if __name__ == "__main__":
