@@ -1,16 +1,21 @@
 """Serving throughput with many adapters in one batch, against PEFT in the same run.
 
-Default model in fp32; 16 LoRA adapters of rank 16 on all seven projections, non-zero,
-made here; 32 concurrent streaming clients through gRPC (the project's load generator),
-each request naming the next adapter in turn, 128 new tokens each (EOS ignored), the
-load generator's built-in chat prompts. Baselines in the same run: PEFT
-`generate(adapter_names=...)` in static batches of 32 on the same prompts and adapters,
-right after the server's mixed-adapter run, and HF `generate` for a single stream,
-alternated with the server's single stream (--single-pairs per run); the baselines run
-in this process while the server idles. Each measurement is repeated --runs times and
-the medians of the per-run ratios are reported.
+Default model on the server's device and in its dtype (--device, --dtype, passed to
+`switchboard serve`; auto = fp32 on the CPU, bf16 on CUDA); 16 LoRA adapters of rank 16 on
+all seven projections, non-zero, made here; 32 concurrent streaming clients through gRPC
+(the project's load generator), each request naming the next adapter in turn, 128 new
+tokens each (EOS ignored), the load generator's built-in chat prompts. Baselines in the
+same run: PEFT `generate(adapter_names=...)` in static batches of 32 on the same prompts
+and adapters, right after the server's mixed-adapter run, and HF `generate` for a single
+stream, alternated with the server's single stream (--single-pairs per run); the baselines
+run in this process while the server idles, on the device and in the dtype the server reports
+(GetModelInfo), LoRA weights included (PEFT's upcast of half-precision adapters to fp32 is
+turned off, as the server keeps its slot table in the model's dtype); the JSON records the
+dtypes each side really ran in. Each measurement is repeated --runs times and the medians
+of the per-run ratios are reported.
 
-    python -m benchmarks.serving [--runs 3] [--requests 64] [--quick]
+    python -m benchmarks.serving [--runs 3] [--requests 64] [--device auto] [--dtype auto]
+                                 [--quick]
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import torch
 
 from benchmarks.common import Server, median, print_table, write_results
 from clients.loadtest import LoadTestConfig, run_loadtest
 from clients.workload import builtin_prompts
 from server.model_store import provision_default_model
+from switchboard.v1 import switchboard_pb2 as pb
+from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -62,33 +70,62 @@ def chat_ids(tokenizer, prompt) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def hf_model(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def dtypes(model, lora: bool) -> list[str]:
+    """The dtypes of a model's parameters: its LoRA weights, or all the others."""
+    return sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters()
+                   if ("lora_" in n) == lora})
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeftBaseline:
     """Tokens/s of PEFT's mixed-adapter generate on one static batch (loaded once)."""
 
-    def __init__(self, model_dir: Path, root: Path, names: list[str], batch: int) -> None:
+    def __init__(self, model_dir: Path, root: Path, names: list[str], batch: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+        base = hf_model(model_dir, device, dtype)
+        # autocast_adapter_dtype=False: the LoRA weights in the base's dtype, not upcast
+        # from bf16/fp16 to fp32 (the server's slot table is in the model's dtype).
+        self.model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0],
+                                               autocast_adapter_dtype=False)
         for name in names[1:]:
-            self.model.load_adapter(root / name, adapter_name=name)
+            self.model.load_adapter(root / name, adapter_name=name,
+                                    autocast_adapter_dtype=False)
+        self.model.to(device=device, dtype=dtype)
+        self.device = device
+        self.dtypes = {"base": dtypes(self.model, False), "lora": dtypes(self.model, True)}
         prompts = builtin_prompts()
         ids = [chat_ids(tok, prompts[i % len(prompts)]) for i in range(batch)]
         self.width = max(len(x) for x in ids)
         self.pad = tok.pad_token_id
-        self.input_ids = torch.tensor([[self.pad] * (self.width - len(x)) + x for x in ids])
-        self.mask = torch.tensor([[0] * (self.width - len(x)) + [1] * len(x) for x in ids])
+        self.input_ids = torch.tensor([[self.pad] * (self.width - len(x)) + x for x in ids],
+                                      device=device)
+        self.mask = torch.tensor([[0] * (self.width - len(x)) + [1] * len(x) for x in ids],
+                                 device=device)
         self.adapters = [names[i % len(names)] for i in range(batch)]
 
     def __call__(self, new_tokens: int) -> float:
+        synchronize(self.device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(input_ids=self.input_ids, attention_mask=self.mask,
                                       adapter_names=self.adapters, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False,
                                       pad_token_id=self.pad)
+        synchronize(self.device)
         elapsed = time.perf_counter() - t0
         return (out.shape[1] - self.width) * len(self.adapters) / elapsed
 
@@ -96,19 +133,23 @@ class PeftBaseline:
 class HFSingleStream:
     """HF `generate` for one stream, greedy, on the first built-in prompt; loaded once."""
 
-    def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.ids = torch.tensor([chat_ids(tok, builtin_prompts()[0])])
+        self.model = hf_model(model_dir, device, dtype)
+        self.device = device
+        self.dtypes = dtypes(self.model, False)
+        self.ids = torch.tensor([chat_ids(tok, builtin_prompts()[0])], device=device)
         self(4)  # warm-up
 
     def __call__(self, new_tokens: int) -> float:
         with torch.no_grad():
+            synchronize(self.device)
             t0 = time.perf_counter()
             out = self.model.generate(input_ids=self.ids, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False)
+            synchronize(self.device)
         return (out.shape[1] - self.ids.shape[1]) / (time.perf_counter() - t0)
 
 
@@ -133,7 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--single-pairs", type=int, default=3,
                    help="alternated (server, HF) single-stream measurements per run")
+    p.add_argument("--device", default="auto",
+                   help="the server's --device; the baselines run where the server does")
+    p.add_argument("--dtype", default="auto",
+                   help="the server's --dtype; the baselines run in the dtype it reports")
     p.add_argument("--quick", action="store_true", help="one run, fewer requests (smoke test)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file (default benchmarks/results/serving.json)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for switchboard serve (repeatable)")
     a = p.parse_args(argv)
@@ -146,10 +193,19 @@ def main(argv: list[str] | None = None) -> dict:
         names = make_adapters(model_dir, root, a.adapters, a.rank)
         server_args = ["--adapter-dir", root, "--max-batch-size", a.clients,
                        "--max-active-adapters", a.adapters, "--max-lora-rank", a.rank,
-                       "--max-seq-len", 1024, "--kv-cache-memory", "2GiB", *a.server_arg]
-        hf = HFSingleStream(model_dir)
-        peft = PeftBaseline(model_dir, root, names, a.clients)
+                       "--max-seq-len", 1024, "--kv-cache-memory", "2GiB",
+                       "--device", a.device, "--dtype", a.dtype, *a.server_arg]
         with Server(server_args) as server:
+            info = pb_grpc.TextGenerationStub(grpc.insecure_channel(server.target)).GetModelInfo(
+                pb.GetModelInfoRequest())
+            device, dtype = torch.device(info.device), getattr(torch, info.dtype)
+            hf = HFSingleStream(model_dir, device, dtype)
+            peft = PeftBaseline(model_dir, root, names, a.clients, device, dtype)
+            real = {"server_device": info.device, "server_dtype": info.dtype,
+                    "server_quantization": info.quantization,
+                    "peft_dtypes": peft.dtypes, "hf_dtypes": hf.dtypes}
+            print(f"server on {info.device} in {info.dtype}; PEFT base {peft.dtypes['base']}, "
+                  f"LoRA {peft.dtypes['lora']}; HF {hf.dtypes}", flush=True)
             for run in range(a.runs):
                 # Each ratio's two sides run back to back (base, mixed, PEFT), the
                 # baselines in this process while the server idles: this VM's speed
@@ -181,9 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [(k, v) for k, v in summary.items()]
     print_table(f"serving (median of {len(runs)} runs; {a.adapters} adapters rank {a.rank}, "
                 f"{a.clients} clients, {a.new_tokens} new tokens)", rows)
-    result = {**summary, "runs": runs, "settings": vars(a) | {"model": "smollm2-135m-instruct",
-                                                                 "dtype": "float32"}}
-    path = write_results("serving", result)
+    result = {**summary, **real, "runs": runs,
+              "settings": vars(a) | {"out": a.out and str(a.out),
+                                     "model": "smollm2-135m-instruct"}}
+    path = write_results("serving", result, a.out)
     print(f"wrote {path}")
     return result
 
