@@ -93,7 +93,7 @@ def load(target, adapters, requests, new_tokens, clients=32, distribution="round
     cfg = LoadTestConfig(target=target, concurrency=clients, duration_s=None,
                          num_requests=requests, adapters=tuple(adapters),
                          distribution=distribution, max_new_tokens=new_tokens,
-                         ignore_eos=True, progress=False, seed=seed)
+                         ignore_eos=True, progress=False, seed=seed, timeout_s=1200.0)
     result = run_loadtest(cfg)
     if result.requests_failed:
         raise RuntimeError(f"{result.requests_failed} requests failed: {result.errors_by_code}")
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.host_memory = "512MiB"
     a.requests = a.requests or a.adapters
     budget = parse_size(a.host_memory)
+    load_average = {"start": os.getloadavg()}  # other work on the machine shows here
     model_dir = provision_default_model()
     prompts = ["What is the capital of France?", "Write a haiku about autumn.",
                "Explain photosynthesis in one sentence.", "List three prime numbers."]
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         names = write_adapters(model_dir, root, a.adapters, 16)
         os.sync()  # on disk before any is timed, not still being flushed from the cache
+        print(f"{time.strftime('%H:%M:%S')} {a.adapters} adapters written", flush=True)
         adapter_bytes = (root / names[0] / "adapter_model.safetensors").stat().st_size
         if adapter_bytes * a.adapters <= budget:
             print(f"warning: the host budget ({budget} bytes) holds all {a.adapters} "
@@ -245,9 +247,13 @@ def main(argv: list[str] | None = None) -> dict:
                                   seed=seed)
                     row[kind] = {"tokens_per_s": result.output_tokens_per_s,
                                  "distinct_adapters": len(result.requests_by_adapter),
-                                 "ttft_p50_s": result.ttft.p50,
+                                 "wall_s": result.wall_s, "ttft_p50_s": result.ttft.p50,
+                                 "e2e_max_s": result.e2e.max,
                                  **delta(scrape(server.metrics_port), before)}
+                    print(f"{time.strftime('%H:%M:%S')} run {run + 1} {kind}: {row[kind]}",
+                          flush=True)
                 row["ratio"] = row["many"]["tokens_per_s"] / row["resident"]["tokens_per_s"]
+                row["load_average_after"] = os.getloadavg()
                 runs.append(row)
                 m = row["many"]
                 print(f"run {run + 1} (seed {seed}, {' then '.join(order)}): {a.adapters} "
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         "nf4_tokens_per_s_8_clients": nf4_tps,
         "nf4_greedy_agreement": agreement(fp32_tokens, nf4_tokens),
         "nf4_startup_and_prompts_s": nf4_wall,
+        "load_average_1_5_15_min": load_average | {"end": os.getloadavg()},
     }
     rows = [(k, v) for k, v in result.items() if not isinstance(v, (str, dict))]
     rows += [(f"cold ({k.removeprefix('cold_load_')}) {n}", x) for k in
