@@ -197,10 +197,8 @@ def _host(host: str) -> str:
 
 
 def _make_metrics():
-    try:
-        from server.metrics import ServerMetrics
-    except ImportError:
-        return None
+    from server.metrics import ServerMetrics
+
     return ServerMetrics()
 
 

@@ -245,6 +245,7 @@ class ServerMetrics:
         self._httpd: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
         r = self.registry
+        self._request_counts: dict[str, tuple[int, int]] = {}
 
         # Requests.
         self.requests_total = Counter(
@@ -403,9 +404,18 @@ class ServerMetrics:
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token_latency.observe(max(0.0, seconds))
 
-    def set_requests(self, running: int, waiting: int) -> None:
-        self.requests_running.set(running)
-        self.requests_waiting.set(waiting)
+    def set_requests(self, running: int, waiting: int, source: str = "") -> None:
+        """Running and waiting requests of one engine (`source`); the gauges show the sum
+        over the engines (the PyTorch engine and any ONNX sessions), so they never flap
+        between one engine's counts and another's."""
+        with self._lock:
+            if running or waiting:
+                self._request_counts[source] = (running, waiting)
+            else:
+                self._request_counts.pop(source, None)
+            counts = list(self._request_counts.values())
+        self.requests_running.set(sum(r for r, _ in counts))
+        self.requests_waiting.set(sum(w for _, w in counts))
 
     # -- engine --------------------------------------------------------------------------
 

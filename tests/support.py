@@ -59,7 +59,8 @@ TINY_SPEC = _tiny_spec()  # the shape of make_tiny_model()'s defaults
 
 def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
-                    weight_scale: float = 4.0, max_positions: int = 1024) -> Path:
+                    weight_scale: float = 4.0, max_positions: int = 1024,
+                    tied: bool = True) -> Path:
     """A random Llama with the default model's tokenizer. Weights are scaled up from the
     usual init so that logits are peaked and greedy decoding is not a coin toss."""
     import torch
@@ -70,7 +71,7 @@ def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int 
     cfg = LlamaConfig(
         vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=tied,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=10000.0,
     )
     model = LlamaForCausalLM(cfg)

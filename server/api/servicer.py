@@ -101,7 +101,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 adapter_id=handle.adapter_id,
                 adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
-                engine_path=_PATHS[getattr(handle, "engine_path", "pytorch")],
+                engine_path=_PATHS[handle.engine_path],
             )
 
     def GenerateStream(self, request, context):
@@ -114,7 +114,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                     request_id=req.request_id, text=ev.text,
                     token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
                     adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
-                    engine_path=_PATHS[getattr(handle, "engine_path", "pytorch")],
+                    engine_path=_PATHS[handle.engine_path],
                 )
                 continue
             self._done(req, ev, context)
@@ -126,7 +126,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                 adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
-                engine_path=_PATHS[getattr(handle, "engine_path", "pytorch")],
+                engine_path=_PATHS[handle.engine_path],
             )
             return
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,30 +15,12 @@ from server import native
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
 from server.adapters.slots import LoraSlotTable
-from server.engine.detokenizer import TextStream
+from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.model import KVCache, load_model
-from server.engine.sampling import select_tokens
 from server.engine.step import pack_step
-from server.engine.types import (
-    EngineError,
-    ErrorEvent,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    RequestHandle,
-    Timings,
-    TokenEvent,
-)
-from server.isolation import isolate, nonfinite_message, nonfinite_rows
+from server.engine.types import EngineError, ErrorEvent, GenerationRequest
 from server.model_store import model_fingerprint
-from server.scheduler.scheduler import (
-    Entry,
-    QueueFullError,
-    Scheduler,
-    SchedulerConfig,
-    Sequence,
-    StepPlan,
-)
+from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +73,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16, float16") from None
 
 
-class _State:
-    """Engine-side state of one request (Sequence.payload)."""
+class _State(RequestState):
+    """A request's state in the PyTorch engine: its adapter and the slot it holds."""
 
-    def __init__(self, req, handle, entry, stream, generator) -> None:
-        self.req: GenerationRequest = req
-        self.handle: RequestHandle = handle
-        self.entry: AdapterEntry | None = entry
+    def __init__(self, req, handle, stream, generator, entry: AdapterEntry | None) -> None:
+        super().__init__(req, handle, stream, generator)
+        self.entry = entry
         self.slot: int | None = None
-        self.stream: TextStream = stream
-        self.generator: torch.Generator | None = generator
-        self.arrival = time.monotonic()
-        self.first_token: float | None = None
-        self.last_token: float | None = None
-        self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
         self.prefix_written = False  # prefix adapters: keys/values placed in the KV cache
         self.waiting_for_slot = False
-        self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
 
 
-class Engine:
+class Engine(RequestLoop):
+    engine_path = "pytorch"
+
     def __init__(self, model_dir: Path | str, adapter_root: Path, config: EngineConfig) -> None:
         from transformers import AutoTokenizer
 
@@ -145,17 +119,14 @@ class Engine:
                                         allow_pickle=config.allow_pickle,
                                         host_bytes=config.max_host_adapter_bytes,
                                         dtype=self.dtype, device=self.device)
-        self.scheduler = Scheduler(SchedulerConfig(
+        super().__init__(self.tokenizer, set(), self.max_seq_len, Scheduler(SchedulerConfig(
             max_batch_size=rows,
             max_tokens_per_step=max(config.max_tokens_per_step, rows),
             max_queue=config.max_queue,
             kv_rows=rows,
-        ))
+        )), thread_name="engine")
         self.registry.on_ready = self.scheduler.has_work.set
         self.eos_ids = self._eos_ids()
-        self.metrics = None  # set by the app: server.metrics.ServerMetrics
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
 
     # ---- public interface (shared with other engines) ----------------------------------
     @property
@@ -168,85 +139,21 @@ class Engine:
         return {"base_model": weights, "kv_cache": self.kv.nbytes,
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.scheduler.has_work.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    def submit(self, req: GenerationRequest) -> RequestHandle:
+    # ---- the backend: adapters, the model, the KV cache -----------------------------
+    def _new_state(self, req: GenerationRequest) -> _State:
         entry = None
         if req.adapter_id:
             try:
                 entry = self.registry.get(req.adapter_id)
             except AdapterNotFoundError as e:
                 raise EngineError("NOT_FOUND", str(e)) from None
-        handle = RequestHandle(req.request_id, req.adapter_id, entry.version if entry else "")
-        generator = None
-        if not req.sampling.greedy:
-            seed = req.sampling.seed
-            if seed is None:
-                seed = int.from_bytes(os.urandom(8), "little") >> 1
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        state = _State(req, handle, entry, TextStream(self.tokenizer, req.stopping.stop_sequences),
-                       generator)
-        seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
+        handle = self._handle(req, entry.version if entry else "")
+        return _State(req, handle, self._stream(req), request_generator(req), entry)
 
-        def cancel() -> None:
-            seq.cancelled = True
-            self.scheduler.has_work.set()
-
-        handle._cancel = cancel
-        try:
-            self.scheduler.submit(seq)
-        except QueueFullError as e:
-            raise EngineError("RESOURCE_EXHAUSTED", str(e)) from None
-        return handle
-
-    def warmup(self) -> None:
-        """One short generation through the whole path before the server reports SERVING."""
-        from server.engine.types import StoppingParams
-
-        ids = self.tokenizer.encode("Hello")[:8] or [0]
-        handle = self.submit(GenerationRequest("warmup", ids,
-                                               stopping=StoppingParams(4, ignore_eos=True)))
-        while True:
-            ev = handle.events.get(timeout=300)
-            if isinstance(ev, ErrorEvent):
-                raise RuntimeError(f"warm-up failed: {ev.message}")
-            if isinstance(ev, FinishEvent):
-                return
-
-    # ---- engine thread ------------------------------------------------------------
-    def _loop(self) -> None:
+    def _thread_init(self) -> None:
         torch.set_grad_enabled(False)
         torch.set_num_threads(self.threads)
         torch.ones(1 << 16).sum()  # binds this thread's OpenMP team to that count now
-        while not self._stopping.is_set():
-            if not self.scheduler.has_work.wait(timeout=0.5):
-                continue
-            plan = self.scheduler.schedule(self._can_admit)
-            for seq in plan.dropped:
-                self._finish_dropped(seq)
-            if not plan.entries:
-                if plan.dropped:  # the gauges must not go on counting what was dropped
-                    self._report_gauges()
-                    continue
-                time.sleep(0.001)  # waiting requests that cannot be admitted yet
-                continue
-            try:
-                self._run(plan)
-            except Exception:  # find the rows that fail on their own; the rest go on
-                log.exception("engine step failed; isolating the failing rows")
-                _, failed = isolate(plan.entries, lambda part: self._run(StepPlan(part, [])))
-                for entry, error in failed:
-                    self._fail(entry.seq, "INTERNAL", f"this request failed in the engine: "
-                               f"{type(error).__name__}: {error}")
-            self._report_gauges()
 
     def _can_admit(self, seq: Sequence) -> bool:
         state: _State = seq.payload
@@ -280,7 +187,7 @@ class Engine:
         if virtual:
             total = virtual + len(seq.prompt_ids) + state.req.stopping.max_new_tokens
             if total > self.max_seq_len:
-                self._release(state)
+                self._release(seq)
                 self._drop(seq, "INVALID_ARGUMENT",
                            f"adapter {entry.adapter_id!r} adds {virtual} virtual tokens: "
                            f"prompt, virtual tokens and stopping.max_new_tokens make {total}, "
@@ -292,30 +199,12 @@ class Engine:
                 seq.num_computed = virtual  # the prefix is written into the cache
         return True
 
-    def _drop(self, seq: Sequence, code: str, message: str) -> None:
-        """Fail a waiting request at the next step (the scheduler removes it)."""
-        seq.payload.error = (code, message)
-        seq.cancelled = True
-
-    def _run(self, plan: StepPlan) -> None:
-        t0 = time.perf_counter()
+    def _forward(self, plan: StepPlan) -> tuple[list[Entry], torch.Tensor, int]:
         for e in plan.entries:
             self._place_prefix(e.seq)
         packed = pack_step(plan.entries, self.table, self.device)
         logits = self.model(packed.inputs, self.kv, packed.hooks)
-        self.scheduler.advance(plan)
-        sampled = packed.sampled
-        bad = nonfinite_rows(logits) if sampled else []
-        for i in reversed(bad):  # a poisoned row fails its own request only
-            e = sampled.pop(i)
-            self._fail(e.seq, "INTERNAL", nonfinite_message(e.seq.payload.req.adapter_id))
-        if bad and sampled:
-            logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
-        if sampled:
-            self._sample(sampled, logits)
-        if self.metrics is not None:
-            self.metrics.observe_step(len(plan.entries), packed.num_tokens,
-                                      time.perf_counter() - t0)
+        return packed.sampled, logits, packed.num_tokens
 
     def _place_prefix(self, seq: Sequence) -> None:
         """Prefix tuning: the adapter's keys and values go into the row's first cache
@@ -329,104 +218,24 @@ class Engine:
             self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
         state.prefix_written = True
 
-    def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
-        states: list[_State] = [e.seq.payload for e in sampled]
-        params = [s.req.sampling for s in states]
-        histories = [
-            (e.seq.prompt_ids[s.virtual :] + e.seq.output_ids)
-            if p.repetition_penalty != 1.0 else None
-            for e, p, s in zip(sampled, params, states, strict=True)
-        ]
-        tokens, logprobs = select_tokens(
-            logits.cpu(), params, histories, [s.generator for s in states],
-            [s.req.logprobs for s in states],
-        )
-        now = time.monotonic()
-        for e, state, tok, lp in zip(sampled, states, tokens, logprobs, strict=True):
-            seq = e.seq
-            seq.output_ids.append(tok)
-            if state.first_token is None:
-                state.first_token = now
-            elif self.metrics is not None:
-                self.metrics.observe_inter_token(now - state.last_token)
-            state.last_token = now
-            stop = state.req.stopping
-            reason = None
-            if tok in self.eos_ids and not stop.ignore_eos:
-                reason = FinishReason.EOS
-                text = ""
-            else:
-                text = state.stream.push(tok)
-                if state.stream.stopped:
-                    reason = FinishReason.STOP_SEQUENCE
-            if reason is None and len(seq.output_ids) >= stop.max_new_tokens:
-                reason = FinishReason.LENGTH
-            if reason is None and seq.num_tokens >= self.max_seq_len:
-                reason = FinishReason.LENGTH
-            state.handle.events.put(TokenEvent(text, [tok], [lp] if lp is not None else []))
-            if reason is not None:
-                self._finish(seq, reason)
-
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        state: _State = seq.payload
-        self.scheduler.finish(seq)
-        self._release(state)
-        now = time.monotonic()
-        started = seq.first_scheduled or now
-        timings = Timings(
-            queue_seconds=started - state.arrival,
-            time_to_first_token_seconds=(state.first_token or now) - state.arrival,
-            total_seconds=now - state.arrival,
-        )
-        tail = state.stream.flush() if reason != FinishReason.STOP_SEQUENCE else ""
-        state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
-                                            len(seq.output_ids), timings, tail))
-
-    def _finish_dropped(self, seq: Sequence) -> None:
-        state: _State = seq.payload
-        self._release(state)
-        if state.error is not None:
-            state.handle.events.put(ErrorEvent(*state.error))
-        elif seq.cancelled:
-            self._finish_cancelled(seq)
-        elif state.waiting_for_slot:
-            state.handle.events.put(ErrorEvent(
+    def _deadline_error(self, seq: Sequence) -> ErrorEvent:
+        if seq.payload.waiting_for_slot:
+            return ErrorEvent(
                 "RESOURCE_EXHAUSTED",
                 f"no adapter slot became free before the deadline: "
                 f"{self.registry.busy_slots()} of {self.table.num_slots} slots are pinned by "
-                "running requests (--max-active-adapters)"))
-        else:
-            waited = time.monotonic() - state.arrival
-            state.handle.events.put(ErrorEvent(
-                "DEADLINE_EXCEEDED",
-                f"deadline exceeded after {waited:.3f}s with {len(seq.output_ids)} tokens "
-                f"generated ({'waiting for a slot' if seq.first_scheduled is None else 'running'})",
-            ))
+                "running requests (--max-active-adapters)")
+        return super()._deadline_error(seq)
 
-    def _finish_cancelled(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         state: _State = seq.payload
-        now = time.monotonic()
-        timings = Timings(total_seconds=now - state.arrival)
-        state.handle.events.put(FinishEvent(FinishReason.CANCELLED, len(seq.prompt_ids),
-                                            len(seq.output_ids), timings))
-
-    def _fail(self, seq: Sequence, code: str, message: str) -> None:
-        self.scheduler.finish(seq)
-        self._release(seq.payload)
-        seq.payload.handle.events.put(ErrorEvent(code, message))
-
-    def _release(self, state: _State) -> None:
         if state.entry is not None and state.slot is not None:
             self.registry.release(state.entry)
             state.slot = None
 
-    def _report_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        running, waiting = self.scheduler.counts()
-        self.metrics.set_requests(running, waiting)
+    def _kv_usage(self) -> float:
         used = sum(s.num_tokens for s in list(self.scheduler.running))
-        self.metrics.set_kv_cache_usage(used / (self.kv.rows * self.kv.max_len))
+        return used / (self.kv.rows * self.kv.max_len)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

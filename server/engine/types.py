@@ -86,14 +86,21 @@ class EngineError(Exception):
 
 
 class RequestHandle:
-    """What the servicer holds for a submitted request: its events and a way to cancel."""
+    """What the servicer holds for a submitted request: its events, the path that serves
+    it ("pytorch" or "onnx") and a way to cancel it."""
 
-    def __init__(self, request_id: str, adapter_id: str, adapter_version: str) -> None:
+    def __init__(self, request_id: str, adapter_id: str, adapter_version: str,
+                 engine_path: str) -> None:
         self.request_id = request_id
         self.adapter_id = adapter_id
         self.adapter_version = adapter_version
+        self.engine_path = engine_path
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._cancel = lambda: None
+
+    def bind_cancel(self, cancel) -> None:
+        """Set by the engine that queued the request."""
+        self._cancel = cancel
 
     def cancel(self) -> None:
         self._cancel()

@@ -121,9 +121,7 @@ class EngineRouter:
                               f"{route.reason or 'not found'}")
         if onnx is not None:
             return onnx.submit(req)
-        handle = self.engine.submit(req)
-        handle.engine_path = PYTORCH
-        return handle
+        return self.engine.submit(req)
 
     def route(self, adapter_id: str) -> Route:
         """Which path serves requests for `adapter_id` (without loading anything)."""

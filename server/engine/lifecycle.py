@@ -1,0 +1,292 @@
+"""One request lifecycle for every backend: queue, admission, the step loop, sampling, stop
+conditions, finish, cancel, deadline, per-row fault isolation and the engine's metrics.
+
+A backend (the PyTorch model, an ONNX Runtime session) subclasses `RequestLoop` and turns
+a step plan into logits (`_forward`); it may also gate admission (`_can_admit`), free what
+a row held (`_release`), say why a dropped request ended (`_deadline_error`) and report its
+KV-cache use (`_kv_usage`). Everything a client can observe about a request (its events,
+its status codes, its timings and the metrics it moves) is decided here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from server.engine.detokenizer import TextStream
+from server.engine.sampling import select_tokens
+from server.engine.types import (
+    EngineError,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    RequestHandle,
+    StoppingParams,
+    Timings,
+    TokenEvent,
+)
+from server.isolation import isolate, nonfinite_message, nonfinite_rows
+from server.scheduler.scheduler import Entry, QueueFullError, Scheduler, Sequence, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class NullMetrics:
+    """What an engine reports to when nobody collects metrics (tests, tools)."""
+
+    def observe_step(self, batch_size: int, tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_inter_token(self, seconds: float) -> None:
+        pass
+
+    def set_requests(self, running: int, waiting: int, source: str = "") -> None:
+        pass
+
+    def set_kv_cache_usage(self, ratio: float) -> None:
+        pass
+
+
+class RequestState:
+    """Engine-side state of one request (`Sequence.payload`); backends add their fields."""
+
+    def __init__(self, req: GenerationRequest, handle: RequestHandle, stream: TextStream,
+                 generator: torch.Generator | None) -> None:
+        self.req = req
+        self.handle = handle
+        self.stream = stream
+        self.generator = generator
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
+        self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
+
+
+class RequestLoop:
+    """The lifecycle; one engine thread runs `_loop`, other threads only `submit`."""
+
+    engine_path = ""  # the path that serves this engine's requests ("pytorch", "onnx")
+
+    def __init__(self, tokenizer, eos_ids: set[int], max_seq_len: int, scheduler: Scheduler,
+                 thread_name: str) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_seq_len = max_seq_len
+        self.scheduler = scheduler
+        self.metrics = NullMetrics()
+        self._thread_name = thread_name
+        self._source = f"{thread_name}@{id(self):x}"  # this engine's share of the gauges
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- what other threads call ------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.scheduler.has_work.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        self.metrics.set_requests(0, 0, self._source)
+
+    def idle(self) -> bool:
+        running, waiting = self.scheduler.counts()
+        return running == 0 and waiting == 0
+
+    def submit(self, req: GenerationRequest) -> RequestHandle:
+        """Queue `req`; raises EngineError (a gRPC status name) when it cannot be queued."""
+        state = self._new_state(req)
+        seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
+
+        def cancel() -> None:
+            seq.cancelled = True
+            self.scheduler.has_work.set()
+
+        state.handle.bind_cancel(cancel)
+        try:
+            self.scheduler.submit(seq)
+        except QueueFullError as e:
+            raise EngineError("RESOURCE_EXHAUSTED", str(e)) from None
+        return state.handle
+
+    def warmup(self, adapter_id: str = "") -> None:
+        """One short generation through the whole path before the server reports SERVING."""
+        ids = self.tokenizer.encode("Hello")[:8] or [0]
+        handle = self.submit(GenerationRequest("warmup", ids, adapter_id=adapter_id,
+                                               stopping=StoppingParams(4, ignore_eos=True)))
+        while True:
+            ev = handle.events.get(timeout=300)
+            if isinstance(ev, ErrorEvent):
+                raise RuntimeError(f"{self.engine_path} warm-up failed: {ev.message}")
+            if isinstance(ev, FinishEvent):
+                return
+
+    # ---- backend hooks ------------------------------------------------------------------
+    def _new_state(self, req: GenerationRequest) -> RequestState:
+        return RequestState(req, self._handle(req, ""), self._stream(req), request_generator(req))
+
+    def _handle(self, req: GenerationRequest, adapter_version: str) -> RequestHandle:
+        return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path)
+
+    def _stream(self, req: GenerationRequest) -> TextStream:
+        return TextStream(self.tokenizer, req.stopping.stop_sequences)
+
+    def _thread_init(self) -> None:
+        """Called once on the engine thread before the first step."""
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        return True
+
+    def _forward(self, plan: StepPlan) -> tuple[list[Entry], torch.Tensor, int]:
+        """Run the step: -> (entries whose next token it yields, their logits [n, vocab],
+        tokens processed). Must leave the backend as it was when it raises, so that a
+        part of the plan can be run again (row isolation)."""
+        raise NotImplementedError
+
+    def _release(self, seq: Sequence) -> None:
+        """Free what the request's row holds in the backend (adapter slot, cache)."""
+
+    def _deadline_error(self, seq: Sequence) -> ErrorEvent:
+        waited = time.monotonic() - seq.payload.arrival
+        where = "waiting" if seq.first_scheduled is None else "running"
+        return ErrorEvent("DEADLINE_EXCEEDED", f"deadline exceeded after {waited:.3f}s with "
+                          f"{len(seq.output_ids)} tokens generated ({where})")
+
+    def _kv_usage(self) -> float | None:
+        return None
+
+    # ---- the engine thread --------------------------------------------------------------
+    def _loop(self) -> None:
+        self._thread_init()
+        while not self._stopping.is_set():
+            if not self.scheduler.has_work.wait(timeout=0.5):
+                continue
+            plan = self.scheduler.schedule(self._can_admit)
+            for seq in plan.dropped:
+                self._finish_dropped(seq)
+            if plan.entries:
+                self._run_isolated(plan)
+            elif not plan.dropped:
+                time.sleep(0.001)  # waiting requests that cannot be admitted yet
+                continue
+            self._report_gauges()
+
+    def _run_isolated(self, plan: StepPlan) -> None:
+        try:
+            self._run(plan)
+        except Exception:  # find the rows that fail on their own; the rest go on
+            log.exception("%s engine step failed; isolating the failing rows", self.engine_path)
+            _, failed = isolate(plan.entries, lambda part: self._run(StepPlan(part, [])))
+            for entry, error in failed:
+                self._fail(entry.seq, "INTERNAL", f"this request failed in the engine: "
+                           f"{type(error).__name__}: {error}")
+
+    def _run(self, plan: StepPlan) -> None:
+        t0 = time.perf_counter()
+        sampled, logits, num_tokens = self._forward(plan)
+        self.scheduler.advance(plan)
+        bad = nonfinite_rows(logits) if sampled else []
+        for i in reversed(bad):  # a poisoned row fails its own request only
+            e = sampled.pop(i)
+            self._fail(e.seq, "INTERNAL", nonfinite_message(e.seq.payload.req.adapter_id))
+        if bad and sampled:
+            logits = logits[[i for i in range(logits.shape[0]) if i not in set(bad)]]
+        if sampled:
+            self._sample(sampled, logits)
+        self.metrics.observe_step(len(plan.entries), num_tokens, time.perf_counter() - t0)
+
+    def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
+        states: list[RequestState] = [e.seq.payload for e in sampled]
+        params = [s.req.sampling for s in states]
+        histories = [(e.seq.prompt_ids[s.virtual:] + e.seq.output_ids)
+                     if p.repetition_penalty != 1.0 else None
+                     for e, p, s in zip(sampled, params, states, strict=True)]
+        tokens, logprobs = select_tokens(logits.cpu(), params, histories,
+                                         [s.generator for s in states],
+                                         [s.req.logprobs for s in states])
+        now = time.monotonic()
+        for e, state, tok, lp in zip(sampled, states, tokens, logprobs, strict=True):
+            seq = e.seq
+            seq.output_ids.append(tok)
+            if state.first_token is None:
+                state.first_token = now
+            else:
+                self.metrics.observe_inter_token(now - state.last_token)
+            state.last_token = now
+            stop = state.req.stopping
+            reason, text = None, ""
+            if tok in self.eos_ids and not stop.ignore_eos:
+                reason = FinishReason.EOS
+            else:
+                text = state.stream.push(tok)
+                if state.stream.stopped:
+                    reason = FinishReason.STOP_SEQUENCE
+            if reason is None and (len(seq.output_ids) >= stop.max_new_tokens
+                                   or seq.num_tokens >= self.max_seq_len):
+                reason = FinishReason.LENGTH
+            state.handle.events.put(TokenEvent(text, [tok], [lp] if lp is not None else []))
+            if reason is not None:
+                self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        state: RequestState = seq.payload
+        self.scheduler.finish(seq)
+        self._release(seq)
+        now = time.monotonic()
+        timings = Timings(
+            queue_seconds=(seq.first_scheduled or now) - state.arrival,
+            time_to_first_token_seconds=(state.first_token or now) - state.arrival,
+            total_seconds=now - state.arrival,
+        )
+        tail = state.stream.flush() if reason != FinishReason.STOP_SEQUENCE else ""
+        state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
+                                            len(seq.output_ids), timings, tail))
+
+    def _finish_dropped(self, seq: Sequence) -> None:
+        """A request the scheduler removed: cancelled, past its deadline, or failed."""
+        state: RequestState = seq.payload
+        self._release(seq)
+        if state.error is not None:
+            state.handle.events.put(ErrorEvent(*state.error))
+        elif seq.cancelled:
+            timings = Timings(total_seconds=time.monotonic() - state.arrival)
+            state.handle.events.put(FinishEvent(
+                FinishReason.CANCELLED, len(seq.prompt_ids) - state.virtual,
+                len(seq.output_ids), timings))
+        else:
+            state.handle.events.put(self._deadline_error(seq))
+
+    def _drop(self, seq: Sequence, code: str, message: str) -> None:
+        """Fail a waiting request at the next step (the scheduler removes it)."""
+        seq.payload.error = (code, message)
+        seq.cancelled = True
+
+    def _fail(self, seq: Sequence, code: str, message: str) -> None:
+        self.scheduler.finish(seq)
+        self._release(seq)
+        seq.payload.handle.events.put(ErrorEvent(code, message))
+
+    def _report_gauges(self) -> None:
+        running, waiting = self.scheduler.counts()
+        self.metrics.set_requests(running, waiting, self._source)
+        usage = self._kv_usage()
+        if usage is not None:
+            self.metrics.set_kv_cache_usage(usage)
+
+
+def request_generator(req: GenerationRequest) -> torch.Generator | None:
+    """The request's own random stream (seeded when it names a seed); None for greedy."""
+    if req.sampling.greedy:
+        return None
+    seed = req.sampling.seed
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator(device="cpu").manual_seed(seed)
