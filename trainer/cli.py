@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
-    from trainer.artifact import ArtifactError
+    from adapter_format.manifest import ArtifactError
     from trainer.config import ConfigError
     from trainer.data import DataError
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.artifact import read_manifest
+from adapter_format.manifest import read_manifest
 from trainer.data import (
     DataError,
     Example,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.artifact import read_manifest, write_atomic
+from adapter_format.manifest import read_manifest, write_atomic
 
 log = logging.getLogger(__name__)
 MERGE_TOLERANCE = 1e-3
@@ -67,7 +67,7 @@ def merge(adapter: str | Path, output: str | Path, base_model: str | None = None
     path = write_atomic(output, fill, out_manifest)
     log.info("merged %s into %s (max |logit diff| %.2g)", adapter, path, diff)
     out_manifest["base_model"]["merged_fingerprint"] = model_fingerprint(path)
-    from trainer.artifact import update_manifest
+    from adapter_format.manifest import update_manifest
 
     update_manifest(path, base_model=out_manifest["base_model"])
     _ = base_path

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from adapter_format.manifest import ArtifactError, write_atomic
 from trainer import checkpoint, dist
-from trainer.artifact import ArtifactError, write_atomic
 from trainer.cleaning import CleaningReport, clean, drop_over_length
 from trainer.config import ConfigError, TrainConfig, dump_config
 from trainer.data import (

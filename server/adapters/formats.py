@@ -1,7 +1,7 @@
 """Reading every adapter type from disk into plain host-memory weights.
 
 PEFT's formats for LoRA (see lora.py), IA3, prompt tuning, P-tuning and prefix tuning,
-and the trainer's bottleneck adapter (trainer/methods/bottleneck.py documents it). Every
+and our bottleneck adapter (adapter_format.bottleneck defines it). Every
 reader checks shapes against the base model, so an adapter made for another base fails
 its own load with a message naming the tensor and both shapes.
 """
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from adapter_format.bottleneck import CONFIG_NAME as BOTTLENECK_CONFIG
+from adapter_format.bottleneck import BottleneckConfig
 from server.adapters.buffers import Alloc, fresh
 from server.adapters.lora import MODULES, AdapterError, LoraWeights, _read_tensors, read_lora
 from server.engine.model import ModelSpec
 
 METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck")
-BOTTLENECK_CONFIG = "bottleneck_config.json"
 _IA3_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
     r"\.ia3_l(?:\.[^.]+)?$"
@@ -191,33 +192,25 @@ def _read_ia3(path: Path, cfg: dict, tensors: dict, spec: ModelSpec) -> IA3Weigh
 
 
 def _read_bottleneck(path: Path, spec: ModelSpec) -> BottleneckWeights:
-    cfg = _read_json(path / BOTTLENECK_CONFIG)
-    if cfg.get("hidden_size") != spec.hidden_size or cfg.get("num_layers") != spec.num_layers:
+    try:
+        cfg = BottleneckConfig.from_json((path / BOTTLENECK_CONFIG).read_text())
+    except (OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path / BOTTLENECK_CONFIG}: {e}") from e
+    if cfg.hidden_size != spec.hidden_size or cfg.num_layers != spec.num_layers:
         raise AdapterError(
-            f"{path.name}: bottleneck adapter for hidden_size {cfg.get('hidden_size')} and "
-            f"{cfg.get('num_layers')} layers; the base model has {spec.hidden_size} and "
+            f"{path.name}: bottleneck adapter for hidden_size {cfg.hidden_size} and "
+            f"{cfg.num_layers} layers; the base model has {spec.hidden_size} and "
             f"{spec.num_layers} (trained for a different base?)")
-    activation = cfg.get("activation", "gelu")
-    if activation not in _ACTIVATIONS:
-        raise AdapterError(f"{path.name}: activation {activation!r} is not supported")
-    size = int(cfg.get("bottleneck_size", 0))
     tensors = _read_tensors(path, allow_pickle=False)
-    layers: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    expected = {"norm.weight": (spec.hidden_size,), "down.weight": (size, spec.hidden_size),
-                "down.bias": (size,), "up.weight": (spec.hidden_size, size),
-                "up.bias": (spec.hidden_size,)}
-    for layer in range(spec.num_layers):
-        for pos in cfg.get("positions", ["attn", "mlp"]):
-            w = {}
-            for name, shape in expected.items():
-                key = f"layers.{layer}.{pos}.{name}"
-                t = tensors.get(key)
-                if t is None or tuple(t.shape) != shape:
-                    got = None if t is None else tuple(t.shape)
-                    raise AdapterError(f"{path.name}: {key} has shape {got}, expected {shape}")
-                w[name] = t.float()
-            layers[(layer, pos)] = w
-    return BottleneckWeights(activation, float(cfg.get("norm_eps", 1e-5)), size, layers)
+    for key, shape in cfg.tensor_shapes().items():
+        t = tensors.get(key)
+        if t is None or tuple(t.shape) != shape:
+            got = None if t is None else tuple(t.shape)
+            raise AdapterError(f"{path.name}: {key} has shape {got}, expected {shape}")
+    layers = {(i, p): {n: tensors[f"layers.{i}.{p}.{n}"].float()
+                       for n in ("norm.weight", "down.weight", "down.bias", "up.weight", "up.bias")}
+              for i in range(cfg.num_layers) for p in cfg.positions}
+    return BottleneckWeights(cfg.activation, cfg.norm_eps, cfg.bottleneck_size, layers)
 
 
 def _read_json(path: Path) -> dict:
@@ -225,16 +218,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: unreadable ({e})") from e
-
-
-_ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
-                "silu": torch.nn.functional.silu, "tanh": torch.tanh}
-
-
-def bottleneck_delta(h: torch.Tensor, w: dict[str, torch.Tensor], activation: str,
-                     eps: float) -> torch.Tensor:
-    """up(act(down(rmsnorm(h)))) for rows h [m, hidden] (the adapter's residual branch)."""
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w["norm.weight"]
-    x = _ACTIVATIONS[activation](torch.addmm(w["down.bias"], x, w["down.weight"].T))
-    return torch.addmm(w["up.bias"], x, w["up.weight"].T).to(h.dtype)

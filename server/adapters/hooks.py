@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from server.adapters.formats import BottleneckWeights, IA3Weights, bottleneck_delta
+from adapter_format.bottleneck import bottleneck_delta
+from server.adapters.formats import BottleneckWeights, IA3Weights
 from server.adapters.slots import LoraHooks
 
 _POSITION = {"o": "attn", "down": "mlp"}

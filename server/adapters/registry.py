@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from adapter_format.manifest import ArtifactError, read_manifest
 from server.adapters.buffers import HostBuffers
 from server.adapters.formats import AdapterWeights, method_of, read_adapter
 from server.adapters.lora import AdapterError, LoraWeights
@@ -36,7 +37,6 @@ from server.adapters.slots import LoraSlotTable
 from server.engine.model import ModelSpec
 
 log = logging.getLogger(__name__)
-MANIFEST = "switchboard.json"
 
 
 class AdapterNotFoundError(Exception):
@@ -450,13 +450,10 @@ class AdapterRegistry:
         self.metrics.set_resident_adapters("device", sum(e is not None for e in self._slots))
 
     def _check_manifest(self, path: Path, adapter_id: str) -> None:
-        manifest = path / MANIFEST
-        if not manifest.is_file():
-            return
         try:
-            data = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AdapterError(f"adapter {adapter_id!r}: unreadable {MANIFEST} ({e})") from e
+            data = read_manifest(path, missing_ok=True)
+        except ArtifactError as e:
+            raise AdapterError(f"adapter {adapter_id!r}: {e}") from e
         base = data.get("base_model") or {}
         theirs = base.get("fingerprint") if isinstance(base, dict) else None
         if theirs and theirs != self.base_fingerprint:

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapter_format.manifest import ArtifactError, read_manifest, write_manifest
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "switchboard.json"
 VARIANTS = {"none": "fp32", "int8": "int8", "int4": "int4"}
 MERGEABLE = ("lora", "ia3")
 SOFT_PROMPTS = ("prompt_tuning", "p_tuning", "prefix_tuning", "adaption_prompt")
@@ -165,13 +166,10 @@ def adapter_content_hash(adapter: Path) -> str:
 def _read_manifest(adapter: Path) -> dict[str, Any]:
     if not (adapter / "adapter_config.json").is_file():
         raise ExportError(f"{adapter} is not an adapter directory (no adapter_config.json)")
-    path = adapter / MANIFEST
-    if not path.is_file():
-        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable manifest ({e})") from e
+        return read_manifest(adapter, missing_ok=True)
+    except ArtifactError as e:
+        raise ExportError(str(e)) from e
 
 
 def _check_mergeable(adapter: Path, manifest: dict[str, Any]) -> str:
@@ -328,9 +326,7 @@ def _install(adapter: Path, files: Path, variant: str, record: dict[str, Any],
                     "mergeable": True}
     exports = manifest.setdefault("exports", {})
     exports.setdefault("onnx", {})[variant] = record
-    tmp = adapter / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, adapter / MANIFEST)
+    write_manifest(adapter, manifest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -13,7 +13,6 @@ none can go the adapter is served by PyTorch until one can.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from adapter_format.manifest import ArtifactError, read_manifest
 from server.engine.types import EngineError, GenerationRequest, RequestHandle
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
 from server.onnx.export import adapter_content_hash
@@ -153,10 +153,9 @@ class EngineRouter:
     # ---- exports ------------------------------------------------------------------
     def find_export(self, entry) -> tuple[str, Path] | str:
         """(variant, model path) of the entry's usable export, or why there is none."""
-        manifest = Path(entry.path) / "switchboard.json"
         try:
-            data = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        except (OSError, json.JSONDecodeError) as e:
+            data = read_manifest(entry.path, missing_ok=True)
+        except ArtifactError as e:
             return f"unreadable manifest ({e})"
         exports = (data.get("exports") or {}).get("onnx") or {}
         if not exports:

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import adapter_format.bottleneck as fmt
 from trainer.methods import bottleneck as bn
 
 
@@ -52,7 +53,7 @@ def test_tensor_names_and_shapes_match_the_documented_format(model, tmp_path):
 
 
 def test_reference_formula_matches_the_hooks(model, tmp_path):
-    """A hand-written forward using only `bottleneck_forward` equals the injected model."""
+    """A hand-written forward using only the format's formula equals the injected model."""
     cfg = bn.config_for(model, bottleneck_size=8)
     adapters = bn.apply_bottleneck(model, cfg)
     torch.manual_seed(1)
@@ -71,12 +72,11 @@ def test_reference_formula_matches_the_hooks(model, tmp_path):
     hooks = []
     for i, layer in enumerate(bn.decoder_layers(model)):
         hooks.append(layer.self_attn.register_forward_hook(
-            lambda m, a, out, i=i: (bn.bottleneck_forward(out[0], weights(i, "attn"),
-                                                          config.activation, config.norm_eps),
-                                    *out[1:])))
+            lambda m, a, out, i=i: (out[0] + fmt.bottleneck_delta(
+                out[0], weights(i, "attn"), config.activation, config.norm_eps), *out[1:])))
         hooks.append(layer.mlp.register_forward_hook(
-            lambda m, a, out, i=i: bn.bottleneck_forward(out, weights(i, "mlp"),
-                                                         config.activation, config.norm_eps)))
+            lambda m, a, out, i=i: out + fmt.bottleneck_delta(
+                out, weights(i, "mlp"), config.activation, config.norm_eps)))
     torch.testing.assert_close(model(_ids()).logits, got)
     for h in hooks:
         h.remove()
@@ -100,13 +100,14 @@ def test_load_rejects_mismatched_files(model, tmp_path):
         bn.load_bottleneck(tmp_path)
 
 
-def test_module_imports_stay_light():
+def test_format_module_imports_stay_light():
+    """The server reads the format through this module: no trainer, no transformers."""
     import ast
     from pathlib import Path
 
-    tree = ast.parse(Path(bn.__file__).read_text())
+    tree = ast.parse(Path(fmt.__file__).read_text())
     nodes = list(ast.walk(tree))
     roots = {(n.module or "").split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)}
     roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
               for a in n.names}
-    assert roots <= {"__future__", "dataclasses", "json", "pathlib", "torch", "safetensors"}
+    assert roots <= {"__future__", "dataclasses", "json", "pathlib", "torch"}

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from trainer_fixtures import base_overrides
 from transformers import AutoModelForCausalLM
 
-from trainer.artifact import read_manifest
+from adapter_format.manifest import read_manifest
 from trainer.config import METHODS, load_config
 from trainer.data import collate, encode_example, normalize_record, pick_pad_id
 from trainer.methods import bottleneck

@@ -1,86 +1,21 @@
-"""Bottleneck adapters (Houlsby-style), our own module and file format (PEFT has none).
-
-After the attention block and after the MLP block of every decoder layer, the block's
-output `h` (before the residual add) becomes
-
-    h + up(act(down(rmsnorm(h))))        # h: [batch, seq, hidden]
-
-with `down: hidden -> size`, `up: size -> hidden` (both with bias) and an RMSNorm with its
-own weight (eps from the config). `up` starts at zero, so a fresh adapter is the identity.
-
-On disk, a directory with
-  bottleneck_config.json     BottleneckConfig as JSON ("adapter_type": "bottleneck")
-  adapter_model.safetensors  per layer i and position p in ("attn", "mlp"):
-      layers.{i}.{p}.norm.weight  [hidden]
-      layers.{i}.{p}.down.weight  [size, hidden]    layers.{i}.{p}.down.bias  [size]
-      layers.{i}.{p}.up.weight    [hidden, size]    layers.{i}.{p}.up.bias    [hidden]
-(float32). This module imports only torch and safetensors: the server uses
-`load_bottleneck` + `apply_bottleneck` (or `bottleneck_forward`) as its reference.
-"""
+"""Bottleneck adapters (Houlsby-style) for training: modules injected into an HF causal LM
+with forward hooks. The format and the formula are `adapter_format.bottleneck`'s, which
+the server uses too."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_NAME = "bottleneck_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
-_ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": torch.relu, "silu": nn.functional.silu,
-                "tanh": torch.tanh}
-
-
-@dataclass(frozen=True)
-class BottleneckConfig:
-    hidden_size: int
-    num_layers: int
-    bottleneck_size: int = 32
-    activation: str = "gelu"
-    positions: tuple[str, ...] = ("attn", "mlp")
-    norm_eps: float = 1e-5
-    base_model_name_or_path: str = ""
-    adapter_type: str = "bottleneck"
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d["positions"] = list(self.positions)
-        return json.dumps(d, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> BottleneckConfig:
-        d = json.loads(text)
-        if d.get("adapter_type") != "bottleneck":
-            raise ValueError(f"adapter_type {d.get('adapter_type')!r} is not 'bottleneck'")
-        if d.get("format_version", 1) > FORMAT_VERSION:
-            raise ValueError(f"bottleneck format_version {d['format_version']} is newer than "
-                             f"supported version {FORMAT_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in {CONFIG_NAME}: {unknown}")
-        if d.get("activation", "gelu") not in _ACTIVATIONS:
-            raise ValueError(f"activation {d['activation']!r} is not one of "
-                             f"{', '.join(_ACTIVATIONS)}")
-        d["positions"] = tuple(d.get("positions", ("attn", "mlp")))
-        return cls(**d)
-
-
-def bottleneck_forward(h: torch.Tensor, w: dict[str, torch.Tensor], activation: str,
-                       eps: float) -> torch.Tensor:
-    """Reference: h + up(act(down(rmsnorm(h)))); `w` holds norm.weight, down.*, up.*."""
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w["norm.weight"].float()
-    x = nn.functional.linear(x, w["down.weight"].float(), w["down.bias"].float())
-    x = _ACTIVATIONS[activation](x)
-    x = nn.functional.linear(x, w["up.weight"].float(), w["up.bias"].float())
-    return h + x.to(h.dtype)
+from adapter_format.bottleneck import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    BottleneckConfig,
+    bottleneck_delta,
+)
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +38,7 @@ class Bottleneck(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         w = {"norm.weight": self.norm.weight, "down.weight": self.down.weight,
              "down.bias": self.down.bias, "up.weight": self.up.weight, "up.bias": self.up.bias}
-        return bottleneck_forward(h, w, self.activation, self.norm.eps)
+        return h + bottleneck_delta(h, w, self.activation, self.norm.eps)
 
 
 class BottleneckAdapters(nn.Module):
@@ -207,14 +142,13 @@ def load_bottleneck(path: str | Path) -> tuple[BottleneckConfig, dict[str, torch
     path = Path(path)
     config = BottleneckConfig.from_json((path / CONFIG_NAME).read_text())
     state = load_file(str(path / WEIGHTS_NAME))
-    expected = BottleneckAdapters(config).state_dict()
+    expected = config.tensor_shapes()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         raise ValueError(f"bottleneck weights do not match config: missing {missing[:4]}, "
                          f"unexpected {extra[:4]}")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise ValueError(f"tensor {k} has shape {tuple(state[k].shape)}, "
-                             f"expected {tuple(v.shape)}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise ValueError(f"tensor {k} has shape {tuple(state[k].shape)}, expected {shape}")
     return config, state

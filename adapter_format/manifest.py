@@ -1,4 +1,7 @@
-"""Artifacts: an adapter directory written atomically, with its `switchboard.json` manifest.
+"""The manifest (`switchboard.json`) and the atomic writes of an adapter directory.
+
+The trainer writes artifacts with `write_atomic`; the ONNX exporter and `trainer merge`
+record what they add with `update_manifest`; the server reads with `read_manifest`.
 
 The directory is assembled in a hidden sibling (`.<name>.tmp-*`, same parent, so the same
 file system) and renamed into place only once every file is complete and flushed, so a
@@ -64,18 +67,33 @@ def write_atomic(
     return target
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    """The manifest of the adapter directory `path`; {} when it has none and `missing_ok`.
+    Raises ArtifactError naming the file when it is missing (else) or unreadable."""
     p = Path(path) / MANIFEST_NAME
     if not p.is_file():
+        if missing_ok:
+            return {}
         raise ArtifactError(f"{str(path)!r} is not a Switchboard artifact (no {MANIFEST_NAME})")
-    return json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{p}: unreadable {MANIFEST_NAME} ({e})") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{p}: {MANIFEST_NAME} is not a JSON object")
+    return data
+
+
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest of `path` whole (a temp file renamed over it)."""
+    p = Path(path) / MANIFEST_NAME
+    tmp = p.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, p)
 
 
 def update_manifest(path: str | Path, **fields: Any) -> None:
-    """Rewrite the manifest with `fields` merged in (write to a temp file, then rename)."""
+    """Rewrite the manifest with `fields` merged in."""
     manifest = read_manifest(path)
     manifest.update(fields)
-    p = Path(path) / MANIFEST_NAME
-    tmp = p.with_name(f".{MANIFEST_NAME}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, p)
+    write_manifest(path, manifest)
