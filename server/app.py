@@ -19,6 +19,7 @@ from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
 from server.engine.engine import Engine, helper_thread_init, load_engine_adapters
 from server.engine.model import ModelLoadError
+from server.metrics import ServerMetrics
 from server.model_store import ModelNotFoundError, resolve_base_model
 from server.native import NativeError
 from server.security.interceptor import DrainGate, SecurityInterceptor
@@ -41,7 +42,7 @@ class App:
         model_dir = resolve_base_model(config.base_model)
         self.model_id = config.base_model or "smollm2-135m-instruct"
         self.engine = Engine(model_dir, config.adapter_dir, config.engine)
-        self.metrics = _make_metrics()
+        self.metrics = ServerMetrics()
         self.engine.metrics = self.metrics
         if config.onnx.enabled:
             from server.onnx.router import EngineRouter
@@ -101,7 +102,7 @@ class App:
             print(f"switchboard: {line}", flush=True)
         self.engine.start()
         self.server.start()
-        if self.metrics is not None and cfg.metrics_port >= 0:
+        if cfg.metrics_port >= 0:
             self.metrics.set_info(__version__, self.model_id,
                                   str(self.engine.dtype).removeprefix("torch."),
                                   str(self.engine.device), cfg.quantize)
@@ -194,12 +195,6 @@ def _security_summary(cfg: ServerConfig, keys: KeyStore | None, bind_host: str,
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _make_metrics():
-    from server.metrics import ServerMetrics
-
-    return ServerMetrics()
 
 
 def serve(config: ServerConfig) -> int:

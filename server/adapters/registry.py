@@ -35,6 +35,7 @@ from server.adapters.formats import AdapterWeights, method_of, read_adapter
 from server.adapters.lora import AdapterError, LoraWeights
 from server.adapters.slots import LoraSlotTable
 from server.engine.model import ModelSpec
+from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class AdapterRegistry:
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
-        self.metrics = None  # server.metrics.ServerMetrics, set by the app
+        # unserved until the app hands in the server's own (no None checks anywhere)
+        self.metrics = ServerMetrics(process_metrics=False)
 
     # ---- admin side -------------------------------------------------------------
     def scan(self, preload: tuple[str, ...] = ()) -> list[str]:
@@ -183,8 +185,7 @@ class AdapterRegistry:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
             self._retire(entry)
             self._report()
-        if self.metrics is not None:
-            self.metrics.forget_adapter(adapter_id)
+        self.metrics.forget_adapter(adapter_id)
 
     def get(self, adapter_id: str) -> AdapterEntry:
         with self._lock:
@@ -382,8 +383,7 @@ class AdapterRegistry:
             usage -= entry.weights.nbytes
             self._untrimmed += entry.weights.nbytes
             entry.weights = None
-            if self.metrics is not None:
-                self.metrics.adapter_evicted("host")
+            self.metrics.adapter_evicted("host")
         # The loads that cause evictions mostly reuse the freed memory; a heap walk per
         # 256 MiB (or eighth of the budget) freed keeps the resident size bounded at a
         # fraction of the cost of one per eviction (7 ms of a 20 ms page-cached load).
@@ -405,8 +405,7 @@ class AdapterRegistry:
         if self._lru:
             slot, _ = self._lru.popitem(last=False)
             self._free(self._slots[slot])
-            if self.metrics is not None:
-                self.metrics.adapter_evicted("device")
+            self.metrics.adapter_evicted("device")
             return slot
         return None
 
@@ -440,8 +439,6 @@ class AdapterRegistry:
             _release_heap()
 
     def _report(self, loaded_tier: str | None = None, seconds: float = 0.0) -> None:
-        if self.metrics is None:
-            return
         if loaded_tier is not None:
             self.metrics.adapter_loaded(loaded_tier, seconds)
         tiers = [e.tier for e in self._entries.values()]

@@ -10,6 +10,7 @@ from server import __version__
 from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb
 from server.api.errors import InvalidArgument, abort, status_of
 from server.engine.types import EngineError, ErrorEvent, FinishEvent, TokenEvent
+from server.metrics import ServerMetrics
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -40,7 +41,7 @@ def _route(engine, adapter_id: str) -> tuple[int, str, str]:
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def __init__(self, engine, converter: RequestConverter, model_id: str, quantize: str,
-                 metrics=None) -> None:
+                 metrics: ServerMetrics) -> None:
         self.engine = engine
         self.conv = converter
         self.model_id = model_id
@@ -55,18 +56,14 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             self._count_error(request.adapter_id, e)
             abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
         context.add_callback(handle.cancel)
-        if self.metrics is not None:
-            self.metrics.request_started(request.adapter_id)
+        self.metrics.request_started(request.adapter_id)
         return req, handle
 
     def _count_error(self, adapter_id: str, exc: Exception) -> None:
-        if self.metrics is not None:
-            code, _ = status_of(exc)
-            self.metrics.request_finished(adapter_id, code.name, 0.0, None, None, 0, 0)
+        code, _ = status_of(exc)
+        self.metrics.request_finished(adapter_id, code.name, 0.0, None, None, 0, 0)
 
     def _done(self, req, ev, context, code: str = "OK") -> None:
-        if self.metrics is None:
-            return
         if isinstance(ev, FinishEvent):
             t = ev.timings
             ttft = t.time_to_first_token_seconds if ev.completion_tokens else None

@@ -31,25 +31,10 @@ from server.engine.types import (
     TokenEvent,
 )
 from server.isolation import isolate, nonfinite_message, nonfinite_rows
+from server.metrics import ServerMetrics
 from server.scheduler.scheduler import Entry, QueueFullError, Scheduler, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
-
-
-class NullMetrics:
-    """What an engine reports to when nobody collects metrics (tests, tools)."""
-
-    def observe_step(self, batch_size: int, tokens: int, seconds: float) -> None:
-        pass
-
-    def observe_inter_token(self, seconds: float) -> None:
-        pass
-
-    def set_requests(self, running: int, waiting: int, source: str = "") -> None:
-        pass
-
-    def set_kv_cache_usage(self, ratio: float) -> None:
-        pass
 
 
 class RequestState:
@@ -79,7 +64,8 @@ class RequestLoop:
         self.eos_ids = eos_ids
         self.max_seq_len = max_seq_len
         self.scheduler = scheduler
-        self.metrics = NullMetrics()
+        # unserved until the app hands in the server's own (no None checks anywhere)
+        self.metrics = ServerMetrics(process_metrics=False)
         self._thread_name = thread_name
         self._source = f"{thread_name}@{id(self):x}"  # this engine's share of the gauges
         self._thread: threading.Thread | None = None
