@@ -1,14 +1,48 @@
-"""Server configuration: parsed once from the command line into frozen dataclasses."""
+"""Server configuration: parsed once from the command line into frozen dataclasses.
+
+Nothing here imports torch or the engines: `switchboard serve --help` and a bad flag answer
+at once, and the components take these dataclasses in their constructors. Every field has
+a flag (tests/server/test_config.py checks the two against each other)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.engine import EngineConfig
-from server.onnx.router import OnnxConfig
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    max_batch_size: int = 32
+    max_tokens_per_step: int = 512
+    max_queue: int = 1024
+    max_seq_len: int = 2048
+    kv_cache_bytes: int = 3 << 30
+    max_active_adapters: int = 16
+    max_lora_rank: int = 16
+    max_host_adapter_bytes: int = 4 << 30
+    allow_pickle: bool = False
+    quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
+    threads: int = 0  # intra-op threads of the engine thread; 0 = every core this process has
+    # auto, native, torch (server.native.pick); SWITCHBOARD_CPU_KERNELS sets the default
+    cpu_kernels: str = field(
+        default_factory=lambda: os.environ.get("SWITCHBOARD_CPU_KERNELS", "auto"))
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    enabled: bool = False
+    adapters: tuple[str, ...] = ()  # adapters allowed on the ONNX path; empty = all
+    variant: str = "auto"  # auto, fp32, int8, int4
+    threads: int = 0  # 0 = ONNX Runtime's default
+    provider: str = "auto"
+    memory_bytes: int = 4 << 30
+
+
 
 
 @dataclass(frozen=True)
@@ -78,6 +112,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="Prometheus /metrics port; 0 picks a free one, -1 disables "
                    "(default %(default)s)")
+    p.add_argument("--metrics-host", default=d.metrics_host,
+                   help="address of the /metrics endpoint (default: --host's)")
     p.add_argument("--base-model", default=None,
                    help="model directory or hub id (default: SmolLM2-135M-Instruct, "
                    "provisioned from PyPI)")
@@ -132,6 +168,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="generation calls in flight per API key; 0 = no limit")
     p.add_argument("--retry-after-ms", type=int, default=lim.retry_after_ms,
                    help="retry hint (trailing metadata retry-after-ms) on RESOURCE_EXHAUSTED")
+    p.add_argument("--grpc-workers", type=int, default=d.grpc_workers,
+                   help="threads serving gRPC calls (each open stream holds one)")
     p.add_argument("--grace-period", type=float, default=d.grace_period,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--enable-admin", action="store_true",
@@ -168,7 +206,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
     for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "max_seq_len",
-                 "max_active_adapters", "max_lora_rank", "max_new_tokens",
+                 "grpc_workers", "max_active_adapters", "max_lora_rank", "max_new_tokens",
                  "default_max_new_tokens", "max_stop_sequence_chars", "max_prompt_chars"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
@@ -206,10 +244,12 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                               tls_client_ca=a.tls_client_ca,
                               allow_insecure_bind=a.allow_insecure_bind)
     return ServerConfig(
-        host=a.host, port=a.port, metrics_port=a.metrics_port, base_model=a.base_model,
+        host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
+        base_model=a.base_model,
         adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
         preload=tuple(x for x in a.preload.split(",") if x), watch_seconds=a.watch,
         security=security, enable_admin=a.enable_admin, grace_period=a.grace_period,
+        grpc_workers=a.grpc_workers,
         onnx=OnnxConfig(enabled=a.onnx or bool(a.onnx_adapters),
                         adapters=tuple(x for x in a.onnx_adapters.split(",") if x),
                         variant=a.onnx_variant, threads=a.onnx_threads,

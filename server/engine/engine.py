@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from server import native
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
 from server.adapters.slots import LoraSlotTable
+from server.config import EngineConfig
 from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.model import KVCache, load_model
 from server.engine.step import pack_step
@@ -23,26 +23,6 @@ from server.model_store import model_fingerprint
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
-    max_batch_size: int = 32
-    max_tokens_per_step: int = 512
-    max_queue: int = 1024
-    max_seq_len: int = 2048
-    kv_cache_bytes: int = 3 << 30
-    max_active_adapters: int = 16
-    max_lora_rank: int = 16
-    max_host_adapter_bytes: int = 4 << 30
-    allow_pickle: bool = False
-    quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
-    threads: int = 0  # intra-op threads of the engine thread; 0 = every core this process has
-    # auto, native, torch (server.native.pick); SWITCHBOARD_CPU_KERNELS sets the default
-    cpu_kernels: str = field(
-        default_factory=lambda: os.environ.get("SWITCHBOARD_CPU_KERNELS", "auto"))
 
 
 def cpu_count() -> int:

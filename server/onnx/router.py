@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from adapter_format.manifest import ArtifactError, read_manifest
+from server.config import OnnxConfig
 from server.engine.types import EngineError, GenerationRequest, RequestHandle
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
 from server.onnx.export import adapter_content_hash
@@ -29,16 +29,6 @@ log = logging.getLogger(__name__)
 
 PYTORCH, ONNX = "pytorch", "onnx"
 VARIANT_PREFERENCE = ("int8", "fp32", "int4")  # `auto`: the first one exported
-
-
-@dataclass(frozen=True)
-class OnnxConfig:
-    enabled: bool = False
-    adapters: tuple[str, ...] = ()  # adapters allowed on the ONNX path; empty = all
-    variant: str = "auto"  # auto, fp32, int8, int4
-    threads: int = 0  # 0 = ONNX Runtime's default
-    provider: str = "auto"
-    memory_bytes: int = 4 << 30
 
 
 class Route(NamedTuple):

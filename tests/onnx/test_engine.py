@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from server.config import OnnxConfig
 from server.engine.types import FinishEvent, GenerationRequest, StoppingParams, TokenEvent
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
-from server.onnx.router import EngineRouter, OnnxConfig
+from server.onnx.router import EngineRouter
 from server.onnx.session import OnnxDecoderSession
 
 

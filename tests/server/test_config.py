@@ -1,0 +1,112 @@
+"""Every configuration field has a flag, every flag sets exactly its fields, the flags'
+defaults are the dataclasses' defaults, and parsing flags imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from server.config import ServerConfig, add_serve_arguments, config_from_args
+
+# field (dotted path in ServerConfig) <- the flags that set it to a value other than its default
+FLAGS: dict[str, list[str]] = {
+    "host": ["--host", "127.0.0.2"],
+    "port": ["--port", "5"],
+    "metrics_host": ["--metrics-host", "127.0.0.3"],
+    "metrics_port": ["--metrics-port", "7"],
+    "base_model": ["--base-model", "some-model"],
+    "adapter_dir": ["--adapter-dir", "elsewhere"],
+    "quantize": ["--quantize", "int8"],  # and engine.quantize: one flag, two readers
+    "preload": ["--preload", "a,b"],
+    "watch_seconds": ["--watch", "2"],
+    "engine.device": ["--device", "cpu"],
+    "engine.dtype": ["--dtype", "float32"],
+    "engine.max_batch_size": ["--max-batch-size", "3"],
+    "engine.max_tokens_per_step": ["--max-tokens-per-step", "64"],
+    "engine.max_queue": ["--max-queue", "9"],
+    "engine.max_seq_len": ["--max-seq-len", "100"],
+    "engine.kv_cache_bytes": ["--kv-cache-memory", "1GiB"],
+    "engine.max_active_adapters": ["--max-active-adapters", "4"],
+    "engine.max_lora_rank": ["--max-lora-rank", "32"],
+    "engine.max_host_adapter_bytes": ["--max-host-adapter-memory", "1GiB"],
+    "engine.allow_pickle": ["--allow-pickle"],
+    "engine.threads": ["--threads", "1"],
+    "engine.cpu_kernels": ["--cpu-kernels", "native"],
+    "limits.max_new_tokens": ["--max-new-tokens", "300"],
+    "limits.default_max_new_tokens": ["--default-max-new-tokens", "100"],
+    "limits.max_stop_sequences": ["--max-stop-sequences", "2"],
+    "limits.max_stop_sequence_chars": ["--max-stop-sequence-chars", "9"],
+    "limits.max_prompt_chars": ["--max-prompt-chars", "99"],
+    "limits.max_prompt_tokens": ["--max-prompt-tokens", "16"],
+    "limits.max_message_bytes": ["--max-message-size", "64KiB"],
+    "limits.max_concurrent_per_key": ["--max-concurrent-per-key", "2"],
+    "limits.retry_after_ms": ["--retry-after-ms", "250"],
+    "security.api_keys": ["--api-keys", "keys.yaml"],
+    "security.allow_insecure_bind": ["--allow-insecure-bind"],
+    "enable_admin": ["--enable-admin"],
+    "grpc_workers": ["--grpc-workers", "8"],
+    "grace_period": ["--grace-period", "3"],
+    "onnx.enabled": ["--onnx"],
+    "onnx.variant": ["--onnx-variant", "int8"],
+    "onnx.threads": ["--onnx-threads", "2"],
+    "onnx.provider": ["--onnx-provider", "cpu"],
+    "onnx.memory_bytes": ["--onnx-memory", "1GiB"],
+}
+# flags that set several fields together (they only make sense so)
+COUPLED: list[tuple[list[str], set[str]]] = [
+    (["--quantize", "int8"], {"quantize", "engine.quantize"}),
+    (["--tls-cert", "c.pem", "--tls-key", "k.pem"], {"security.tls_cert", "security.tls_key"}),
+    (["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"],
+     {"security.tls_cert", "security.tls_key", "security.tls_client_ca"}),
+    (["--onnx-adapters", "a,b"], {"onnx.enabled", "onnx.adapters"}),
+]
+
+
+def _leaves(obj, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_leaves(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def _config(args: list[str]) -> dict[str, object]:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return _leaves(config_from_args(parser.parse_args(args)))
+
+
+def test_defaults_of_the_flags_are_the_dataclasses_defaults(monkeypatch):
+    monkeypatch.delenv("SWITCHBOARD_CPU_KERNELS", raising=False)
+    assert _config([]) == _leaves(ServerConfig())
+
+
+def test_every_field_has_a_flag():
+    set_together = set().union(*(fields for _, fields in COUPLED))
+    assert set(_leaves(ServerConfig())) == set(FLAGS) | set_together
+
+
+@pytest.mark.parametrize("args,fields",
+                         [(a, {f} if f != "quantize" else {"quantize", "engine.quantize"})
+                          for f, a in FLAGS.items()] + COUPLED,
+                         ids=[*FLAGS, *(" ".join(a) for a, _ in COUPLED)])
+def test_each_flag_sets_exactly_its_fields(args, fields, monkeypatch):
+    monkeypatch.delenv("SWITCHBOARD_CPU_KERNELS", raising=False)
+    default, got = _config([]), _config(args)
+    assert {k for k in got if got[k] != default[k]} == fields
+
+
+def test_parsing_flags_imports_no_torch():
+    code = ("import sys, argparse; from server.config import add_serve_arguments, "
+            "config_from_args; p = argparse.ArgumentParser(); add_serve_arguments(p); "
+            "config_from_args(p.parse_args([])); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
