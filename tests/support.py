@@ -1,4 +1,4 @@
-"""Test helpers: tiny random Llama models, PEFT adapters made on the spot, and real
+"""Test helpers: tiny random models, PEFT adapters made on the spot, and real
 server processes on loopback. Fixtures using them are in conftest.py."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _tiny_spec():
 
     return ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                      intermediate_size=128, vocab_size=49152, rms_norm_eps=1e-5,
-                     max_positions=1024, tie_word_embeddings=True, attention_bias=False,
+                     max_positions=1024, tie_word_embeddings=True, qkv_bias=False, o_bias=False,
                      mlp_bias=False)
 
 
@@ -60,24 +60,32 @@ TINY_SPEC = _tiny_spec()  # the shape of make_tiny_model()'s defaults
 def make_tiny_model(out: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 128, seed: int = 0,
                     weight_scale: float = 4.0, max_positions: int = 1024,
-                    tied: bool = True) -> Path:
-    """A random Llama with the default model's tokenizer. Weights are scaled up from the
-    usual init so that logits are peaked and greedy decoding is not a coin toss."""
+                    tied: bool = True, model_type: str = "llama", random_norms: bool = False,
+                    **config) -> Path:
+    """A random model of `model_type` (transformers' name: llama, qwen2, qwen3, ...; more
+    config fields in `config`) with the default model's tokenizer. Weights are scaled up
+    from the usual init so that logits are peaked and greedy decoding is not a coin toss;
+    biases are random (not zero); with random_norms so are the norms' weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     src = default_model_dir()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=10000.0, **config,
     )
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" not in name:
+            if "norm" in name:
+                if random_norms:
+                    p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn_like(p))
+            else:
                 p.mul_(weight_scale)
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -103,6 +111,25 @@ def make_lora(model_dir: Path, out: Path, *, r: int, targets: list[str], seed: i
             if "lora_" in name:
                 p.mul_(0.5)
     peft_model.save_pretrained(out)
+    return out
+
+
+def make_peft_adapter(model_dir: Path, out: Path, config, seed: int) -> Path:
+    """A PEFT adapter of any `config` (IA3Config, PromptTuningConfig, ...) with random
+    weights far enough from their identity init to change the output."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif p.requires_grad:
+                p.mul_(3.0)
+    model.save_pretrained(out)
     return out
 
 

@@ -4,8 +4,10 @@ The model has no generation logic. `forward` takes one step's packed tokens (row
 prefill and rows in decode mixed, sorted by adapter slot) and returns logits for the
 positions that need a next token. Adapters are applied by an `AdapterHooks` object that
 the engine passes in; the model only says where ("qkv", "o", "gate_up", "down").
-Weights come from any Hugging Face LlamaForCausalLM directory (Llama, SmolLM, Mistral
-without sliding window, ...); q/k/v and gate/up are fused into one matmul each.
+Weights come from a Hugging Face directory of one of FAMILIES (Llama, SmolLM, Mistral
+without sliding window, Qwen2/2.5, Qwen3); what differs between them is a named switch of
+ModelSpec read from the config, and anything not computed exactly as transformers does is
+refused at load. q/k/v and gate/up are fused into one matmul each.
 On the CPU in fp32, steps of decode tokens only run the work between the matmuls in the
 C kernels of `server.native` (`_forward_decode`); PyTorch's ops are the general path.
 """
@@ -21,7 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# model_type: (its causal-LM architecture, the switches of ModelSpec its config implies).
+# One decoder serves them all; what sets a family apart is a named switch read here.
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", lambda c: {
+        "qkv_bias": c.attention_bias, "o_bias": c.attention_bias, "mlp_bias": c.mlp_bias}),
+    "mistral": ("MistralForCausalLM", lambda c: {}),
+    "qwen2": ("Qwen2ForCausalLM", lambda c: {"qkv_bias": True}),  # o_proj has none
+    "qwen3": ("Qwen3ForCausalLM", lambda c: {
+        "qkv_bias": c.attention_bias, "o_bias": c.attention_bias, "qk_norm": True}),
+}
+SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())
+# RoPE types whose inverse frequencies are fixed at load (transformers' "dynamic" and
+# "longrope" change them with the sequence length; "yarn" and others are not tested here)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class ModelLoadError(Exception):
@@ -40,8 +55,10 @@ class ModelSpec:
     rms_norm_eps: float
     max_positions: int
     tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
+    qkv_bias: bool  # bias on q_proj, k_proj, v_proj
+    o_bias: bool  # bias on o_proj
+    mlp_bias: bool  # bias on gate_proj, up_proj, down_proj
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
 
     @property
     def q_size(self) -> int:
@@ -53,16 +70,36 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, cfg) -> ModelSpec:
+        """The spec of a config this decoder computes exactly as transformers does; any
+        other raises ModelLoadError naming the field and its value."""
         archs = getattr(cfg, "architectures", None) or []
-        if not set(archs) & set(SUPPORTED_ARCHITECTURES):
+        model_type = getattr(cfg, "model_type", None)
+        arch, switches = FAMILIES.get(model_type, (None, None))
+        if arch not in archs:
             raise ModelLoadError(
-                f"architecture {archs} is not supported (supported: {SUPPORTED_ARCHITECTURES})"
-            )
+                f"architecture {archs} (model_type {model_type!r}) is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ModelLoadError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
-        if getattr(cfg, "sliding_window", None):
-            raise ModelLoadError("sliding-window attention is not supported")
+        window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None)
+        if window and window < cfg.max_position_embeddings and (
+                layer_types is None or "sliding_attention" in layer_types):
+            raise ModelLoadError(f"sliding_window {window} is not supported (sliding-window "
+                                 f"attention; max_position_embeddings "
+                                 f"{cfg.max_position_embeddings})")
+        if layer_types is not None and set(layer_types) - {"full_attention", "sliding_attention"}:
+            raise ModelLoadError(f"layer_types {sorted(set(layer_types))} is not supported")
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(f"rope_scaling.rope_type {rope_type!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ModelLoadError(f"rope_scaling.partial_rotary_factor "
+                                 f"{rope['partial_rotary_factor']} is not supported (1.0 only)")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        flags = {"qkv_bias": False, "o_bias": False, "mlp_bias": False} | switches(cfg)
         return cls(
             hidden_size=cfg.hidden_size,
             num_layers=cfg.num_hidden_layers,
@@ -74,8 +111,7 @@ class ModelSpec:
             rms_norm_eps=cfg.rms_norm_eps,
             max_positions=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(cfg, "attention_bias", False)),
-            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            **{k: bool(v) for k, v in flags.items()},
         )
 
 
@@ -207,8 +243,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h = spec.hidden_size
         self.input_norm = RMSNorm(h, spec.rms_norm_eps)
-        self.qkv = Projection(h, spec.q_size + 2 * spec.kv_size, spec.attention_bias)
-        self.o = Projection(spec.q_size, h, spec.attention_bias)
+        self.qkv = Projection(h, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
+        # per-head norms of the queries and keys (spec.qk_norm), or None
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.o = Projection(spec.q_size, h, spec.o_bias)
         self.post_norm = RMSNorm(h, spec.rms_norm_eps)
         self.gate_up = Projection(h, 2 * spec.intermediate_size, spec.mlp_bias)
         self.down = Projection(spec.intermediate_size, h, spec.mlp_bias)
@@ -233,6 +272,17 @@ class DecoderModel(nn.Module):
         self.sin_rot: torch.Tensor | None = None
         # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
         self.kernels = None
+
+    def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
+        """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]
+        (after the adapters, before RoPE, as in HF's Qwen3Attention), in place. PyTorch's
+        op on both paths: the native decode kernel has no such step."""
+        spec = self.spec
+        q = qkv[:, : spec.q_size].view(-1, spec.num_heads, spec.head_dim)
+        k = qkv[:, spec.q_size : spec.q_size + spec.kv_size].view(-1, spec.num_kv_heads,
+                                                                  spec.head_dim)
+        q.copy_(layer.q_norm.forward(q))
+        k.copy_(layer.k_norm.forward(k))
 
     def build_rope(self, max_len: int) -> None:
         """cos/sin tables [max_len, head_dim], computed as HF does (fp32, then cast); the
@@ -272,6 +322,8 @@ class DecoderModel(nn.Module):
             qkv = layer.qkv.forward(h)
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
+            if spec.qk_norm:
+                self.norm_qk(layer, qkv)
             qk = _rope(qkv[:, : spec.q_size + spec.kv_size].view(-1, heads, spec.head_dim),
                        cos, sin)
             q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
@@ -322,6 +374,8 @@ class DecoderModel(nn.Module):
             qkv = layer.qkv.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
+            if spec.qk_norm:
+                self.norm_qk(layer, qkv)
             if nk.decode_attention_rows(
                     qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n, self.cos.data_ptr(),
                     self.sin_rot.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(),
@@ -408,7 +462,6 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     """Build a DecoderModel from a Hugging Face model directory (or hub id); with
     quantize int8 or nf4 the projections become bitsandbytes layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     try:
         cfg = AutoConfig.from_pretrained(str(model_dir))
@@ -419,7 +472,9 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     except Exception as e:  # any unreadable weights file: one clear line
         raise ModelLoadError(f"cannot load weights from {model_dir}: {_first_line(e)}") from e
-    rotary = LlamaRotaryEmbedding(cfg)
+    # The family's own rotary class, built afresh: its inv_freq is what
+    # transformers.modeling_rope_utils computes for the config's rope type (llama3, linear)
+    rotary = type(hf.model.rotary_emb)(hf.config)
     model = DecoderModel(spec, rotary.inv_freq, float(rotary.attention_scaling))
     _copy_weights(hf, model)
     del hf
@@ -446,6 +501,9 @@ def _copy_weights(hf, model: DecoderModel) -> None:
             att, mlp = layer.self_attn, layer.mlp
             dst.input_norm.weight.copy_(layer.input_layernorm.weight)
             dst.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
+            if dst.q_norm is not None:
+                dst.q_norm.weight.copy_(att.q_norm.weight)
+                dst.k_norm.weight.copy_(att.k_norm.weight)
             q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
             gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
             dst.qkv.load(torch.cat([q.weight, k.weight, v.weight]),

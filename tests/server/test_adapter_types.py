@@ -8,29 +8,13 @@ import threading
 import grpc
 import pytest
 import torch
-from support import make_lora
+from support import make_lora, make_peft_adapter
 
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 NEW_TOKENS = 32
 PROMPTS = [[1, 504, 2134, 28, 9043, 314, 7], list(range(300, 330))]
-
-
-def _peft_adapter(model_dir, out, config, seed):
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            elif p.requires_grad:
-                p.mul_(3.0)
-    model.save_pretrained(out)
-    return out
 
 
 def _bottleneck_adapter(model_dir, out, seed):
@@ -61,14 +45,14 @@ def adapter_root(tiny_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("adapters")
     lm = TaskType.CAUSAL_LM
-    _peft_adapter(tiny_model, root / "ia3", IA3Config(
+    make_peft_adapter(tiny_model, root / "ia3", IA3Config(
         task_type=lm, target_modules=["k_proj", "v_proj", "down_proj"],
         feedforward_modules=["down_proj"]), 1)
-    _peft_adapter(tiny_model, root / "prompt", PromptTuningConfig(
+    make_peft_adapter(tiny_model, root / "prompt", PromptTuningConfig(
         task_type=lm, num_virtual_tokens=5), 2)
-    _peft_adapter(tiny_model, root / "ptuning", PromptEncoderConfig(
+    make_peft_adapter(tiny_model, root / "ptuning", PromptEncoderConfig(
         task_type=lm, num_virtual_tokens=4, encoder_hidden_size=32), 3)
-    _peft_adapter(tiny_model, root / "prefix", PrefixTuningConfig(
+    make_peft_adapter(tiny_model, root / "prefix", PrefixTuningConfig(
         task_type=lm, num_virtual_tokens=6), 4)
     _bottleneck_adapter(tiny_model, root / "bottleneck", 5)
     make_lora(tiny_model, root / "lora", r=8, targets=["q_proj", "up_proj"], seed=6)

@@ -93,7 +93,7 @@ def _random_lora(spec: ModelSpec, rank: int, targets: list[str], seed: int) -> L
 # Sizes that are no multiple of a vector (16 or 8 floats): the kernel's scalar tails.
 ODD_SPEC = ModelSpec(hidden_size=40, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=20,
                      intermediate_size=75, vocab_size=100, rms_norm_eps=1e-5,
-                     max_positions=64, tie_word_embeddings=True, attention_bias=False,
+                     max_positions=64, tie_word_embeddings=True, qkv_bias=False, o_bias=False,
                      mlp_bias=False)
 
 

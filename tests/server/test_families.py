@@ -1,0 +1,206 @@
+"""Base models beyond plain Llama through the real server: greedy output equals
+transformers' generate for the base and PEFT's for adapters, token for token (fp32), for
+Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads) and Llama
+with llama3 and linear RoPE scaling, with the native decode kernels and PyTorch's ops.
+A config the decoder cannot compute exactly is refused at start, naming field and value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+import torch
+from support import make_lora, make_peft_adapter, make_tiny_model
+
+from server.engine.model import ModelLoadError, ModelSpec
+from switchboard.v1 import switchboard_pb2 as pb
+from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+
+NEW_TOKENS = 48
+# original_max_position_embeddings 32: with head_dim 16 some frequencies stay, one is
+# smoothed, the rest are divided by the factor, all within the tests' context
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+FAMILIES = {  # name: make_tiny_model arguments (all 2 layers, hidden 64, random norms)
+    "qwen2": {"model_type": "qwen2"},
+    "qwen3": {"model_type": "qwen3", "head_dim": 32},  # q/k/v 4*32 and 2*32 wide
+    "llama3-rope": {"model_type": "llama", "rope_scaling": LLAMA3_ROPE},
+    "linear-rope": {"model_type": "llama", "rope_scaling": {"rope_type": "linear",
+                                                            "factor": 4.0}},
+}
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [
+    [1, 504, 2134, 28, 9043, 314, 7],
+    list(range(200, 245)),  # chunked at 24 tokens per step
+    [42, 4242, 424, 24],
+]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, model dir, adapter root, oracle): oracle[(adapter or '', prompt index)] =
+    (tokens, logprobs) from transformers / PEFT; oracle[('default-rope', i)] the base
+    with its RoPE scaling removed (the rope families must differ from it)."""
+    from peft import IA3Config, PeftModel, PromptTuningConfig, TaskType
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    name = request.param
+    model = make_tiny_model(tmp_path_factory.mktemp(name), random_norms=True,
+                            **FAMILIES[name])
+    root = tmp_path_factory.mktemp(f"{name}-adapters")
+    make_lora(model, root / "lora", r=8, targets=ALL_MODULES, seed=11)
+    adapters = ["lora"]
+    if name == "qwen3":
+        lm = TaskType.CAUSAL_LM
+        make_peft_adapter(model, root / "ia3", IA3Config(
+            task_type=lm, target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"]), 12)
+        make_peft_adapter(model, root / "prompt", PromptTuningConfig(
+            task_type=lm, num_virtual_tokens=5), 13)
+        adapters += ["ia3", "prompt"]
+    gc = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                          pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    oracle = {}
+    for key in ["", "default-rope", *adapters]:
+        if key == "default-rope":
+            if "rope_scaling" not in FAMILIES[name]:
+                continue
+            cfg = AutoConfig.from_pretrained(model)
+            cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+            ref = AutoModelForCausalLM.from_pretrained(model, config=cfg).eval()
+        else:
+            ref = AutoModelForCausalLM.from_pretrained(model).eval()
+            if key:
+                ref = PeftModel.from_pretrained(ref, root / key).eval()
+        with torch.no_grad():
+            for i, prompt in enumerate(PROMPTS):
+                ids = torch.tensor([prompt])
+                out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   generation_config=gc)
+                toks = out.sequences[0, -NEW_TOKENS:].tolist()
+                lps = [float(torch.log_softmax(s[0].float(), -1)[t])
+                       for s, t in zip(out.scores, toks, strict=True)]
+                oracle[(key, i)] = (toks, lps)
+    return name, model, root, oracle
+
+
+def _request(adapter: str, prompt: list[int]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        adapter_id=adapter, token_ids=pb.TokenIds(ids=prompt),
+        stopping=pb.StoppingCriteria(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+        response=pb.ResponseOptions(token_ids=True, logprobs=True))
+
+
+def _check(result, expected, label):
+    tokens, logprobs = expected
+    assert list(result.token_ids) == tokens, f"{label}: tokens differ from the reference"
+    diff = max(abs(a - b) for a, b in zip(result.logprobs, logprobs, strict=True))
+    assert diff < 1e-3, f"{label}: logprob differs from the reference by {diff}"
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_family_greedy_parity(family, start_server, kernels):
+    name, model, root, oracle = family
+    keys = sorted({k for k, _ in oracle} - {"default-rope"})
+    # Adapters (and RoPE scaling) must change the output, or the test proves nothing.
+    for key in [k for k, _ in oracle if k]:
+        assert any(oracle[(key, i)][0] != oracle[("", i)][0] for i in range(len(PROMPTS))), key
+    server = start_server(
+        "--base-model", model, "--adapter-dir", root, "--max-active-adapters", 4,
+        "--max-batch-size", 16, "--max-tokens-per-step", 24, "--max-seq-len", 256,
+        "--kv-cache-memory", "32MiB", "--cpu-kernels", kernels)
+    stub = pb_grpc.TextGenerationStub(grpc.insecure_channel(server.target))
+    for key in keys:  # alone: single-row steps
+        _check(stub.Generate(_request(key, PROMPTS[0]), timeout=60), oracle[(key, 0)],
+               f"{name} {kernels} alone {key or 'base'}")
+    results, errors = {}, []
+
+    def call(key, i):
+        try:
+            results[(key, i)] = stub.Generate(_request(key, PROMPTS[i]), timeout=120)
+        except grpc.RpcError as e:
+            errors.append((key, i, e.code(), e.details()))
+
+    threads = [threading.Thread(target=call, args=(key, i))
+               for key in keys for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (key, i), result in results.items():
+        _check(result, oracle[(key, i)], f"{name} {kernels} mixed {key or 'base'} prompt {i}")
+    fallback = [line for line in server.lines if "q/k RMSNorm" in line]
+    assert len(fallback) == (1 if name == "qwen3" and kernels == "native" else 0), fallback
+
+
+def _config(model_type: str, **fields):
+    from transformers import AutoConfig
+
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(model_type)
+    fields.setdefault("architectures", [arch])
+    return AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=1024, **fields)
+
+
+@pytest.mark.parametrize("model_type, fields, message", [
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling.rope_type 'yarn' is not supported (supported: default, linear, llama3)"),
+    ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling.rope_type 'dynamic' is not supported"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 1},
+     "sliding_window 128 is not supported (sliding-window attention; "
+     "max_position_embeddings 1024)"),
+    ("mistral", {"sliding_window": 512}, "sliding_window 512 is not supported"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (silu only)"),
+    ("gpt2", {"architectures": ["GPT2LMHeadModel"]},
+     "architecture ['GPT2LMHeadModel'] (model_type 'gpt2') is not supported (supported: "
+     "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"),
+    ("qwen2", {"architectures": ["LlamaForCausalLM"]}, "model_type 'qwen2') is not supported"),
+    ("llama", {"partial_rotary_factor": 0.5},
+     "rope_scaling.partial_rotary_factor 0.5 is not supported (1.0 only)"),
+])
+def test_unsupported_config_is_refused_naming_field_and_value(model_type, fields, message):
+    with pytest.raises(ModelLoadError) as e:
+        ModelSpec.from_hf_config(_config(model_type, **fields))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 2}),
+    ("mistral", {"sliding_window": None}),
+    ("mistral", {"sliding_window": 1024}),  # never narrower than the context
+])
+def test_a_window_that_never_applies_is_served(model_type, fields):
+    assert ModelSpec.from_hf_config(_config(model_type, **fields)).num_layers == 2
+
+
+def test_switches_read_from_each_family_config():
+    q2 = ModelSpec.from_hf_config(_config("qwen2"))
+    q3 = ModelSpec.from_hf_config(_config("qwen3", head_dim=32, attention_bias=True))
+    llama = ModelSpec.from_hf_config(_config("llama", attention_bias=True, mlp_bias=True))
+    assert (q2.qkv_bias, q2.o_bias, q2.mlp_bias, q2.qk_norm) == (True, False, False, False)
+    assert (q3.qkv_bias, q3.o_bias, q3.mlp_bias, q3.qk_norm) == (True, True, False, True)
+    assert (q3.head_dim, q3.q_size, q3.hidden_size) == (32, 128, 64)
+    assert (llama.qkv_bias, llama.o_bias, llama.mlp_bias, llama.qk_norm) == (True,) * 3 + (
+        False,)
+
+
+def test_refused_model_stops_the_start_with_one_line(tmp_path):
+    """`switchboard serve` on a base it cannot run exactly: exit 2, the field and value."""
+    model = make_tiny_model(tmp_path / "yarn", model_type="qwen2",
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                          "original_max_position_embeddings": 256})
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--base-model", str(model),
+         "--adapter-dir", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
+        env=dict(os.environ), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("error: rope_scaling.rope_type 'yarn' is not supported (supported: default, "
+            "linear, llama3)") in proc.stderr
