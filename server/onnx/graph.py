@@ -46,6 +46,9 @@ class ExportDecoder(nn.Module):
         self.eps = float(cfg.rms_norm_eps)
         if getattr(cfg, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported by the ONNX export")
+        if hasattr(hf.model.layers[0].self_attn, "q_norm"):
+            raise ValueError("per-head q/k norms (Qwen3's q_norm, k_norm) are not supported "
+                             "by the ONNX export")
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         src = hf.model
