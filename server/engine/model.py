@@ -1,4 +1,4 @@
-"""A Llama-family decoder written for serving: packed tokens, a slot KV cache, adapter hooks.
+"""A Llama-style decoder written for serving: packed tokens, a slot KV cache, adapter hooks.
 
 The model has no generation logic. `forward` takes one step's packed tokens (rows in
 prefill and rows in decode mixed, sorted by adapter slot) and returns logits for the
@@ -35,7 +35,8 @@ FAMILIES = {
 }
 SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())
 # RoPE types whose inverse frequencies are fixed at load (transformers' "dynamic" and
-# "longrope" change them with the sequence length; "yarn" and others are not tested here)
+# "longrope" change them with the sequence length; "yarn" and the rest are refused
+# until a test shows them exact)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
