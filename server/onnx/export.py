@@ -5,7 +5,7 @@
 Steps: refuse what cannot be merged (soft prompts, bottleneck, 4-bit bases); load the base
 in fp32 with the adapter through PEFT (the reference); merge it (`merge_and_unload`, safe
 mode); export `ExportDecoder` as one graph; optionally quantize its weights with ONNX
-Runtime's own tools (weight-only 8- or 4-bit blocks through MatMulNBits); check parity
+Runtime's own tools (8- or 4-bit weight blocks through MatMulNBits); check parity
 against the unmerged PEFT model on sample prompts (fed the reference's greedy tokens:
 maximum logit difference and greedy agreement); only then move
 the files to `<adapter>/onnx/<variant>/` and record the export in `switchboard.json`.
@@ -275,10 +275,12 @@ def _export_graph(merged, path: Path, opset: int) -> None:
 
 
 def _quantize(src: Path, dst: Path, quantize: str) -> None:
-    """Weight-only block quantization (MatMulNBits, blocks of 32 along the input, one
-    scale each): 8 or 4 bits. Activations keep their range; dynamic int8 quantization
-    (one scale per activation tensor) lost the default model to its outlier activations
-    (max |logit diff| 14, a third of greedy tokens wrong)."""
+    """Block quantization of the weights (MatMulNBits, blocks of 32 along the input, one
+    scale each): 8 or 4 bits. With accuracy_level 4, ONNX Runtime's CPU kernel also
+    rounds each input to int8 on the fly, one scale per block of 32 (docs/onnx.md; checked
+    by benchmarks/onnx.py) -- finer than dynamic int8 quantization with one scale per
+    activation tensor, which lost the default model to its outlier activations (max
+    |logit diff| 14, a third of greedy tokens wrong)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
