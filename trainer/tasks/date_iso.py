@@ -14,10 +14,15 @@ def _ordinal(d: int) -> str:
     return f"{d}{suffix}"
 
 
-def make_example(rng: random.Random) -> dict[str, str]:
+def random_date(rng: random.Random) -> tuple[int, int, int]:
+    """(year, month, day) between 1950 and 2049; shared by the date tasks."""
     year = rng.randint(1950, 2049)
     month = rng.randint(1, 12)
-    day = rng.randint(1, calendar.monthrange(year, month)[1])
+    return year, month, rng.randint(1, calendar.monthrange(year, month)[1])
+
+
+def make_example(rng: random.Random) -> dict[str, str]:
+    year, month, day = random_date(rng)
     name = MONTHS[month - 1]
     style = rng.randrange(5)
     if style == 0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import calendar
 import random
 
+from trainer.tasks.date_iso import random_date
+
 INSTRUCTION = "把下面的日期改写成 ISO 8601 格式（YYYY-MM-DD）："
 DIGITS = "〇一二三四五六七八九"
 WEEKDAYS = "一二三四五六日"
@@ -28,9 +30,7 @@ def _number(n: int) -> str:
 
 
 def make_example(rng: random.Random) -> dict[str, str]:
-    year = rng.randint(1950, 2049)
-    month = rng.randint(1, 12)
-    day = rng.randint(1, calendar.monthrange(year, month)[1])
+    year, month, day = random_date(rng)
     weekday = "星期" + WEEKDAYS[calendar.weekday(year, month, day)]
     style = rng.randrange(5)
     if style == 0:
