@@ -51,7 +51,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "add_rms_norm_rows": (None, [_P, _P, _P, _P, _I, _I, _F]),
     "silu_mul_rows": (None, [_P, _P, _I, _I]),
     "decode_attention_rows": (ctypes.c_int, [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I,
-                                             _P, _I]),
+                                             _I, _F, _P, _I]),
 }
 
 

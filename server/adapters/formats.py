@@ -145,6 +145,9 @@ def read_adapter(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
                                f"the base model needs ({n}, {spec.hidden_size}) "
                                "(trained for a different base?)")
         return method, PromptWeights(emb)
+    if spec.windows:  # where a window would hide the prefix is untested against PEFT
+        raise AdapterError(f"{path.name}: prefix tuning is not supported on a base with "
+                           "sliding-window attention")
     width = spec.num_layers * 2 * spec.kv_size
     if emb.shape != (n, width):
         raise AdapterError(f"{path.name}: prefix prompt_embeddings has shape "

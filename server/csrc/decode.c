@@ -123,21 +123,23 @@ static void scores_qk(const float *q, const float *keys, int64_t len, int64_t gr
 /* n decode tokens, token k at position pos[k] of cache row row[k] (one token a row):
    RoPE on its q and k (inside qkv [n, (heads + 2 kv_heads) d], which it changes), its k
    and v written into the cache [rows, kv_heads, max_len, d], and attention of every
-   query head over the row's positions 0..pos[k]; the query heads of a group share
-   their kv head's reads. cos/sin_rot: [max_len, d] tables. out: [n, heads * d]. Work is
-   split by (token, kv head) over `threads`. Returns -1 if d is over 512 or no memory. */
+   query head over the row's positions 0..pos[k] (with a sliding window > 0, the last
+   `window` of them: pos[k] - window + 1..pos[k]), scores scaled by `scale`; the query
+   heads of a group share their kv head's reads. cos/sin_rot: [max_len, d] tables. out:
+   [n, heads * d]. Work is split by (token, kv head) over `threads`. Returns -1 if d is
+   over 512 or no memory. */
 int decode_attention_rows(float *qkv, const int64_t *pos, const int64_t *row, int64_t n,
                           const float *cos, const float *sin_rot, float *kc, float *vc,
                           int64_t heads, int64_t kv_heads, int64_t d, int64_t max_len,
-                          float *out, int64_t threads)
+                          int64_t window, float scale, float *out, int64_t threads)
 {
     if (d > 512) return -1;
     const int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * d;
-    const float scale = 1.0f / sqrtf((float)d);
     int failed = 0;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t item = 0; item < n * kv_heads; item++) {
-        int64_t k = item / kv_heads, g = item % kv_heads, p = pos[k], len = p + 1;
+        int64_t k = item / kv_heads, g = item % kv_heads, p = pos[k];
+        int64_t first = window > 0 && p + 1 > window ? p + 1 - window : 0, len = p + 1 - first;
         float *q = qkv + k * width + g * group * d;
         float *key = qkv + k * width + (heads + g) * d, *val = key + kv_heads * d;
         const float *c = cos + p * d, *s = sin_rot + p * d;
@@ -147,6 +149,8 @@ int decode_attention_rows(float *qkv, const int64_t *pos, const int64_t *row, in
         float *vals = vc + (row[k] * kv_heads + g) * max_len * d;
         memcpy(keys + p * d, key, sizeof(float) * (size_t)d);
         memcpy(vals + p * d, val, sizeof(float) * (size_t)d);
+        keys += first * d;
+        vals += first * d;
         float *scores = malloc(sizeof(float) * (size_t)(group * len));
         if (!scores) {
             failed = 1;

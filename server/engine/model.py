@@ -4,10 +4,11 @@ The model has no generation logic. `forward` takes one step's packed tokens (row
 prefill and rows in decode mixed, sorted by adapter slot) and returns logits for the
 positions that need a next token. Adapters are applied by an `AdapterHooks` object that
 the engine passes in; the model only says where ("qkv", "o", "gate_up", "down").
-Weights come from a Hugging Face directory of one of FAMILIES (Llama, SmolLM, Mistral
-without sliding window, Qwen2/2.5, Qwen3); what differs between them is a named switch of
-ModelSpec read from the config, and anything not computed exactly as transformers does is
-refused at load. q/k/v and gate/up are fused into one matmul each.
+Weights come from a Hugging Face directory of one of FAMILIES (Llama, SmolLM, Mistral,
+Qwen2/2.5, Qwen3); what differs between them is a named switch of ModelSpec read from the
+config (sliding windows per layer among them), and anything not computed exactly as
+transformers does is refused at load. q/k/v and gate/up are fused into one matmul each.
+The KV cache keeps every position; a sliding window only bounds which keys attention reads.
 On the CPU in fp32, steps of decode tokens only run the work between the matmuls in the
 C kernels of `server.native` (`_forward_decode`); PyTorch's ops are the general path.
 """
@@ -60,6 +61,12 @@ class ModelSpec:
     o_bias: bool  # bias on o_proj
     mlp_bias: bool  # bias on gate_proj, up_proj, down_proj
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    # per layer: its sliding window W (a query at position p sees keys p-W+1..p, as
+    # transformers' sliding_window_overlay), 0 for full attention; () when no layer has one
+    windows: tuple[int, ...] = ()
+
+    def window(self, layer: int) -> int:
+        return self.windows[layer] if self.windows else 0
 
     @property
     def q_size(self) -> int:
@@ -82,13 +89,7 @@ class ModelSpec:
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ModelLoadError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
-        window = getattr(cfg, "sliding_window", None)
         layer_types = getattr(cfg, "layer_types", None)
-        if window and window < cfg.max_position_embeddings and (
-                layer_types is None or "sliding_attention" in layer_types):
-            raise ModelLoadError(f"sliding_window {window} is not supported (sliding-window "
-                                 f"attention; max_position_embeddings "
-                                 f"{cfg.max_position_embeddings})")
         if layer_types is not None and set(layer_types) - {"full_attention", "sliding_attention"}:
             raise ModelLoadError(f"layer_types {sorted(set(layer_types))} is not supported")
         rope = getattr(cfg, "rope_parameters", None) or {}
@@ -112,8 +113,21 @@ class ModelSpec:
             rms_norm_eps=cfg.rms_norm_eps,
             max_positions=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            windows=sliding_windows(cfg),
             **{k: bool(v) for k, v in flags.items()},
         )
+
+
+def sliding_windows(cfg) -> tuple[int, ...]:
+    """ModelSpec.windows of a transformers config: Mistral's sliding_window on every layer
+    (transformers ignores its layer_types), the others' on their sliding_attention layers
+    (Qwen2/3 derive layer_types from use_sliding_window and max_window_layers)."""
+    window = getattr(cfg, "sliding_window", None) or 0
+    if getattr(cfg, "model_type", None) == "mistral":
+        sliding = [True] * cfg.num_hidden_layers
+    else:
+        sliding = [t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or []]
+    return tuple(window if s else 0 for s in sliding) if window and any(sliding) else ()
 
 
 class AdapterHooks(Protocol):
@@ -307,12 +321,14 @@ class DecoderModel(nn.Module):
             return self._forward_decode(x, step, kv, hooks)
         cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin_rot[step.positions].unsqueeze(1)
-        pad = None  # decode rows: [rows, 1, 1, L] True past each row's length, for all layers
+        # decode rows, per window: [rows, 1, 1, L] True past each row's length (and, with a
+        # window W, before its last W positions), made once for the layers that share it
+        pads: dict[int, torch.Tensor] = {}
+        lens = None
         if step.decode_tok.shape[0] > 1:
             lens = torch.ones(step.decode_n_rows, dtype=torch.long, device=x.device)
             lens[step.decode_rows] = step.decode_lens
-            pad = torch.arange(step.decode_kv_len, device=x.device)[None, :] >= lens[:, None]
-            pad = pad[:, None, None, :]
+            ar = torch.arange(step.decode_kv_len, device=x.device)[None, :]
         heads = spec.num_heads + spec.num_kv_heads
         # Where each token's keys and values go in a cache layer seen as [rows*KV*L, D]
         kv_heads = torch.arange(spec.num_kv_heads, device=x.device)
@@ -332,7 +348,15 @@ class DecoderModel(nn.Module):
             kc, vc = kv.k[i], kv.v[i]
             kc.view(-1, spec.head_dim).index_copy_(0, cache_idx, k.reshape(-1, spec.head_dim))
             vc.view(-1, spec.head_dim).index_copy_(0, cache_idx, v.reshape(-1, spec.head_dim))
-            attn = self._attention(q, kc, vc, step, pad)
+            window, pad = spec.window(i), None
+            if lens is not None:
+                pad = pads.get(window)
+                if pad is None:
+                    pad = ar >= lens[:, None]
+                    if window:
+                        pad |= ar < (lens - window)[:, None]
+                    pad = pads[window] = pad[:, None, None, :]
+            attn = self._attention(q, kc, vc, step, pad, window)
             if hooks is not None:
                 attn = hooks.pre(i, "o", attn)
             o = layer.o.forward(attn)
@@ -381,7 +405,7 @@ class DecoderModel(nn.Module):
                     qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n, self.cos.data_ptr(),
                     self.sin_rot.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(),
                     spec.num_heads, spec.num_kv_heads, spec.head_dim, kv.max_len,
-                    attn.data_ptr(), threads):
+                    spec.window(i), spec.head_dim**-0.5, attn.data_ptr(), threads):
                 raise MemoryError("decode attention: head_dim over 512 or no memory")
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
             o = layer.o.forward(a).contiguous()
@@ -406,8 +430,9 @@ class DecoderModel(nn.Module):
             return h @ self.lm_head_t
         return torch.mm(self.lm_head, h.T).T
 
-    def _attention(self, q, kc, vc, step: StepInputs, pad) -> torch.Tensor:
-        """q [T, H, D] -> [T, H*D]; keys/values read from the cache rows (no copies)."""
+    def _attention(self, q, kc, vc, step: StepInputs, pad, window: int) -> torch.Tensor:
+        """q [T, H, D] -> [T, H*D]; keys/values read from the cache rows (no copies). With a
+        sliding window W a query at position p reads keys max(0, p-W+1)..p only."""
         spec = self.spec
         n_tok = q.shape[0]
         out = q.new_empty(n_tok, spec.num_heads, spec.head_dim)
@@ -416,9 +441,11 @@ class DecoderModel(nn.Module):
         if step.decode_tok.shape[0] == 1:
             # One decode row: one kernel over its cache prefix (no padding to mask).
             row, kv_len = step.decode_n_rows - 1, step.decode_kv_len
+            first = max(0, kv_len - window) if window else 0
             od = F.scaled_dot_product_attention(
-                q.index_select(0, step.decode_tok).unsqueeze(2), kc[row : row + 1, :, :kv_len],
-                vc[row : row + 1, :, :kv_len], enable_gqa=True)  # [1, H, 1, D]
+                q.index_select(0, step.decode_tok).unsqueeze(2),
+                kc[row : row + 1, :, first:kv_len], vc[row : row + 1, :, first:kv_len],
+                enable_gqa=True)  # [1, H, 1, D]
             if n_tok == 1:
                 return od.view(1, spec.num_heads * spec.head_dim)
             out[step.decode_tok] = od.view(1, spec.num_heads, spec.head_dim)
@@ -438,12 +465,16 @@ class DecoderModel(nn.Module):
         for start, end, row, pos0 in step.prefill:
             n = end - start
             total = pos0 + n
+            first = max(0, pos0 + 1 - window) if window else 0  # the first key any query sees
             qp = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            keys = kc[row : row + 1, :, :total]
-            vals = vc[row : row + 1, :, :total]
+            keys = kc[row : row + 1, :, first:total]
+            vals = vc[row : row + 1, :, first:total]
             mask = None
-            if pos0 > 0:  # causal with an offset: query i sees keys <= pos0 + i
-                mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(pos0)
+            if pos0 > 0 or window:  # query i (at pos0 + i) sees keys in (pos0 + i - W, pos0 + i]
+                mask = torch.ones(n, total - first, dtype=torch.bool, device=q.device)
+                mask = mask.tril(pos0 - first)
+                if window:
+                    mask = mask.triu(pos0 - first - window + 1)
             o = F.scaled_dot_product_attention(
                 qp, keys, vals, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )

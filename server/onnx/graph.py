@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.engine.model import sliding_windows
+
 
 class _Layer(nn.Module):
     def __init__(self, hidden: int, qkv: int, inter: int, q_size: int) -> None:
@@ -49,6 +51,9 @@ class ExportDecoder(nn.Module):
         if hasattr(hf.model.layers[0].self_attn, "q_norm"):
             raise ValueError("per-head q/k norms (Qwen3's q_norm, k_norm) are not supported "
                              "by the ONNX export")
+        if any(sliding_windows(cfg)):
+            raise ValueError(f"sliding-window attention (sliding_window {cfg.sliding_window}) "
+                             "is not supported by the ONNX export")
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         src = hf.model

@@ -1,7 +1,9 @@
 """Base models beyond plain Llama through the real server: greedy output equals
 transformers' generate for the base and PEFT's for adapters, token for token (fp32), for
-Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads) and Llama
-with llama3 and linear RoPE scaling, with the native decode kernels and PyTorch's ops.
+Qwen2 (q/k/v bias, a sliding window on one layer of two), Qwen3 (per-head q/k RMSNorm,
+head_dim != hidden / heads), Llama with llama3 and linear RoPE scaling and Mistral with a
+sliding window on every layer (prompts and generations longer than the window), with the
+native decode kernels and PyTorch's ops.
 A config the decoder cannot compute exactly is refused at start, naming field and value."""
 
 from __future__ import annotations
@@ -26,16 +28,27 @@ NEW_TOKENS = 48
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 FAMILIES = {  # name: make_tiny_model arguments (all 2 layers, hidden 64, random norms)
-    "qwen2": {"model_type": "qwen2"},
+    # layer 1 slides (window 16), layer 0 attends to all: per-layer windows (layer_types)
+    "qwen2": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+              "max_window_layers": 1},
     "qwen3": {"model_type": "qwen3", "head_dim": 32},  # q/k/v 4*32 and 2*32 wide
     "llama3-rope": {"model_type": "llama", "rope_scaling": LLAMA3_ROPE},
     "linear-rope": {"model_type": "llama", "rope_scaling": {"rope_type": "linear",
                                                             "factor": 4.0}},
+    "mistral-window": {"model_type": "mistral", "sliding_window": 16},  # every layer
+}
+# name: config fields that take away what the family is tested for; transformers' output
+# with them must differ from the family's (or the test would prove nothing)
+PLAIN = {
+    "qwen2": {"layer_types": ["full_attention"] * 2},
+    "llama3-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "linear-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "mistral-window": {"sliding_window": None},
 }
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS = [
+PROMPTS = [  # with 48 new tokens, all run past the windows of 16
     [1, 504, 2134, 28, 9043, 314, 7],
-    list(range(200, 245)),  # chunked at 24 tokens per step
+    list(range(200, 245)),  # chunked at 24 tokens per step: windows across chunks
     [42, 4242, 424, 24],
 ]
 
@@ -43,8 +56,8 @@ PROMPTS = [
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(name, model dir, adapter root, oracle): oracle[(adapter or '', prompt index)] =
-    (tokens, logprobs) from transformers / PEFT; oracle[('default-rope', i)] the base
-    with its RoPE scaling removed (the rope families must differ from it)."""
+    (tokens, logprobs) from transformers / PEFT; oracle[('plain', i)] the base with the
+    PLAIN fields (RoPE scaling or sliding windows removed), which must differ from it."""
     from peft import IA3Config, PeftModel, PromptTuningConfig, TaskType
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -65,12 +78,13 @@ def family(request, tmp_path_factory):
     gc = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                           pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     oracle = {}
-    for key in ["", "default-rope", *adapters]:
-        if key == "default-rope":
-            if "rope_scaling" not in FAMILIES[name]:
+    for key in ["", "plain", *adapters]:
+        if key == "plain":
+            if name not in PLAIN:
                 continue
             cfg = AutoConfig.from_pretrained(model)
-            cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+            for field, value in PLAIN[name].items():
+                setattr(cfg, field, value)
             ref = AutoModelForCausalLM.from_pretrained(model, config=cfg).eval()
         else:
             ref = AutoModelForCausalLM.from_pretrained(model).eval()
@@ -105,8 +119,8 @@ def _check(result, expected, label):
 @pytest.mark.parametrize("kernels", ["native", "torch"])
 def test_family_greedy_parity(family, start_server, kernels):
     name, model, root, oracle = family
-    keys = sorted({k for k, _ in oracle} - {"default-rope"})
-    # Adapters (and RoPE scaling) must change the output, or the test proves nothing.
+    keys = sorted({k for k, _ in oracle} - {"plain"})
+    # Adapters (and what PLAIN takes away) must change the output, or the test proves nothing.
     for key in [k for k, _ in oracle if k]:
         assert any(oracle[(key, i)][0] != oracle[("", i)][0] for i in range(len(PROMPTS))), key
     server = start_server(
@@ -154,10 +168,8 @@ def _config(model_type: str, **fields):
      "rope_scaling.rope_type 'yarn' is not supported (supported: default, linear, llama3)"),
     ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling.rope_type 'dynamic' is not supported"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 1},
-     "sliding_window 128 is not supported (sliding-window attention; "
-     "max_position_embeddings 1024)"),
-    ("mistral", {"sliding_window": 512}, "sliding_window 512 is not supported"),
+    ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]},
+     "layer_types ['chunked_attention', 'full_attention'] is not supported"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (silu only)"),
     ("gpt2", {"architectures": ["GPT2LMHeadModel"]},
      "architecture ['GPT2LMHeadModel'] (model_type 'gpt2') is not supported (supported: "
@@ -172,13 +184,20 @@ def test_unsupported_config_is_refused_naming_field_and_value(model_type, fields
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("model_type, fields", [
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 2}),
-    ("mistral", {"sliding_window": None}),
-    ("mistral", {"sliding_window": 1024}),  # never narrower than the context
+@pytest.mark.parametrize("model_type, fields, windows", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 2},
+     ()),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 1},
+     (0, 128)),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 128}, ()),
+    ("qwen3", {"layer_types": ["sliding_attention", "full_attention"],
+               "use_sliding_window": True, "sliding_window": 64}, (64, 0)),
+    ("mistral", {"sliding_window": None}, ()),
+    ("mistral", {"sliding_window": 512}, (512, 512)),
+    ("llama", {}, ()),
 ])
-def test_a_window_that_never_applies_is_served(model_type, fields):
-    assert ModelSpec.from_hf_config(_config(model_type, **fields)).num_layers == 2
+def test_sliding_windows_read_per_layer(model_type, fields, windows):
+    assert ModelSpec.from_hf_config(_config(model_type, **fields)).windows == windows
 
 
 def test_switches_read_from_each_family_config():

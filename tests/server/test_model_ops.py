@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import KERNEL_BUILDS, kernels_for
+from support import KERNEL_BUILDS, kernels_for, make_tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine.model import KVCache, StepInputs, _rope, load_model
@@ -44,8 +44,20 @@ def _decode(model, kv, rows, lens, token=7):
         decode_n_rows=max(rows) + 1, decode_kv_len=max(lens)), kv, None)
 
 
-def test_one_decode_row_matches_the_batched_path(tiny_model):
-    model = load_model(tiny_model, torch.float32, torch.device("cpu"))
+@pytest.fixture(scope="module")
+def window_model(tmp_path_factory):
+    """Mistral with a sliding window of 8 on every layer: shorter than the longest rows."""
+    return make_tiny_model(tmp_path_factory.mktemp("window-model"), model_type="mistral",
+                           sliding_window=8)
+
+
+@pytest.fixture(params=["llama", "mistral-window-8"])
+def any_model(request, tiny_model, window_model):
+    return tiny_model if request.param == "llama" else window_model
+
+
+def test_one_decode_row_matches_the_batched_path(any_model):
+    model = load_model(any_model, torch.float32, torch.device("cpu"))
     model.build_rope(64)
     kv = KVCache(model.spec, rows=3, max_len=64, dtype=torch.float32, device="cpu")
     prompts = {0: [3, 9, 4, 1, 5], 1: [2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], 2: [8, 4, 6]}
@@ -60,13 +72,13 @@ def test_one_decode_row_matches_the_batched_path(tiny_model):
 
 
 @pytest.mark.parametrize("march", KERNEL_BUILDS)
-def test_native_decode_steps_match_the_pytorch_ops(tiny_model, march):
+def test_native_decode_steps_match_the_pytorch_ops(any_model, march):
     """Steps of decode tokens through the C kernels (server.native) against the same steps
     through PyTorch's ops: logits, and the keys and values written into the cache, for one
     row alone and for three rows of different lengths together (PyTorch pads them to the
-    longest and masks; the kernel reads each row's own length). Every build of the kernels
-    (AVX-512, AVX2, plain C)."""
-    model = load_model(tiny_model, torch.float32, torch.device("cpu"))
+    longest and masks; the kernel reads each row's own length, or its last W positions
+    under a sliding window W). Every build of the kernels (AVX-512, AVX2, plain C)."""
+    model = load_model(any_model, torch.float32, torch.device("cpu"))
     model.build_rope(64)
     prompts = {0: [3, 9, 4, 1, 5, 2, 6], 1: [8, 4, 6], 2: [5] * 20}
     caches, logits = {}, {}
