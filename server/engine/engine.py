@@ -92,9 +92,9 @@ class Engine(RequestLoop):
         self.kv = KVCache(self.spec, rows, self.max_seq_len, self.dtype, self.device)
         self.kernels = native.pick(config.cpu_kernels, self.device, self.dtype)
         self.model.kernels = self.kernels
-        if self.kernels is not None and self.spec.qk_norm:
-            log.info("cpu kernels: decode steps run the per-head q/k RMSNorm (q_norm, "
-                     "k_norm) with PyTorch ops, the rest of the step with the native kernels")
+        if self.kernels is not None and self.model.native_fallbacks():
+            log.info("cpu kernels: decode steps run %s with PyTorch ops, the rest of the step "
+                     "with the native kernels", " and ".join(self.model.native_fallbacks()))
         self.table = LoraSlotTable(self.spec, config.max_active_adapters, config.max_lora_rank,
                                    self.dtype, self.device, self.kernels)
         self.fingerprint = model_fingerprint(model_dir)

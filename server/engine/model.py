@@ -5,10 +5,11 @@ prefill and rows in decode mixed, sorted by adapter slot) and returns logits for
 positions that need a next token. Adapters are applied by an `AdapterHooks` object that
 the engine passes in; the model only says where ("qkv", "o", "gate_up", "down").
 Weights come from a Hugging Face directory of one of FAMILIES (Llama, SmolLM, Mistral,
-Qwen2/2.5, Qwen3); what differs between them is a named switch of ModelSpec read from the
-config (sliding windows per layer among them), and anything not computed exactly as
-transformers does is refused at load. q/k/v and gate/up are fused into one matmul each.
-The KV cache keeps every position; a sliding window only bounds which keys attention reads.
+Qwen2/2.5, Qwen3, Gemma 3 text); what differs between them is a named switch of
+ModelSpec read from the config (sliding windows per layer among them), and anything not
+computed exactly as transformers does is refused at load. q/k/v and gate/up are fused
+into one matmul each. The KV cache keeps every position; a sliding window only bounds
+which keys attention reads.
 On the CPU in fp32, steps of decode tokens only run the work between the matmuls in the
 C kernels of `server.native` (`_forward_decode`); PyTorch's ops are the general path.
 """
@@ -33,12 +34,21 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", lambda c: {"qkv_bias": True}),  # o_proj has none
     "qwen3": ("Qwen3ForCausalLM", lambda c: {
         "qkv_bias": c.attention_bias, "o_bias": c.attention_bias, "qk_norm": True}),
+    "gemma3_text": ("Gemma3ForCausalLM", lambda c: {
+        "qkv_bias": c.attention_bias, "o_bias": c.attention_bias, "qk_norm": True,
+        "gemma": True,
+        "attn_scalar": float(c.query_pre_attn_scalar),
+        "logit_softcap": float(c.final_logit_softcapping or 0.0),
+        "rope_tables": tuple(int(t == "sliding_attention") for t in c.layer_types)}),
 }
 SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())
 # RoPE types whose inverse frequencies are fixed at load (transformers' "dynamic" and
 # "longrope" change them with the sequence length; "yarn" and the rest are refused
 # until a test shows them exact)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# the config's activation name -> the gated MLP's activation, as transformers' ACT2FN has it
+ACTIVATIONS = {"silu": F.silu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class ModelLoadError(Exception):
@@ -61,12 +71,29 @@ class ModelSpec:
     o_bias: bool  # bias on o_proj
     mlp_bias: bool  # bias on gate_proj, up_proj, down_proj
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    activation: str = "silu"  # of the gated MLP, a key of ACTIVATIONS
+    # Gemma 3: every RMSNorm scales by (1 + weight) in fp32; the attention and MLP outputs
+    # are normalized before their residual adds (4 norms a layer); embeddings scaled by
+    # sqrt(hidden) (in the embedding dtype)
+    gemma: bool = False
+    attn_scalar: float = 0.0  # attention scores scaled by attn_scalar**-0.5 (0: head_dim)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) when > 0
+    # per layer: which RoPE table it uses, 0 the global one, 1 the local one (Gemma 3's
+    # sliding layers, rope_local_base_freq); () when there is one table
+    rope_tables: tuple[int, ...] = ()
     # per layer: its sliding window W (a query at position p sees keys p-W+1..p, as
     # transformers' sliding_window_overlay), 0 for full attention; () when no layer has one
     windows: tuple[int, ...] = ()
 
     def window(self, layer: int) -> int:
         return self.windows[layer] if self.windows else 0
+
+    def rope_table(self, layer: int) -> int:
+        return self.rope_tables[layer] if self.rope_tables else 0
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_size(self) -> int:
@@ -87,21 +114,32 @@ class ModelSpec:
             raise ModelLoadError(
                 f"architecture {archs} (model_type {model_type!r}) is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+        act_field = "hidden_activation" if hasattr(cfg, "hidden_activation") else "hidden_act"
+        act = getattr(cfg, act_field, "silu")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"{act_field} {act!r} is not supported (supported: "
+                                 f"{', '.join(ACTIVATIONS)})")
+        for field in ("attn_logit_softcapping", "use_bidirectional_attention"):
+            if getattr(cfg, field, None):
+                raise ModelLoadError(f"{field} {getattr(cfg, field)!r} is not supported")
         layer_types = getattr(cfg, "layer_types", None)
         if layer_types is not None and set(layer_types) - {"full_attention", "sliding_attention"}:
             raise ModelLoadError(f"layer_types {sorted(set(layer_types))} is not supported")
         rope = getattr(cfg, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelLoadError(f"rope_scaling.rope_type {rope_type!r} is not supported "
-                                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ModelLoadError(f"rope_scaling.partial_rotary_factor "
-                                 f"{rope['partial_rotary_factor']} is not supported (1.0 only)")
+        # Gemma 3 has one set of parameters per layer type
+        for params in [rope[t] for t in ("full_attention", "sliding_attention") if t in rope] \
+                or [rope]:
+            rope_type = (params or {}).get("rope_type", "default")
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ModelLoadError(f"rope_scaling.rope_type {rope_type!r} is not supported "
+                                     f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            factor = (params or {}).get("partial_rotary_factor", 1.0)
+            if factor != 1.0:
+                raise ModelLoadError(f"rope_scaling.partial_rotary_factor {factor} is not "
+                                     "supported (1.0 only)")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        flags = {"qkv_bias": False, "o_bias": False, "mlp_bias": False} | switches(cfg)
+        flags = {"qkv_bias": False, "o_bias": False, "mlp_bias": False, "activation": act}
+        flags |= switches(cfg)
         return cls(
             hidden_size=cfg.hidden_size,
             num_layers=cfg.num_hidden_layers,
@@ -114,7 +152,7 @@ class ModelSpec:
             max_positions=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             windows=sliding_windows(cfg),
-            **{k: bool(v) for k, v in flags.items()},
+            **flags,
         )
 
 
@@ -187,14 +225,18 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """Llama's RMSNorm; with `upcast` Gemma's, whose weight (loaded as 1 + HF's weight, and
+    kept in fp32) multiplies in fp32 before the cast back to x's dtype."""
+
+    def __init__(self, size: int, eps: float, upcast: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.upcast = upcast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; same result as below in fp32
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32 or self.upcast:  # one fused kernel; as below in fp32
+            return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -257,34 +299,46 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         h = spec.hidden_size
-        self.input_norm = RMSNorm(h, spec.rms_norm_eps)
+
+        def norm(size: int) -> RMSNorm:
+            return RMSNorm(size, spec.rms_norm_eps, upcast=spec.gemma)
+
+        self.input_norm = norm(h)
         self.qkv = Projection(h, spec.q_size + 2 * spec.kv_size, spec.qkv_bias)
         # per-head norms of the queries and keys (spec.qk_norm), or None
-        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.q_norm = norm(spec.head_dim) if spec.qk_norm else None
+        self.k_norm = norm(spec.head_dim) if spec.qk_norm else None
         self.o = Projection(spec.q_size, h, spec.o_bias)
-        self.post_norm = RMSNorm(h, spec.rms_norm_eps)
+        # spec.gemma: norms of the attention output and of the MLP output, or None
+        self.attn_out_norm = norm(h) if spec.gemma else None
+        self.post_norm = norm(h)  # the MLP's input norm
         self.gate_up = Projection(h, 2 * spec.intermediate_size, spec.mlp_bias)
         self.down = Projection(spec.intermediate_size, h, spec.mlp_bias)
+        self.mlp_out_norm = norm(h) if spec.gemma else None
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec, inv_freq: torch.Tensor, rope_scaling: float) -> None:
+    def __init__(self, spec: ModelSpec, ropes: list[tuple[torch.Tensor, float]]) -> None:
+        """ropes: (inv_freq, attention scaling) of each RoPE table (spec.rope_tables)."""
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # spec.gemma: sqrt(hidden) as HF's Gemma3TextScaledWordEmbedding has it (fp32, then
+        # the model's dtype: model.to casts it), or None
+        self.register_buffer("embed_scale", torch.tensor(spec.hidden_size**0.5)
+                             if spec.gemma else None, persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, upcast=spec.gemma)
         # [vocab, hidden]; logits are computed as W @ x^T, the fastest layout for it.
         self.lm_head = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty(spec.vocab_size, spec.hidden_size))
         # CPU only: a [hidden, vocab] copy for steps with one row, where x @ W^T reads the
         # weights at 1.7x the speed of W @ x^T (and the opposite holds from 2 rows up).
         self.register_buffer("lm_head_t", None, persistent=False)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.rope_scaling = rope_scaling
-        self.cos: torch.Tensor | None = None
-        self.sin_rot: torch.Tensor | None = None
+        self.inv_freqs = [inv_freq.float() for inv_freq, _ in ropes]  # kept fp32 on the CPU
+        self.rope_scalings = [scaling for _, scaling in ropes]
+        self.cos: list[torch.Tensor] = []  # per RoPE table, made by build_rope
+        self.sin_rot: list[torch.Tensor] = []
         # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
         self.kernels = None
 
@@ -300,27 +354,51 @@ class DecoderModel(nn.Module):
         k.copy_(layer.k_norm.forward(k))
 
     def build_rope(self, max_len: int) -> None:
-        """cos/sin tables [max_len, head_dim], computed as HF does (fp32, then cast); the
-        sin table's first half negated for `_rope`."""
-        pos = torch.arange(max_len, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dtype = self.embed.weight.dtype
-        self.cos = (emb.cos() * self.rope_scaling).to(dtype)
-        sin = (emb.sin() * self.rope_scaling).to(dtype)
-        half = sin.shape[-1] // 2
-        self.sin_rot = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        """cos/sin tables [max_len, head_dim] of each RoPE table, computed as HF does (fp32,
+        then cast); the sin table's first half negated for `_rope`."""
+        device, dtype = self.embed.weight.device, self.embed.weight.dtype
+        self.cos, self.sin_rot = [], []
+        for inv_freq, scaling in zip(self.inv_freqs, self.rope_scalings, strict=True):
+            pos = torch.arange(max_len, device=device, dtype=torch.float32)
+            freqs = pos[:, None] * inv_freq.to(device)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos.append((emb.cos() * scaling).to(dtype))
+            sin = (emb.sin() * scaling).to(dtype)
+            half = sin.shape[-1] // 2
+            self.sin_rot.append(torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+
+    def native_fallbacks(self) -> list[str]:
+        """What steps of decode tokens run with PyTorch ops when the native kernels run the
+        rest (they have no such step)."""
+        spec = self.spec
+        return (["the per-head q/k RMSNorm (q_norm, k_norm)"] if spec.qk_norm else []) + (
+            [f"the {spec.activation} activation"] if spec.activation != "silu" else [])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, hidden] after the final norm -> [R, vocab]."""
+        if x.shape[0] == 1 and self.lm_head_t is not None:
+            logits = x @ self.lm_head_t
+        else:
+            logits = torch.mm(self.lm_head, x.T).T
+        cap = self.spec.logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _mlp_act(self, gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu.chunk(2, dim=-1)
+        return ACTIVATIONS[self.spec.activation](gate) * up
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv: KVCache, hooks: AdapterHooks | None) -> torch.Tensor:
         spec = self.spec
         x = self.embed(step.input_ids)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         if step.embed_override is not None:
             x[step.embed_override[0]] = step.embed_override[1]
         if self.kernels is not None and not step.prefill:  # decode tokens only
             return self._forward_decode(x, step, kv, hooks)
-        cos = self.cos[step.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin_rot[step.positions].unsqueeze(1)
+        cos = [c[step.positions].unsqueeze(1) for c in self.cos]  # per table [T, 1, D]
+        sin = [s[step.positions].unsqueeze(1) for s in self.sin_rot]
         # decode rows, per window: [rows, 1, 1, L] True past each row's length (and, with a
         # window W, before its last W positions), made once for the layers that share it
         pads: dict[int, torch.Tensor] = {}
@@ -341,8 +419,9 @@ class DecoderModel(nn.Module):
                 hooks.linear(i, "qkv", h, qkv)
             if spec.qk_norm:
                 self.norm_qk(layer, qkv)
+            t = spec.rope_table(i)
             qk = _rope(qkv[:, : spec.q_size + spec.kv_size].view(-1, heads, spec.head_dim),
-                       cos, sin)
+                       cos[t], sin[t])
             q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
             v = qkv[:, spec.q_size + spec.kv_size :]
             kc, vc = kv.k[i], kv.v[i]
@@ -362,23 +441,19 @@ class DecoderModel(nn.Module):
             o = layer.o.forward(attn)
             if hooks is not None:
                 hooks.linear(i, "o", attn, o)
-            x += o
+            x += o if layer.attn_out_norm is None else layer.attn_out_norm.forward(o)
             h = layer.post_norm.forward(x)
             gu = layer.gate_up.forward(h)
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+            act = self._mlp_act(gu)
             if hooks is not None:
                 act = hooks.pre(i, "down", act)
             down = layer.down.forward(act)
             if hooks is not None:
                 hooks.linear(i, "down", act, down)
-            x += down
-        x = self.norm(x[step.sample_idx])
-        if x.shape[0] == 1 and self.lm_head_t is not None:
-            return x @ self.lm_head_t
-        return torch.mm(self.lm_head, x.T).T  # [R, vocab]
+            x += down if layer.mlp_out_norm is None else layer.mlp_out_norm.forward(down)
+        return self._logits(self.norm(x[step.sample_idx]))
 
     def _forward_decode(self, x: torch.Tensor, step: StepInputs, kv: KVCache,
                         hooks: AdapterHooks | None) -> torch.Tensor:
@@ -401,34 +476,41 @@ class DecoderModel(nn.Module):
                 hooks.linear(i, "qkv", h, qkv)
             if spec.qk_norm:
                 self.norm_qk(layer, qkv)
+            t = spec.rope_table(i)
             if nk.decode_attention_rows(
-                    qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n, self.cos.data_ptr(),
-                    self.sin_rot.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(),
-                    spec.num_heads, spec.num_kv_heads, spec.head_dim, kv.max_len,
-                    spec.window(i), spec.head_dim**-0.5, attn.data_ptr(), threads):
+                    qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n,
+                    self.cos[t].data_ptr(), self.sin_rot[t].data_ptr(), kv.k[i].data_ptr(),
+                    kv.v[i].data_ptr(), spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                    kv.max_len, spec.window(i), spec.attn_scale, attn.data_ptr(), threads):
                 raise MemoryError("decode attention: head_dim over 512 or no memory")
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
             o = layer.o.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
+            if layer.attn_out_norm is not None:  # in place (the kernel reads, then writes)
+                nk.rms_norm_rows(o.data_ptr(), layer.attn_out_norm.weight.data_ptr(),
+                                 o.data_ptr(), n, h_size, eps)
             nk.add_rms_norm_rows(x.data_ptr(), o.data_ptr(),
                                  layer.post_norm.weight.data_ptr(), h.data_ptr(), n, h_size,
                                  eps)
             gu = layer.gate_up.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
-            nk.silu_mul_rows(gu.data_ptr(), act.data_ptr(), n, spec.intermediate_size)
+            if spec.activation == "silu":
+                nk.silu_mul_rows(gu.data_ptr(), act.data_ptr(), n, spec.intermediate_size)
+            else:
+                act.copy_(self._mlp_act(gu))
             a = hooks.pre(i, "down", act) if hooks is not None else act
             down = layer.down.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
+            if layer.mlp_out_norm is not None:
+                nk.rms_norm_rows(down.data_ptr(), layer.mlp_out_norm.weight.data_ptr(),
+                                 down.data_ptr(), n, h_size, eps)
             norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             nk.add_rms_norm_rows(x.data_ptr(), down.data_ptr(), norm.weight.data_ptr(),
                                  h.data_ptr(), n, h_size, eps)
-        h = h[step.sample_idx]
-        if h.shape[0] == 1 and self.lm_head_t is not None:
-            return h @ self.lm_head_t
-        return torch.mm(self.lm_head, h.T).T
+        return self._logits(h[step.sample_idx])
 
     def _attention(self, q, kc, vc, step: StepInputs, pad, window: int) -> torch.Tensor:
         """q [T, H, D] -> [T, H*D]; keys/values read from the cache rows (no copies). With a
@@ -437,7 +519,7 @@ class DecoderModel(nn.Module):
         n_tok = q.shape[0]
         out = q.new_empty(n_tok, spec.num_heads, spec.head_dim)
         groups = spec.num_heads // spec.num_kv_heads
-        scale = spec.head_dim**-0.5
+        scale = spec.attn_scale
         if step.decode_tok.shape[0] == 1:
             # One decode row: one kernel over its cache prefix (no padding to mask).
             row, kv_len = step.decode_n_rows - 1, step.decode_kv_len
@@ -445,7 +527,7 @@ class DecoderModel(nn.Module):
             od = F.scaled_dot_product_attention(
                 q.index_select(0, step.decode_tok).unsqueeze(2),
                 kc[row : row + 1, :, first:kv_len], vc[row : row + 1, :, first:kv_len],
-                enable_gqa=True)  # [1, H, 1, D]
+                scale=scale, enable_gqa=True)  # [1, H, 1, D]
             if n_tok == 1:
                 return od.view(1, spec.num_heads * spec.head_dim)
             out[step.decode_tok] = od.view(1, spec.num_heads, spec.head_dim)
@@ -476,8 +558,8 @@ class DecoderModel(nn.Module):
                 if window:
                     mask = mask.triu(pos0 - first - window + 1)
             o = F.scaled_dot_product_attention(
-                qp, keys, vals, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )
+                qp, keys, vals, attn_mask=mask, is_causal=mask is None, scale=scale,
+                enable_gqa=True)
             out[start:end] = o[0].transpose(0, 1)
         return out.view(n_tok, spec.num_heads * spec.head_dim)
 
@@ -505,13 +587,23 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     except Exception as e:  # any unreadable weights file: one clear line
         raise ModelLoadError(f"cannot load weights from {model_dir}: {_first_line(e)}") from e
     # The family's own rotary class, built afresh: its inv_freq is what
-    # transformers.modeling_rope_utils computes for the config's rope type (llama3, linear)
+    # transformers.modeling_rope_utils computes for the config's rope type (llama3, linear);
+    # Gemma 3's has one per layer type (global: full_attention, local: sliding_attention)
     rotary = type(hf.model.rotary_emb)(hf.config)
-    model = DecoderModel(spec, rotary.inv_freq, float(rotary.attention_scaling))
+    kinds = ("full_attention", "sliding_attention") if spec.rope_tables else ("",)
+    # (a kind no layer has gets no table in HF: any other stands in, unused)
+    kinds = [k if hasattr(rotary, f"{k}_inv_freq".lstrip("_")) else kinds[-1 - i]
+             for i, k in enumerate(kinds)]
+    model = DecoderModel(spec, [
+        (getattr(rotary, f"{k}_inv_freq".lstrip("_")),
+         float(getattr(rotary, f"{k}_attention_scaling".lstrip("_")))) for k in kinds])
     _copy_weights(hf, model)
     del hf
+    upcast = {m: m.weight.detach().clone() for m in model.modules()
+              if isinstance(m, RMSNorm) and m.upcast}
     model.to(device=device, dtype=dtype).eval()
-    model.inv_freq = model.inv_freq.float()
+    for m, w in upcast.items():  # Gemma's norm weights stay fp32 (RMSNorm)
+        m.weight = nn.Parameter(w.to(device))
     if device.type == "cpu" and quantize == "none":  # a quantized base is about memory
         model.lm_head_t = model.lm_head.detach().T.contiguous()
     if quantize != "none":
@@ -532,7 +624,13 @@ def _copy_weights(hf, model: DecoderModel) -> None:
         for dst, layer in zip(model.layers, src.layers, strict=True):
             att, mlp = layer.self_attn, layer.mlp
             dst.input_norm.weight.copy_(layer.input_layernorm.weight)
-            dst.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
+            if dst.attn_out_norm is not None:  # Gemma 3: post_attention_layernorm is the
+                # attention output's, pre_feedforward_layernorm the MLP input's
+                dst.attn_out_norm.weight.copy_(layer.post_attention_layernorm.weight)
+                dst.post_norm.weight.copy_(layer.pre_feedforward_layernorm.weight)
+                dst.mlp_out_norm.weight.copy_(layer.post_feedforward_layernorm.weight)
+            else:
+                dst.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
             if dst.q_norm is not None:
                 dst.q_norm.weight.copy_(att.q_norm.weight)
                 dst.k_norm.weight.copy_(att.k_norm.weight)
@@ -543,6 +641,9 @@ def _copy_weights(hf, model: DecoderModel) -> None:
             dst.o.load(o.weight, o.bias)
             dst.gate_up.load(torch.cat([gate.weight, up.weight]), _cat_bias(gate.bias, up.bias))
             dst.down.load(down.weight, down.bias)
+        for m in model.modules():
+            if isinstance(m, RMSNorm) and m.upcast:  # Gemma scales by 1 + weight (fp32)
+                m.weight += 1.0
 
 
 def _cat_bias(*biases: torch.Tensor | None) -> torch.Tensor | None:

@@ -49,8 +49,8 @@ class ExportDecoder(nn.Module):
         if getattr(cfg, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported by the ONNX export")
         if hasattr(hf.model.layers[0].self_attn, "q_norm"):
-            raise ValueError("per-head q/k norms (Qwen3's q_norm, k_norm) are not supported "
-                             "by the ONNX export")
+            raise ValueError("per-head q/k norms (q_norm, k_norm: Qwen3, Gemma 3) are not "
+                             "supported by the ONNX export")
         if any(sliding_windows(cfg)):
             raise ValueError(f"sliding-window attention (sliding_window {cfg.sliding_window}) "
                              "is not supported by the ONNX export")

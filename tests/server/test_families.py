@@ -1,9 +1,11 @@
 """Base models beyond plain Llama through the real server: greedy output equals
 transformers' generate for the base and PEFT's for adapters, token for token (fp32), for
 Qwen2 (q/k/v bias, a sliding window on one layer of two), Qwen3 (per-head q/k RMSNorm,
-head_dim != hidden / heads), Llama with llama3 and linear RoPE scaling and Mistral with a
-sliding window on every layer (prompts and generations longer than the window), with the
-native decode kernels and PyTorch's ops.
+head_dim != hidden / heads), Llama with llama3 and linear RoPE scaling, Mistral with a
+sliding window on every layer (prompts and generations longer than the window) and
+Gemma 3 (sliding and global layers with their own RoPE bases, (1 + w) RMSNorms around
+attention and MLP, GELU-tanh, scaled embeddings, query_pre_attn_scalar, logit
+softcapping), with the native decode kernels and PyTorch's ops.
 A config the decoder cannot compute exactly is refused at start, naming field and value."""
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ FAMILIES = {  # name: make_tiny_model arguments (all 2 layers, hidden 64, random
     "linear-rope": {"model_type": "llama", "rope_scaling": {"rope_type": "linear",
                                                             "factor": 4.0}},
     "mistral-window": {"model_type": "mistral", "sliding_window": 16},  # every layer
+    # layer 0 slides (window 16, local RoPE base 1000), layer 1 is global (base 10000,
+    # linear scaling); attention scale 24**-0.5, logits softcapped at 10
+    "gemma3": {"model_type": "gemma3_text", "head_dim": 32, "sliding_window": 16,
+               "layer_types": ["sliding_attention", "full_attention"],
+               "query_pre_attn_scalar": 24, "final_logit_softcapping": 10.0,
+               "rope_local_base_freq": 1000.0,
+               "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
 }
 # name: config fields that take away what the family is tested for; transformers' output
 # with them must differ from the family's (or the test would prove nothing)
@@ -44,7 +53,12 @@ PLAIN = {
     "llama3-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "linear-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "mistral-window": {"sliding_window": None},
+    "gemma3": {"layer_types": ["full_attention"] * 2},
 }
+# what decode steps run with PyTorch ops when the native kernels run the rest (logged once)
+NATIVE_FALLBACKS = {"qwen3": "the per-head q/k RMSNorm (q_norm, k_norm)",
+                    "gemma3": "the per-head q/k RMSNorm (q_norm, k_norm) and the "
+                              "gelu_pytorch_tanh activation"}
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [  # with 48 new tokens, all run past the windows of 16
     [1, 504, 2134, 28, 9043, 314, 7],
@@ -67,7 +81,7 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{name}-adapters")
     make_lora(model, root / "lora", r=8, targets=ALL_MODULES, seed=11)
     adapters = ["lora"]
-    if name == "qwen3":
+    if name in ("qwen3", "gemma3"):
         lm = TaskType.CAUSAL_LM
         make_peft_adapter(model, root / "ia3", IA3Config(
             task_type=lm, target_modules=["k_proj", "v_proj", "down_proj"],
@@ -148,15 +162,19 @@ def test_family_greedy_parity(family, start_server, kernels):
     assert not errors
     for (key, i), result in results.items():
         _check(result, oracle[(key, i)], f"{name} {kernels} mixed {key or 'base'} prompt {i}")
-    fallback = [line for line in server.lines if "q/k RMSNorm" in line]
-    assert len(fallback) == (1 if name == "qwen3" and kernels == "native" else 0), fallback
+    fallback = [line for line in server.lines if "with PyTorch ops, the rest" in line]
+    if kernels == "native" and name in NATIVE_FALLBACKS:
+        assert len(fallback) == 1 and NATIVE_FALLBACKS[name] in fallback[0], fallback
+    else:
+        assert not fallback
 
 
 def _config(model_type: str, **fields):
     from transformers import AutoConfig
 
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(model_type)
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM"}.get(model_type)
     fields.setdefault("architectures", [arch])
     return AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4,
@@ -170,10 +188,19 @@ def _config(model_type: str, **fields):
      "rope_scaling.rope_type 'dynamic' is not supported"),
     ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]},
      "layer_types ['chunked_attention', 'full_attention'] is not supported"),
-    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (silu only)"),
+    ("llama", {"hidden_act": "gelu"},
+     "hidden_act 'gelu' is not supported (supported: silu, gelu_pytorch_tanh)"),
+    ("gemma3_text", {"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported"),
+    ("gemma3_text", {"attn_logit_softcapping": 50.0},
+     "attn_logit_softcapping 50.0 is not supported"),
+    ("gemma3_text", {"use_bidirectional_attention": True},
+     "use_bidirectional_attention True is not supported"),
+    ("gemma3_text", {"rope_scaling": {"rope_type": "yarn", "factor": 8.0}},
+     "rope_scaling.rope_type 'yarn' is not supported"),
     ("gpt2", {"architectures": ["GPT2LMHeadModel"]},
      "architecture ['GPT2LMHeadModel'] (model_type 'gpt2') is not supported (supported: "
-     "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"),
+     "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+     "Gemma3ForCausalLM)"),
     ("qwen2", {"architectures": ["LlamaForCausalLM"]}, "model_type 'qwen2') is not supported"),
     ("llama", {"partial_rotary_factor": 0.5},
      "rope_scaling.partial_rotary_factor 0.5 is not supported (1.0 only)"),
@@ -209,6 +236,13 @@ def test_switches_read_from_each_family_config():
     assert (q3.head_dim, q3.q_size, q3.hidden_size) == (32, 128, 64)
     assert (llama.qkv_bias, llama.o_bias, llama.mlp_bias, llama.qk_norm) == (True,) * 3 + (
         False,)
+    assert (llama.gemma, llama.activation, llama.attn_scale) == (False, "silu", 16**-0.5)
+    gemma = ModelSpec.from_hf_config(_config(
+        "gemma3_text", head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0))
+    assert (gemma.gemma, gemma.qk_norm, gemma.activation) == (True, True, "gelu_pytorch_tanh")
+    assert (gemma.attn_scale, gemma.logit_softcap) == (24**-0.5, 30.0)
+    assert (gemma.windows, gemma.rope_tables) == ((16, 0), (1, 0))
 
 
 def test_refused_model_stops_the_start_with_one_line(tmp_path):
