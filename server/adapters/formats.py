@@ -19,7 +19,14 @@ import torch
 from adapter_format.bottleneck import CONFIG_NAME as BOTTLENECK_CONFIG
 from adapter_format.bottleneck import BottleneckConfig
 from server.adapters.buffers import Alloc, fresh
-from server.adapters.lora import MODULES, AdapterError, LoraWeights, _read_tensors, read_lora
+from server.adapters.lora import (
+    FUSED,
+    MODULES,
+    AdapterError,
+    LoraWeights,
+    _read_tensors,
+    read_lora,
+)
 from server.engine.model import ModelSpec
 
 METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck")
@@ -164,16 +171,19 @@ def _read_ia3(path: Path, cfg: dict, tensors: dict, spec: ModelSpec) -> IA3Weigh
 
     shapes = group_shapes(spec)
     out_scale, in_scale = {}, {}
+    names: set[str] = set()
     for key, t in tensors.items():
         m = _IA3_KEY.match(key)
         if not m:
             raise AdapterError(f"{path.name}: tensor {key!r} is not a supported IA3 weight")
         layer, module = int(m.group(1)), m.group(2)
-        if module not in MODULES or layer >= spec.num_layers:
+        if module not in MODULES and module not in FUSED or layer >= spec.num_layers:
             raise AdapterError(f"{path.name}: IA3 target layer {layer} {module!r} does not "
                                "exist in the base model")
-        group, idx = MODULES[module]
+        parts = FUSED.get(module, (module,))  # a fused module's vector, split by part
+        group = MODULES[parts[0]][0]
         in_f, outs = shapes[group]
+        sizes = [outs[MODULES[p][1]] for p in parts]
         vec = t.float().reshape(-1)
         if t.shape[0] == 1 and t.dim() == 2:  # [1, in]: scales the input
             if module not in _INPUT_SCALED_OK:
@@ -182,15 +192,18 @@ def _read_ia3(path: Path, cfg: dict, tensors: dict, spec: ModelSpec) -> IA3Weigh
             want = in_f
             in_scale[(layer, module)] = vec
         else:
-            want = outs[idx]
-            out_scale[(layer, module)] = vec
+            want = sum(sizes)
         if vec.numel() != want:
             raise AdapterError(f"{path.name}: layer {layer} {module} IA3 vector has "
                                f"{vec.numel()} entries; the base model needs {want} "
                                "(trained for a different base?)")
+        if (layer, module) not in in_scale:
+            out_scale.update({(layer, p): v for p, v in zip(parts, vec.split(sizes),
+                                                             strict=True)})
+        names.add(module)
     if not out_scale and not in_scale:
         raise AdapterError(f"{path.name}: adapter holds no IA3 weights")
-    targets = sorted({m for _, m in (*out_scale, *in_scale)})
+    targets = sorted(names)
     return IA3Weights(targets, out_scale, in_scale)
 
 

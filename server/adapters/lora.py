@@ -2,7 +2,10 @@
 
 PEFT computes `base(x) + lora_B(lora_A(x)) * scaling` for every targeted module. The
 engine fuses q/k/v into one projection and gate/up into another; `server.adapters.slots`
-arranges the per-module weights read here into that fused layout.
+arranges the per-module weights read here into that fused layout. A base that fuses them
+itself (Phi-3's qkv_proj, gate_up_proj) has one A/B pair over the fused output: read here
+as one pair per part, each with the same A and its rows of B (FUSED), which computes the
+same per output column.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ MODULES = {
     "up_proj": ("gate_up", 1),
     "down_proj": ("down", 0),
 }
+# a fused module of the base (Phi-3) -> its parts, in the order of its output columns
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
     r"\.lora_([AB])(?:\.[^.]+)?\.weight$"
@@ -108,40 +113,48 @@ def read_lora(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
             raise AdapterError(f"{path.name}: tensor {key!r} is not a supported LoRA weight "
                                "(only q/k/v/o/gate/up/down projections of decoder layers)")
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-        if module not in MODULES:
+        if module not in MODULES and module not in FUSED:
             raise AdapterError(f"{path.name}: target module {module!r} is not supported "
-                               f"(supported: {', '.join(MODULES)})")
+                               f"(supported: {', '.join([*MODULES, *FUSED])})")
         if layer >= spec.num_layers:
             raise AdapterError(f"{path.name}: layer {layer} is out of range; the base model "
                                f"has {spec.num_layers} layers (trained for a different base?)")
         raw.setdefault((layer, module), {})[ab] = tensor
 
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    targets: set[str] = set()
     rank = 0
     for (layer, module), ab in sorted(raw.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{path.name}: layer {layer} {module} lacks lora_A or lora_B")
         a, b = ab["A"].float(), ab["B"].float()
-        group, idx = MODULES[module]
+        parts = FUSED.get(module, (module,))
+        group = MODULES[parts[0]][0]
         in_f, outs = shapes[group]
+        sizes = [outs[MODULES[p][1]] for p in parts]
         r = a.shape[0]
-        if a.shape != (r, in_f) or b.shape != (outs[idx], r):
+        if a.shape != (r, in_f) or b.shape != (sum(sizes), r):
             raise AdapterError(
                 f"{path.name}: layer {layer} {module} has lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)}; the base model needs ({r}, {in_f}) and ({outs[idx]}, {r}) "
+                f"{tuple(b.shape)}; the base model needs ({r}, {in_f}) and ({sum(sizes)}, {r}) "
                 "(trained for a different base?)"
             )
         name = f"model.layers.{layer}.{'self_attn' if group in ('qkv', 'o') else 'mlp'}.{module}"
         a_mod = float(_pattern_value(alpha_pattern, name, alpha))
         scale = a_mod / math.sqrt(r) if use_rslora else a_mod / r
-        modules[(layer, module)] = (a, b, scale)
+        for part, b_part in zip(parts, b.split(sizes), strict=True):
+            if (layer, part) in modules:
+                raise AdapterError(f"{path.name}: layer {layer} {part} is targeted twice "
+                                   f"(by {module} and by itself or its fused module)")
+            modules[(layer, part)] = (a, b_part, scale)
+        targets.add(module)
         rank = max(rank, r)
     if not modules:
         raise AdapterError(f"{path.name}: adapter holds no LoRA weights")
     return LoraWeights(
         rank=rank,
         alpha=alpha,
-        target_modules=sorted({m for _, m in modules}),
+        target_modules=sorted(targets),
         modules=modules,
     )
 

@@ -5,7 +5,7 @@ prefill and rows in decode mixed, sorted by adapter slot) and returns logits for
 positions that need a next token. Adapters are applied by an `AdapterHooks` object that
 the engine passes in; the model only says where ("qkv", "o", "gate_up", "down").
 Weights come from a Hugging Face directory of one of FAMILIES (Llama, SmolLM, Mistral,
-Qwen2/2.5, Qwen3, Gemma 3 text); what differs between them is a named switch of
+Qwen2/2.5, Qwen3, Phi-3, Gemma 3 text); what differs between them is a named switch of
 ModelSpec read from the config (sliding windows per layer among them), and anything not
 computed exactly as transformers does is refused at load. q/k/v and gate/up are fused
 into one matmul each. The KV cache keeps every position; a sliding window only bounds
@@ -34,6 +34,7 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", lambda c: {"qkv_bias": True}),  # o_proj has none
     "qwen3": ("Qwen3ForCausalLM", lambda c: {
         "qkv_bias": c.attention_bias, "o_bias": c.attention_bias, "qk_norm": True}),
+    "phi3": ("Phi3ForCausalLM", lambda c: {}),  # q/k/v and gate/up fused in the checkpoint
     "gemma3_text": ("Gemma3ForCausalLM", lambda c: {
         "qkv_bias": c.attention_bias, "o_bias": c.attention_bias, "qk_norm": True,
         "gemma": True,
@@ -157,11 +158,12 @@ class ModelSpec:
 
 
 def sliding_windows(cfg) -> tuple[int, ...]:
-    """ModelSpec.windows of a transformers config: Mistral's sliding_window on every layer
-    (transformers ignores its layer_types), the others' on their sliding_attention layers
-    (Qwen2/3 derive layer_types from use_sliding_window and max_window_layers)."""
+    """ModelSpec.windows of a transformers config: Mistral's and Phi-3's sliding_window on
+    every layer (transformers ignores Mistral's layer_types), the others' on their
+    sliding_attention layers (Qwen2/3 derive layer_types from use_sliding_window and
+    max_window_layers)."""
     window = getattr(cfg, "sliding_window", None) or 0
-    if getattr(cfg, "model_type", None) == "mistral":
+    if getattr(cfg, "model_type", None) in ("mistral", "phi3"):
         sliding = [True] * cfg.num_hidden_layers
     else:
         sliding = [t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or []]
@@ -634,13 +636,18 @@ def _copy_weights(hf, model: DecoderModel) -> None:
             if dst.q_norm is not None:
                 dst.q_norm.weight.copy_(att.q_norm.weight)
                 dst.k_norm.weight.copy_(att.k_norm.weight)
-            q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
-            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            dst.qkv.load(torch.cat([q.weight, k.weight, v.weight]),
-                         _cat_bias(q.bias, k.bias, v.bias))
-            dst.o.load(o.weight, o.bias)
-            dst.gate_up.load(torch.cat([gate.weight, up.weight]), _cat_bias(gate.bias, up.bias))
-            dst.down.load(down.weight, down.bias)
+            if hasattr(att, "qkv_proj"):  # Phi-3: fused in the checkpoint, in our order
+                dst.qkv.load(att.qkv_proj.weight, att.qkv_proj.bias)
+                dst.gate_up.load(mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+            else:
+                q, k, v = att.q_proj, att.k_proj, att.v_proj
+                gate, up = mlp.gate_proj, mlp.up_proj
+                dst.qkv.load(torch.cat([q.weight, k.weight, v.weight]),
+                             _cat_bias(q.bias, k.bias, v.bias))
+                dst.gate_up.load(torch.cat([gate.weight, up.weight]),
+                                 _cat_bias(gate.bias, up.bias))
+            dst.o.load(att.o_proj.weight, att.o_proj.bias)
+            dst.down.load(mlp.down_proj.weight, mlp.down_proj.bias)
         for m in model.modules():
             if isinstance(m, RMSNorm) and m.upcast:  # Gemma scales by 1 + weight (fp32)
                 m.weight += 1.0

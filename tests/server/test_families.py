@@ -5,7 +5,8 @@ head_dim != hidden / heads), Llama with llama3 and linear RoPE scaling, Mistral 
 sliding window on every layer (prompts and generations longer than the window) and
 Gemma 3 (sliding and global layers with their own RoPE bases, (1 + w) RMSNorms around
 attention and MLP, GELU-tanh, scaled embeddings, query_pre_attn_scalar, logit
-softcapping), with the native decode kernels and PyTorch's ops.
+softcapping) and Phi-3 (q/k/v and gate/up fused in the checkpoint, LoRA and IA3 on the
+fused modules), with the native decode kernels and PyTorch's ops.
 A config the decoder cannot compute exactly is refused at start, naming field and value."""
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FAMILIES = {  # name: make_tiny_model arguments (all 2 layers, hidden 64, random
                "query_pre_attn_scalar": 24, "final_logit_softcapping": 10.0,
                "rope_local_base_freq": 1000.0,
                "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "phi3": {"model_type": "phi3"},  # qkv_proj and gate_up_proj fused in the checkpoint
 }
 # name: config fields that take away what the family is tested for; transformers' output
 # with them must differ from the family's (or the test would prove nothing)
@@ -60,6 +62,9 @@ NATIVE_FALLBACKS = {"qwen3": "the per-head q/k RMSNorm (q_norm, k_norm)",
                     "gemma3": "the per-head q/k RMSNorm (q_norm, k_norm) and the "
                               "gelu_pytorch_tanh activation"}
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT's module names where the base fuses them: one LoRA A/B pair, one IA3 vector over
+# the fused output
+FUSED_MODULES = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 PROMPTS = [  # with 48 new tokens, all run past the windows of 16
     [1, 504, 2134, 28, 9043, 314, 7],
     list(range(200, 245)),  # chunked at 24 tokens per step: windows across chunks
@@ -79,8 +84,14 @@ def family(request, tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp(name), random_norms=True,
                             **FAMILIES[name])
     root = tmp_path_factory.mktemp(f"{name}-adapters")
-    make_lora(model, root / "lora", r=8, targets=ALL_MODULES, seed=11)
+    make_lora(model, root / "lora", r=8, targets=FUSED_MODULES.get(name, ALL_MODULES), seed=11)
     adapters = ["lora"]
+    if name == "phi3":  # output scaling of both fused modules, input scaling of down_proj
+        make_peft_adapter(model, root / "ia3", IA3Config(
+            task_type=TaskType.CAUSAL_LM, target_modules=["qkv_proj", "gate_up_proj",
+                                                          "down_proj"],
+            feedforward_modules=["down_proj"]), 12)
+        adapters.append("ia3")
     if name in ("qwen3", "gemma3"):
         lm = TaskType.CAUSAL_LM
         make_peft_adapter(model, root / "ia3", IA3Config(
@@ -174,7 +185,7 @@ def _config(model_type: str, **fields):
 
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM"}.get(model_type)
+            "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}.get(model_type)
     fields.setdefault("architectures", [arch])
     return AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4,
@@ -200,8 +211,14 @@ def _config(model_type: str, **fields):
     ("gpt2", {"architectures": ["GPT2LMHeadModel"]},
      "architecture ['GPT2LMHeadModel'] (model_type 'gpt2') is not supported (supported: "
      "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-     "Gemma3ForCausalLM)"),
+     "Phi3ForCausalLM, Gemma3ForCausalLM)"),
     ("qwen2", {"architectures": ["LlamaForCausalLM"]}, "model_type 'qwen2') is not supported"),
+    ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                               "long_factor": [2.0] * 8,
+                               "original_max_position_embeddings": 256}},
+     "rope_scaling.rope_type 'longrope' is not supported"),
+    ("phi3", {"partial_rotary_factor": 0.5},
+     "rope_scaling.partial_rotary_factor 0.5 is not supported (1.0 only)"),
     ("llama", {"partial_rotary_factor": 0.5},
      "rope_scaling.partial_rotary_factor 0.5 is not supported (1.0 only)"),
 ])
@@ -221,6 +238,7 @@ def test_unsupported_config_is_refused_naming_field_and_value(model_type, fields
                "use_sliding_window": True, "sliding_window": 64}, (64, 0)),
     ("mistral", {"sliding_window": None}, ()),
     ("mistral", {"sliding_window": 512}, (512, 512)),
+    ("phi3", {"sliding_window": 512}, (512, 512)),
     ("llama", {}, ()),
 ])
 def test_sliding_windows_read_per_layer(model_type, fields, windows):
