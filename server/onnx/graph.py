@@ -46,6 +46,9 @@ class ExportDecoder(nn.Module):
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.eps = float(cfg.rms_norm_eps)
+        if cfg.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"model_type {cfg.model_type!r} is not supported by the ONNX "
+                             "export (Llama-style bases only)")
         if getattr(cfg, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported by the ONNX export")
         if hasattr(hf.model.layers[0].self_attn, "q_norm"):
