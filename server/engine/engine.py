@@ -185,7 +185,8 @@ class Engine(RequestLoop):
     def _forward(self, plan: StepPlan) -> tuple[list[Entry], torch.Tensor, int]:
         for e in plan.entries:
             self._place_prefix(e.seq)
-        packed = pack_step(plan.entries, self.table, self.device)
+        packed = pack_step(plan.entries, self.table, self.device,
+                           self.model.spec.rope_long_from)
         logits = self.model(packed.inputs, self.kv, packed.hooks)
         return packed.sampled, logits, packed.num_tokens
 

@@ -43,10 +43,12 @@ FAMILIES = {
         "rope_tables": tuple(int(t == "sliding_attention") for t in c.layer_types)}),
 }
 SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())
-# RoPE types whose inverse frequencies are fixed at load (transformers' "dynamic" and
-# "longrope" change them with the sequence length; "yarn" and the rest are refused
-# until a test shows them exact)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# RoPE types computed exactly: the inverse frequencies (and attention factor) of the
+# first four are fixed at load; "longrope" switches from its short to its long factors
+# once a forward's sequence is longer than original_max_position_embeddings (see
+# ModelSpec.rope_long_from). transformers' "dynamic" recomputes them as the sequence grows
+# and is refused, as is anything else.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 # the config's activation name -> the gated MLP's activation, as transformers' ACT2FN has it
 ACTIVATIONS = {"silu": F.silu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -85,6 +87,11 @@ class ModelSpec:
     # per layer: its sliding window W (a query at position p sees keys p-W+1..p, as
     # transformers' sliding_window_overlay), 0 for full attention; () when no layer has one
     windows: tuple[int, ...] = ()
+    # "longrope" (Phi-3): its original_max_position_embeddings M, else 0. transformers
+    # computes each forward with the long factors when its largest position is >= M,
+    # else the short ones: a prefill of more than M tokens takes the long ones at every
+    # position, a decode token at position p the long ones iff p >= M (StepInputs.rope_long)
+    rope_long_from: int = 0
 
     def window(self, layer: int) -> int:
         return self.windows[layer] if self.windows else 0
@@ -128,12 +135,19 @@ class ModelSpec:
             raise ModelLoadError(f"layer_types {sorted(set(layer_types))} is not supported")
         rope = getattr(cfg, "rope_parameters", None) or {}
         # Gemma 3 has one set of parameters per layer type
-        for params in [rope[t] for t in ("full_attention", "sliding_attention") if t in rope] \
-                or [rope]:
+        per_kind = [rope[t] for t in ("full_attention", "sliding_attention") if t in rope]
+        rope_long_from = 0
+        for params in per_kind or [rope]:
             rope_type = (params or {}).get("rope_type", "default")
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise ModelLoadError(f"rope_scaling.rope_type {rope_type!r} is not supported "
                                      f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            if rope_type == "longrope":
+                if per_kind:
+                    raise ModelLoadError("rope_scaling.rope_type 'longrope' is not supported "
+                                         "per layer type")
+                rope_long_from = int(params.get("original_max_position_embeddings")
+                                     or cfg.max_position_embeddings)
             factor = (params or {}).get("partial_rotary_factor", 1.0)
             if factor != 1.0:
                 raise ModelLoadError(f"rope_scaling.partial_rotary_factor {factor} is not "
@@ -153,6 +167,7 @@ class ModelSpec:
             max_positions=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             windows=sliding_windows(cfg),
+            rope_long_from=rope_long_from,
             **flags,
         )
 
@@ -204,6 +219,9 @@ class StepInputs:
     # (token indices [k], embeddings [k, hidden]) used instead of the embedding table
     # (virtual tokens of prompt-tuning adapters)
     embed_override: tuple[torch.Tensor, torch.Tensor] | None = None
+    # longrope: indices of prefill tokens whose sequence's prompt is longer than
+    # ModelSpec.rope_long_from (their RoPE takes the long factors at every position)
+    rope_long: torch.Tensor | None = None
 
 
 class KVCache:
@@ -320,8 +338,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec, ropes: list[tuple[torch.Tensor, float]]) -> None:
-        """ropes: (inv_freq, attention scaling) of each RoPE table (spec.rope_tables)."""
+    def __init__(self, spec: ModelSpec, ropes: list[tuple[torch.Tensor, float]],
+                 long_inv_freq: torch.Tensor | None = None) -> None:
+        """ropes: (inv_freq, attention scaling) of each RoPE table (spec.rope_tables);
+        long_inv_freq: longrope's long factors' (spec.rope_long_from), ropes[0] the short."""
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
@@ -339,6 +359,8 @@ class DecoderModel(nn.Module):
         self.register_buffer("lm_head_t", None, persistent=False)
         self.inv_freqs = [inv_freq.float() for inv_freq, _ in ropes]  # kept fp32 on the CPU
         self.rope_scalings = [scaling for _, scaling in ropes]
+        self.long_inv_freq = None if long_inv_freq is None else long_inv_freq.float()
+        self.rope_len = 0  # positions per table (rows of a table: 2x that with longrope)
         self.cos: list[torch.Tensor] = []  # per RoPE table, made by build_rope
         self.sin_rot: list[torch.Tensor] = []
         # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
@@ -357,12 +379,21 @@ class DecoderModel(nn.Module):
 
     def build_rope(self, max_len: int) -> None:
         """cos/sin tables [max_len, head_dim] of each RoPE table, computed as HF does (fp32,
-        then cast); the sin table's first half negated for `_rope`."""
+        then cast); the sin table's first half negated for `_rope`. With longrope the table
+        has 2 * max_len rows: position p's of a decode step (short factors below
+        spec.rope_long_from, long from there), then the long factors' at every position
+        (prefill of a sequence longer than rope_long_from: StepInputs.rope_long)."""
         device, dtype = self.embed.weight.device, self.embed.weight.dtype
         self.cos, self.sin_rot = [], []
+        self.rope_len = max_len
         for inv_freq, scaling in zip(self.inv_freqs, self.rope_scalings, strict=True):
             pos = torch.arange(max_len, device=device, dtype=torch.float32)
-            freqs = pos[:, None] * inv_freq.to(device)[None, :]
+            inv = inv_freq.to(device)[None, :].expand(max_len, -1)
+            if self.long_inv_freq is not None:
+                long = self.long_inv_freq.to(device)[None, :].expand(max_len, -1)
+                decode = torch.where(pos[:, None] >= self.spec.rope_long_from, long, inv)
+                inv, pos = torch.cat((decode, long)), torch.cat((pos, pos))
+            freqs = pos[:, None] * inv
             emb = torch.cat((freqs, freqs), dim=-1)
             self.cos.append((emb.cos() * scaling).to(dtype))
             sin = (emb.sin() * scaling).to(dtype)
@@ -397,10 +428,14 @@ class DecoderModel(nn.Module):
             x = x * self.embed_scale
         if step.embed_override is not None:
             x[step.embed_override[0]] = step.embed_override[1]
-        if self.kernels is not None and not step.prefill:  # decode tokens only
-            return self._forward_decode(x, step, kv, hooks)
-        cos = [c[step.positions].unsqueeze(1) for c in self.cos]  # per table [T, 1, D]
-        sin = [s[step.positions].unsqueeze(1) for s in self.sin_rot]
+        if self.kernels is not None and not step.prefill and step.rope_long is None:
+            return self._forward_decode(x, step, kv, hooks)  # decode tokens only
+        rope_pos = step.positions
+        if step.rope_long is not None:  # longrope: the long table's rows for these tokens
+            rope_pos = rope_pos.clone()
+            rope_pos[step.rope_long] += self.rope_len
+        cos = [c[rope_pos].unsqueeze(1) for c in self.cos]  # per table [T, 1, D]
+        sin = [s[rope_pos].unsqueeze(1) for s in self.sin_rot]
         # decode rows, per window: [rows, 1, 1, L] True past each row's length (and, with a
         # window W, before its last W positions), made once for the layers that share it
         pads: dict[int, torch.Tensor] = {}
@@ -596,9 +631,16 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     # (a kind no layer has gets no table in HF: any other stands in, unused)
     kinds = [k if hasattr(rotary, f"{k}_inv_freq".lstrip("_")) else kinds[-1 - i]
              for i, k in enumerate(kinds)]
+    long_inv_freq = None
+    if spec.rope_long_from:  # what transformers' longrope update switches to
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
+            hf.config, None, seq_len=spec.rope_long_from + 1)
     model = DecoderModel(spec, [
         (getattr(rotary, f"{k}_inv_freq".lstrip("_")),
-         float(getattr(rotary, f"{k}_attention_scaling".lstrip("_")))) for k in kinds])
+         float(getattr(rotary, f"{k}_attention_scaling".lstrip("_")))) for k in kinds],
+        long_inv_freq)
     _copy_weights(hf, model)
     del hf
     upcast = {m: m.weight.detach().clone() for m in model.modules()

@@ -27,11 +27,13 @@ class PackedStep:
     num_tokens: int
 
 
-def pack_step(entries: list[Entry], table: LoraSlotTable, device) -> PackedStep:
-    """`entries[i].seq.payload` is the engine's request state (slot, entry, virtual)."""
+def pack_step(entries: list[Entry], table: LoraSlotTable, device,
+              rope_long_from: int = 0) -> PackedStep:
+    """`entries[i].seq.payload` is the engine's request state (slot, entry, virtual);
+    rope_long_from: ModelSpec.rope_long_from (longrope), 0 otherwise."""
     entries = sorted(entries, key=lambda e: (e.n != 1, _slot(e)))
     batched_decode = _batch_decode(entries, table)
-    ids, pos, rows = [], [], []
+    ids, pos, rows, rope_long = [], [], [], []
     dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
     overrides: list[tuple[int, torch.Tensor]] = []  # (token index, virtual token embedding)
     segments: list[list[int]] = []  # [slot, start, end] LoRA rows on the segment path
@@ -42,6 +44,9 @@ def pack_step(entries: list[Entry], table: LoraSlotTable, device) -> PackedStep:
         ids.extend(seq.token_at(i) for i in range(e.start, e.start + e.n))
         pos.extend(range(e.start, e.start + e.n))
         rows.extend([seq.row] * e.n)
+        if rope_long_from and len(seq.prompt_ids) > rope_long_from:
+            # prompt tokens: transformers prefills the whole prompt in one forward
+            rope_long.extend(range(start, start + min(e.n, len(seq.prompt_ids) - e.start)))
         if e.n == 1:
             dec_tok.append(start)
             dec_rows.append(seq.row)
@@ -79,6 +84,7 @@ def pack_step(entries: list[Entry], table: LoraSlotTable, device) -> PackedStep:
         decode_kv_len=max(dec_lens) if dec_lens else 0,
         embed_override=(tensor([i for i, _ in overrides]),
                         torch.stack([v for _, v in overrides])) if overrides else None,
+        rope_long=tensor(rope_long) if rope_long else None,
     )
     hooks = None
     if segments or decode_slots or ranges:

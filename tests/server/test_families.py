@@ -5,8 +5,10 @@ head_dim != hidden / heads), Llama with llama3 and linear RoPE scaling, Mistral 
 sliding window on every layer (prompts and generations longer than the window) and
 Gemma 3 (sliding and global layers with their own RoPE bases, (1 + w) RMSNorms around
 attention and MLP, GELU-tanh, scaled embeddings, query_pre_attn_scalar, logit
-softcapping) and Phi-3 (q/k/v and gate/up fused in the checkpoint, LoRA and IA3 on the
-fused modules), with the native decode kernels and PyTorch's ops.
+softcapping), Phi-3 (q/k/v and gate/up fused in the checkpoint, LoRA and IA3 on the
+fused modules), YaRN RoPE and Phi-3's LongRoPE (short factors, then long ones past 32
+tokens, as transformers switches per forward), with the native decode kernels and
+PyTorch's ops.
 A config the decoder cannot compute exactly is refused at start, naming field and value."""
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ FAMILIES = {  # name: make_tiny_model arguments (all 2 layers, hidden 64, random
                "rope_local_base_freq": 1000.0,
                "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
     "phi3": {"model_type": "phi3"},  # qkv_proj and gate_up_proj fused in the checkpoint
+    # YaRN (Qwen2.5's long-context setting): fixed frequencies and attention factor
+    "yarn-rope": {"model_type": "qwen2", "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    # Phi-3 128k's LongRoPE: short factors until a forward's sequence passes 32 tokens,
+    # long ones after; the 45-token prompt is prefilled with the long ones in 24-token
+    # chunks, the others switch while decoding
+    "phi3-longrope": {"model_type": "phi3", "rope_scaling": {
+        "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0],
+        "original_max_position_embeddings": 32}},
 }
 # name: config fields that take away what the family is tested for; transformers' output
 # with them must differ from the family's (or the test would prove nothing)
@@ -56,6 +68,8 @@ PLAIN = {
     "linear-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "mistral-window": {"sliding_window": None},
     "gemma3": {"layer_types": ["full_attention"] * 2},
+    "yarn-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "phi3-longrope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
 }
 # what decode steps run with PyTorch ops when the native kernels run the rest (logged once)
 NATIVE_FALLBACKS = {"qwen3": "the per-head q/k RMSNorm (q_norm, k_norm)",
@@ -64,7 +78,8 @@ NATIVE_FALLBACKS = {"qwen3": "the per-head q/k RMSNorm (q_norm, k_norm)",
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # PEFT's module names where the base fuses them: one LoRA A/B pair, one IA3 vector over
 # the fused output
-FUSED_MODULES = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+FUSED_MODULES = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                 "phi3-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 PROMPTS = [  # with 48 new tokens, all run past the windows of 16
     [1, 504, 2134, 28, 9043, 314, 7],
     list(range(200, 245)),  # chunked at 24 tokens per step: windows across chunks
@@ -193,8 +208,9 @@ def _config(model_type: str, **fields):
 
 
 @pytest.mark.parametrize("model_type, fields, message", [
-    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
-     "rope_scaling.rope_type 'yarn' is not supported (supported: default, linear, llama3)"),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+     "rope_scaling.rope_type 'dynamic' is not supported (supported: default, linear, "
+     "llama3, yarn, longrope)"),
     ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling.rope_type 'dynamic' is not supported"),
     ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]},
@@ -206,17 +222,13 @@ def _config(model_type: str, **fields):
      "attn_logit_softcapping 50.0 is not supported"),
     ("gemma3_text", {"use_bidirectional_attention": True},
      "use_bidirectional_attention True is not supported"),
-    ("gemma3_text", {"rope_scaling": {"rope_type": "yarn", "factor": 8.0}},
-     "rope_scaling.rope_type 'yarn' is not supported"),
+    ("gemma3_text", {"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}},
+     "rope_scaling.rope_type 'dynamic' is not supported"),
     ("gpt2", {"architectures": ["GPT2LMHeadModel"]},
      "architecture ['GPT2LMHeadModel'] (model_type 'gpt2') is not supported (supported: "
      "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
      "Phi3ForCausalLM, Gemma3ForCausalLM)"),
     ("qwen2", {"architectures": ["LlamaForCausalLM"]}, "model_type 'qwen2') is not supported"),
-    ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
-                               "long_factor": [2.0] * 8,
-                               "original_max_position_embeddings": 256}},
-     "rope_scaling.rope_type 'longrope' is not supported"),
     ("phi3", {"partial_rotary_factor": 0.5},
      "rope_scaling.partial_rotary_factor 0.5 is not supported (1.0 only)"),
     ("llama", {"partial_rotary_factor": 0.5},
@@ -265,13 +277,12 @@ def test_switches_read_from_each_family_config():
 
 def test_refused_model_stops_the_start_with_one_line(tmp_path):
     """`switchboard serve` on a base it cannot run exactly: exit 2, the field and value."""
-    model = make_tiny_model(tmp_path / "yarn", model_type="qwen2",
-                            rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                          "original_max_position_embeddings": 256})
+    model = make_tiny_model(tmp_path / "dynamic", model_type="qwen2",
+                            rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     proc = subprocess.run(
         [sys.executable, "-m", "server.cli", "serve", "--base-model", str(model),
          "--adapter-dir", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
         env=dict(os.environ), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert ("error: rope_scaling.rope_type 'yarn' is not supported (supported: default, "
-            "linear, llama3)") in proc.stderr
+    assert ("error: rope_scaling.rope_type 'dynamic' is not supported (supported: default, "
+            "linear, llama3, yarn, longrope)") in proc.stderr
