@@ -362,10 +362,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
             state["history"].append({"step": done, **metrics})
             value = metrics[cfg.metric_for_best]
             if info.main:
+                numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                 log.info("eval step %d: %s", done,
-                         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                         " ".join(f"{k} {v:.4f}" for k, v in numeric.items()))
                 if writer:
-                    for k, v in metrics.items():
+                    for k, v in numeric.items():
                         writer.add_scalar(f"eval/{k}", v, done)
             if _better(cfg.metric_for_best, value, state["best_metric"]):
                 state.update(best_metric=value, best_step=done, bad_evals=0)

@@ -100,3 +100,42 @@ def test_merge_cli_refusal_exit_code(trained, tmp_path, capsys):
     rc = main(["merge", "--adapter", str(trained["prompt_tuning"]), "--output",
                str(tmp_path / "m")])
     assert rc == 2 and "cannot merge a prompt_tuning adapter" in capsys.readouterr().err
+
+
+def test_task_metrics_english_use_13a_and_words():
+    from sacrebleu.metrics import BLEU
+
+    preds = ["the cat sat on the mat", "hello, world"]
+    refs = ["the cat sat on a mat", "hello world"]
+    m = task_metrics(preds, refs)
+    assert m["cjk_references"] == 0 and m["text_tokenization"] == "bleu 13a, rouge_l words"
+    # one tokenization per example gives sacrebleu's own default-tokenizer score here
+    want = BLEU(effective_order=True).corpus_score(preds, [refs]).score
+    assert m["bleu"] == pytest.approx(want, abs=1e-9)
+    assert m["rouge_l"] == pytest.approx((5 / 6 + 1.0) / 2)
+
+
+def test_task_metrics_chinese_use_zh_and_characters():
+    from sacrebleu.metrics import BLEU
+
+    preds = ["我的密码是一二三", "今天天气很好"]
+    refs = ["我的密码是一二四", "今天天气很好"]
+    m = task_metrics(preds, refs)
+    assert m["cjk_references"] == 2 and m["text_tokenization"] == "bleu zh, rouge_l characters"
+    # ROUGE-L over characters: 7 of 8 characters in common, then a perfect match
+    assert m["rouge_l"] == pytest.approx((7 / 8 + 1.0) / 2)
+    assert m["bleu"] == pytest.approx(
+        BLEU(tokenize="zh", effective_order=True).corpus_score(preds, [refs]).score, abs=1e-9)
+    assert 50 < m["bleu"] < 100
+    # what the defaults gave: no tokens for rouge-score, whole sentences as words for 13a
+    from rouge_score import rouge_scorer
+
+    assert rouge_scorer.RougeScorer(["rougeL"]).score(refs[0], preds[0])["rougeL"].fmeasure == 0
+    assert BLEU(effective_order=True).corpus_score(preds, [refs]).score < m["bleu"]
+
+
+def test_task_metrics_choose_per_example():
+    m = task_metrics(["2021-03-05", "今天天气很好"], ["2021-03-05", "今天天气不好"])
+    assert m["cjk_references"] == 1 and "for the 1 CJK references" in m["text_tokenization"]
+    # the English reference scores whole words (1.0), the Chinese one characters (5/6)
+    assert m["rouge_l"] == pytest.approx((1.0 + 5 / 6) / 2)
