@@ -1,4 +1,4 @@
-"""`trainer` command line: train, eval, merge, tasks, export-onnx (server/onnx/export.py).
+"""`trainer` command line: train, eval, merge, plot, tasks, export-onnx (server/onnx/export.py).
 
 Exit codes: 0 success, 1 training or artifact failure, 2 bad usage, config or data.
 """
@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--base-model", default=None,
                    help="base model path or id (default: the adapter's recorded base)")
 
+    g = sub.add_parser("plot", help="draw a run's metrics.jsonl (loss, validation loss, "
+                       "learning rate, gradient norm, update ratio) to a PNG")
+    g.add_argument("run_dir", help="the run directory (run_dir of `trainer train`)")
+    g.add_argument("--output", help="PNG path (default: RUN_DIR/metrics.png)")
+
     k = sub.add_parser("tasks", help="list bundled tasks, or write one's splits as JSONL")
     k.add_argument("name", nargs="?")
     k.add_argument("--out", help="directory for <split>.jsonl files")
@@ -99,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         if args.command == "export-onnx":
             return _export_onnx(args)
+        if args.command == "plot":
+            from trainer.plot import PlotError, plot_run
+
+            try:
+                print(plot_run(args.run_dir, args.output))
+            except PlotError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -121,6 +121,7 @@ class TrainConfig:
     eval_generate_max: int = 64  # examples decoded for task metrics at the end; 0: off
     max_new_tokens: int = 64
     tensorboard: bool = True
+    plot: bool = True  # draw <run_dir>/metrics.png from metrics.jsonl at the end of the run
     progress_bar: bool = True
     resume: bool = False
     verify_reload: bool = True  # reload the artifact and compare logits after saving

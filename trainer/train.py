@@ -49,6 +49,7 @@ from trainer.methods import (
     save_weights,
     trainable_state,
 )
+from trainer.monitor import MetricsLog, UpdateRatio, UpdateRatioWatch, format_ratios
 
 log = logging.getLogger("trainer")
 # A reload runs the same weights through the same kernels, so its logits match the trained
@@ -277,6 +278,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"))
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", start) if info.main else None
+    update_ratio = UpdateRatio(model)
+    ratio_watch = UpdateRatioWatch()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start, disable=not (info.main and cfg.progress_bar),
@@ -317,6 +321,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
             scaler.unscale_(optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == total
+        if log_step:
+            update_ratio.before()  # a copy of the trainable weights, on logging steps only
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -327,6 +334,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        ratios = update_ratio.after() if log_step else {}
         step_time = time.perf_counter() - t_step
         train_time += step_time
         window_time += step_time
@@ -336,19 +344,36 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
         window_tokens += int(tokens_all)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if metrics_log:
+            metrics_log.write({"kind": "train", "step": done, "loss": loss, "learning_rate": lr,
+                               "grad_norm": grad_norm, "tokens": int(tokens_all),
+                               "step_s": step_time, **ratios})
 
-        if done % cfg.log_every == 0 or done == total:
+        if log_step:
             tps = window_tokens / max(window_time, 1e-9)
             avg = window_loss / window_steps
             state["train_loss"] = avg
+            state["update_ratio"] = ratios["update_ratio"]
+            state["history"].append({"kind": "train", "step": done, "train_loss": avg,
+                                     "learning_rate": lr, "grad_norm": grad_norm,
+                                     "tokens_per_s": tps, **ratios})
             if info.main:
-                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f",
-                         done, total, avg, lr, grad_norm, tps)
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f update_ratio %s "
+                         "tokens/s %.0f", done, total, avg, lr, grad_norm,
+                         format_ratios(ratios), tps)
+                warning = ratio_watch.observe(done, ratios["update_ratio"])
+                if warning:
+                    log.warning("%s", warning)
                 if writer:
                     writer.add_scalar("train/loss", avg, done)
                     writer.add_scalar("train/learning_rate", lr, done)
                     writer.add_scalar("train/grad_norm", grad_norm, done)
                     writer.add_scalar("train/tokens_per_s", tps, done)
+                    for key, value in [("update_ratio", ratios["update_ratio"]),
+                                       *((f"update_ratio/{g}", v) for g, v in
+                                         ratios["update_ratio_by_group"].items())]:
+                        if value is not None:
+                            writer.add_scalar(f"train/{key}", value, done)
             window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
 
         stop = False
@@ -359,10 +384,12 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
-            state["history"].append({"step": done, **metrics})
+            state["history"].append({"kind": "eval", "step": done, **metrics})
             value = metrics[cfg.metric_for_best]
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if metrics_log:
+                metrics_log.write({"kind": "eval", "step": done, **numeric})
             if info.main:
-                numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                 log.info("eval step %d: %s", done,
                          " ".join(f"{k} {v:.4f}" for k, v in numeric.items()))
                 if writer:
@@ -394,6 +421,16 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
     state["step"] = step + 1 if total > start else start
     if writer:
         writer.close()
+    if metrics_log:
+        metrics_log.close()
+        (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        if cfg.plot:
+            from trainer.plot import plot_run
+
+            try:
+                log.info("plot: %s", plot_run(run_dir))
+            except Exception as e:  # a picture is never worth failing a finished run for
+                log.warning("could not draw %s: %s", run_dir / "metrics.png", e)
 
     dist.barrier(info)
     if cfg.load_best and state["best_step"] is not None and state["best_step"] != state["step"]:
@@ -414,6 +451,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
+        trainable, total_params = count_parameters(model)
+        metrics.update(trainable_parameters=trainable, total_parameters=total_params,
+                       update_ratio=state.get("update_ratio"))
         metrics.update(steps=state["step"], best_step=state["best_step"], train_tokens=tokens_total,
                        stopped_early=state["stopped_early"],
                        tokens_per_s=tokens_total / max(train_time, 1e-9) if tokens_total else None,
