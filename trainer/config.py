@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("lora", "qlora", "adapter", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full")
+METHODS = ("lora", "qlora", "adapter", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full",
+           "auto")
 SOFT_PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 SCHEDULERS = ("cosine", "constant", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,6 +50,8 @@ METHOD_KEYS = {
     "bottleneck_size": ("adapter",),
     "bottleneck_activation": ("adapter",),
     "bottleneck_positions": ("adapter",),
+    "keep_base_quantized": ("auto", "qlora"),
+    "memory_budget_mb": ("auto",),
 }
 
 
@@ -59,7 +62,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    method: str = "lora"
+    method: str = "lora"  # or auto: chosen at start from data size and memory (trainer/auto.py)
+    keep_base_quantized: bool = False  # method auto: the base must stay 4-bit -> qlora
+    memory_budget_mb: int | None = None  # method auto: memory to plan for; None: detected
     base_model: str = "default"
     output_dir: str = "adapters/adapter"
     run_dir: str | None = None  # checkpoints, TensorBoard logs; default runs/<output name>
@@ -128,7 +133,11 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+        """The learning rate; for method auto (before a method is chosen) the given one or
+        nan, never used for training (the loop runs on the resolved config)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DEFAULT_LR.get(self.method, float("nan"))
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -269,9 +278,9 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
         errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
     else:
         for key, methods in METHOD_KEYS.items():
-            if key in given and cfg.method not in methods:
+            if key in given and cfg.method not in methods and cfg.method != "auto":
                 errors.append(f"{key} applies to method {'/'.join(methods)}, not {cfg.method}")
-        if "target_modules" in given and cfg.method not in ("lora", "qlora"):
+        if "target_modules" in given and cfg.method not in ("lora", "qlora", "auto"):
             errors.append(f"target_modules applies to method lora/qlora, not {cfg.method}")
     if (cfg.data is None) == (cfg.task is None):
         errors.append("give exactly one of data (a JSONL file) or task (a bundled task)")
@@ -294,7 +303,7 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
     for key in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
                 "num_virtual_tokens", "encoder_hidden_size", "bottleneck_size", "eval_every",
                 "save_every", "log_every", "save_total_limit", "max_new_tokens", "max_steps",
-                "task_train_size", "max_eval_examples", "threads"):
+                "task_train_size", "max_eval_examples", "threads", "memory_budget_mb"):
         positive(key, getattr(cfg, key))
     for key in ("weight_decay", "max_grad_norm", "warmup_steps", "early_stopping_patience",
                 "eval_generate_max"):

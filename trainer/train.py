@@ -221,11 +221,23 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
     steps_per_epoch = len(data.train) // global_batch
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     device = info.device
+    choice = None
+    if cfg.method == "auto":
+        from trainer.auto import NoMethodFits, describe, resolve_auto
+
+        try:
+            cfg, choice = resolve_auto(cfg, base_path, len(data.train), device)
+        except NoMethodFits as e:
+            raise ConfigError(f"method auto: {e}") from None
+        if info.main:
+            log.info("%s", describe(choice))
 
     seed_all(cfg.seed)  # same initial adapter weights on every rank and every run
     model = build_trainable(cfg, base_path, device)
     if dry_run:
         text = dry_run_text(cfg, model, data, tokenizer)
+        if choice is not None:
+            text = describe(choice) + "\n" + text
         if info.main:
             print(text)
         return {"dry_run": text}
@@ -461,6 +473,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                        peak_memory_mb=_peak_memory_mb(device), world_size=info.world)
         manifest = build_manifest(cfg, base_path, base_id, data, metrics, model, tokenizer,
                                   pad_id)
+        if choice is not None:
+            manifest["method_choice"] = choice.to_dict()
         probe = collate((data.val or data.train)[:4], pad_id)
         write_artifact(cfg, model, tokenizer, pad_id, base_path, manifest, data.report, probe)
         log.info("wrote %s (%s)", cfg.output_dir, json.dumps(
