@@ -113,6 +113,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    parallelism: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (sharded)
     seed: int = 42
     threads: int | None = None  # torch CPU threads; None: torch's default
     # evaluation, checkpoints, logging
@@ -347,6 +348,19 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
                       "non-empty subset of [attn, mlp]")
     if cfg.method == "qlora" and cfg.precision == "fp16":
         errors.append("method qlora with precision fp16 is not supported; use bf16 or fp32")
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        errors.append(f"parallelism: {cfg.parallelism!r} is not one of ddp, fsdp")
+    elif cfg.parallelism == "fsdp":
+        if cfg.method not in ("full", "lora", "auto"):
+            errors.append(f"parallelism fsdp supports method full and lora, not {cfg.method}")
+        if cfg.resume:
+            errors.append("resume is not supported with parallelism fsdp (its optimizer state "
+                          "is sharded and not checkpointed)")
+        if cfg.metric_for_best != "eval_loss":
+            errors.append("parallelism fsdp evaluates eval_loss during training; "
+                          f"metric_for_best={cfg.metric_for_best} is not supported with it")
+        if cfg.precision == "fp16":
+            errors.append("parallelism fsdp with precision fp16 is not supported; use bf16")
     if cfg.gradient_checkpointing and cfg.method in SOFT_PROMPT_METHODS:
         errors.append(f"gradient_checkpointing is not supported with method {cfg.method}")
     if cfg.method == "full" and "target_modules" in given:

@@ -66,14 +66,21 @@ class UpdateRatio:
     are summed over the ranks before the square root."""
 
     def __init__(self, model: nn.Module, sharded: bool = False) -> None:
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.groups = [module_group(n) for n, _ in self.named]
+        self.model = model
         self.sharded = sharded
         self._before: list[torch.Tensor] | None = None
 
+    @property
+    def named(self) -> list[tuple[str, torch.Tensor]]:
+        # looked up at each call: references held from before FSDP2's lazy initialisation
+        # (its first forward) crashed on to_local() for method full
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
     @torch.no_grad()
     def before(self) -> None:
-        self._before = [_local(p).detach().clone() for _, p in self.named]
+        named = self.named
+        self.groups = [module_group(n) for n, _ in named]
+        self._before = [_local(p).detach().clone() for _, p in named]
 
     @torch.no_grad()
     def after(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from trainer.data import (
     split_train_val,
 )
 from trainer.evaluate import eval_loss, generation_eval, loss_sum
+from trainer.fsdp import full_trainable_state
 from trainer.methods import (
     MERGEABLE,
     SERVED_METHOD,
@@ -233,7 +234,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
             log.info("%s", describe(choice))
 
     seed_all(cfg.seed)  # same initial adapter weights on every rank and every run
-    model = build_trainable(cfg, base_path, device)
+    fsdp = info.enabled and cfg.parallelism == "fsdp"
+    # FSDP: built whole on the host, then each rank keeps (and moves to its device) 1/world
+    model = build_trainable(cfg, base_path, "cpu" if fsdp else device)
     if dry_run:
         text = dry_run_text(cfg, model, data, tokenizer)
         if choice is not None:
@@ -242,6 +245,14 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
             print(text)
         return {"dry_run": text}
     model.train()
+    if fsdp:
+        from trainer import fsdp as fsdp_lib
+
+        fsdp_lib.shard(model)  # before the optimizer: it must hold the sharded parameters
+        per_rank = fsdp_lib.parameters_per_rank(model)
+        if info.main:
+            log.info("fsdp: %d ranks hold %s of %d parameters", info.world, per_rank,
+                     fsdp_lib.total_numel(model))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -250,7 +261,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     ddp = None
-    if info.enabled:
+    if info.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [info.local_rank] if device.startswith("cuda") else None
@@ -291,7 +302,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
 
         writer = SummaryWriter(str(run_dir / "tb"))
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", start) if info.main else None
-    update_ratio = UpdateRatio(model)
+    update_ratio = UpdateRatio(model, sharded=fsdp)
     ratio_watch = UpdateRatioWatch()
     from tqdm.auto import tqdm
 
@@ -332,7 +343,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
         if scaler:
             scaler.unscale_(optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if fsdp else grad_norm)
         log_step = (step + 1) % cfg.log_every == 0 or step + 1 == total
         if log_step:
             update_ratio.before()  # a copy of the trainable weights, on logging steps only
@@ -409,8 +421,10 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                         writer.add_scalar(f"eval/{k}", v, done)
             if _better(cfg.metric_for_best, value, state["best_metric"]):
                 state.update(best_metric=value, best_step=done, bad_evals=0)
-                if info.main and cfg.load_best:
-                    checkpoint.save_best(run_dir, trainable_state(model))
+                if cfg.load_best:
+                    best_weights = full_trainable_state(model) if fsdp else None
+                    if info.main:
+                        checkpoint.save_best(run_dir, best_weights or trainable_state(model))
             else:
                 state["bad_evals"] += 1
                 patience = cfg.early_stopping_patience
@@ -422,9 +436,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                  "evaluations (best %.4f at step %d)", done, cfg.metric_for_best,
                                  state["bad_evals"], state["best_metric"], state["best_step"])
         if done % cfg.save_every == 0 or done == total or stop:
-            if info.main:
-                checkpoint.save_checkpoint(run_dir, done, trainable_state(model), optimizer,
-                                           state, cfg.save_total_limit)
+            weights = full_trainable_state(model) if fsdp else None
+            if info.main:  # FSDP: the optimizer's moments stay sharded, not checkpointed
+                checkpoint.save_checkpoint(run_dir, done, weights or trainable_state(model),
+                                           None if fsdp else optimizer, state,
+                                           cfg.save_total_limit)
             dist.barrier(info)
         if stop:
             break
@@ -445,6 +461,15 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                 log.warning("could not draw %s: %s", run_dir / "metrics.png", e)
 
     dist.barrier(info)
+    if fsdp:  # rank 0 goes on with a plain copy of the model holding the trained weights
+        weights = full_trainable_state(model)
+        del model, optimizer, params, decay, no_decay, update_ratio
+        if not info.main:
+            dist.barrier(info)
+            return {}
+        seed_all(cfg.seed)
+        model = build_trainable(cfg, base_path, device)
+        load_trainable_state(model, weights)
     if cfg.load_best and state["best_step"] is not None and state["best_step"] != state["step"]:
         best = checkpoint.load_best(run_dir)
         if best is not None:
@@ -465,7 +490,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                 metrics.update(gen)
         trainable, total_params = count_parameters(model)
         metrics.update(trainable_parameters=trainable, total_parameters=total_params,
-                       update_ratio=state.get("update_ratio"))
+                       update_ratio=state.get("update_ratio"),
+                       parallelism=cfg.parallelism if info.enabled else None,
+                       parameters_per_rank=per_rank if fsdp else None)
         metrics.update(steps=state["step"], best_step=state["best_step"], train_tokens=tokens_total,
                        stopped_early=state["stopped_early"],
                        tokens_per_s=tokens_total / max(train_time, 1e-9) if tokens_total else None,
