@@ -178,8 +178,9 @@ def merge(adapter: str | Path, output: str | Path, base_model: str | None = None
         why = verdict(metric, before_q, after_q, tolerance, loss_tolerance)
         if why:
             raise MergeError(f"merge refused, nothing written: {why} on {len(examples)} "
-                             f"examples of {source}. Keep serving the adapter, or merge in "
-                             "fp32 / pass a larger --tolerance if the loss is acceptable")
+                             f"examples of {source}. Merge into the base the adapter was "
+                             "trained on, in fp32, keep serving the adapter, or raise "
+                             "--tolerance / --loss-tolerance if the loss is acceptable")
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
 
     def fill(tmp: Path) -> None:
