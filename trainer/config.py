@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("lora", "qlora", "adapter", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full",
-           "auto")
+METHODS = ("lora", "qlora", "adapter", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full")
+METHOD_CHOICES = (*METHODS, "auto")  # auto: one of METHODS, chosen at start (trainer/auto.py)
 SOFT_PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 SCHEDULERS = ("cosine", "constant", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -275,8 +275,8 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
     """Refuse invalid values and incompatible combinations. `given`: keys the user set."""
     given = given or set()
     errors: list[str] = []
-    if cfg.method not in METHODS:
-        errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if cfg.method not in METHOD_CHOICES:
+        errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHOD_CHOICES)}")
     else:
         for key, methods in METHOD_KEYS.items():
             if key in given and cfg.method not in methods and cfg.method != "auto":
