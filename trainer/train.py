@@ -488,7 +488,13 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
-        trainable, total_params = count_parameters(model)
+        trainable, _ = count_parameters(model)
+        # the base's own count (its safetensors headers): a 4-bit layer packs two
+        # parameters a byte, so counting qlora's tensors would halve its frozen base
+        from trainer.auto import base_parameter_count
+
+        total_params = base_parameter_count(base_path) + (0 if cfg.method == "full"
+                                                          else trainable)
         metrics.update(trainable_parameters=trainable, total_parameters=total_params,
                        update_ratio=state.get("update_ratio"),
                        parallelism=cfg.parallelism if info.enabled else None,
