@@ -114,32 +114,40 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
         work = Path(tmp)
-        rows = [eval_base(args, work)]
+        rows.append(eval_base(args, work))
         for method in methods:
             print(f"training {method} ...", flush=True)
             rows.append(train_one(method, args, work))
-    wall = time.perf_counter() - t0
+            # written after each method, so an interrupted run keeps what it measured
+            report(rows, methods, args, time.perf_counter() - t0)
+    print(table(rows))
+    return 0
+
+
+def report(rows: list[dict[str, Any]], methods: list[str], args, wall: float) -> None:
     text = table(rows)
-    print(text)
     prov = provenance()
+    done = [r["method"] for r in rows[1:]]
     settings = {k: getattr(args, k) for k in ("task", "base_model", "steps", "batch_size",
                                               "eval_limit", "max_new_tokens", "threads", "seed")}
     write_results("methods", {"settings": settings, "learning_rates": {
         m: METHOD_SETTINGS[m]["learning_rate"] for m in methods}, "rows": rows,
-        "benchmark_wall_s": wall})
+        "complete": done == methods, "benchmark_wall_s": wall})
     if not args.no_docs:
         cpu = prov["machine"].get("cpu", "?")
+        missing = [m for m in methods if m not in done]
         note = (f"Measured {prov.get('date', '?')[:10]} on {cpu} "
                 f"({prov['machine'].get('cores')} cores), commit {prov.get('git_commit', '?')}, "
                 f"{wall / 60:.1f} min in all: `{prov.get('command', '')}`. Task `{args.task}`, "
                 f"{args.steps} steps of batch {args.batch_size} "
                 f"({args.steps * args.batch_size} examples), quality on the first "
                 f"{args.eval_limit} validation examples (greedy, {args.max_new_tokens} new "
-                f"tokens). benchmarks/results/methods.json.")
+                f"tokens). benchmarks/results/methods.json."
+                + (f" Not measured yet: {', '.join(missing)}." if missing else ""))
         write_doc(f"{note}\n\n{text}")
-    return 0
 
 
 if __name__ == "__main__":
