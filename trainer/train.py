@@ -184,8 +184,18 @@ def _autocast(cfg: TrainConfig, device: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
-def dry_run_text(cfg: TrainConfig, model, data: PreparedData, tokenizer) -> str:
-    trainable, total = count_parameters(model)
+def parameter_counts(cfg: TrainConfig, model, base_path) -> tuple[int, int]:
+    """(trainable, total): the base's own count (its safetensors headers) plus what the
+    method adds; counting qlora's tensors would halve its base (two 4-bit values a byte)."""
+    from trainer.auto import base_parameter_count
+
+    trainable, _ = count_parameters(model)
+    return trainable, base_parameter_count(base_path) + (0 if cfg.method == "full"
+                                                         else trainable)
+
+
+def dry_run_text(cfg: TrainConfig, model, data: PreparedData, tokenizer, base_path) -> str:
+    trainable, total = parameter_counts(cfg, model, base_path)
     lines = ["resolved config:", dump_config(cfg),
              f"trainable parameters: {trainable:,} of {total:,} "
              f"({100 * trainable / max(total, 1):.4f}%)",
@@ -238,7 +248,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
     # FSDP: built whole on the host, then each rank keeps (and moves to its device) 1/world
     model = build_trainable(cfg, base_path, "cpu" if fsdp else device)
     if dry_run:
-        text = dry_run_text(cfg, model, data, tokenizer)
+        text = dry_run_text(cfg, model, data, tokenizer, base_path)
         if choice is not None:
             text = describe(choice) + "\n" + text
         if info.main:
@@ -488,13 +498,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
-        trainable, _ = count_parameters(model)
-        # the base's own count (its safetensors headers): a 4-bit layer packs two
-        # parameters a byte, so counting qlora's tensors would halve its frozen base
-        from trainer.auto import base_parameter_count
-
-        total_params = base_parameter_count(base_path) + (0 if cfg.method == "full"
-                                                          else trainable)
+        trainable, total_params = parameter_counts(cfg, model, base_path)
         metrics.update(trainable_parameters=trainable, total_parameters=total_params,
                        update_ratio=state.get("update_ratio"),
                        parallelism=cfg.parallelism if info.enabled else None,
