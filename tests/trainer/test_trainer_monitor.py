@@ -160,3 +160,9 @@ def test_plot_cli(tiny_base, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG" and str(out) in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_read_metrics_leaves_out_a_line_being_written(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "train", "st')
+    assert read_metrics(p) == [{"kind": "train", "step": 1, "loss": 2.0}]
