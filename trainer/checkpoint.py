@@ -33,12 +33,15 @@ def _save_dir_atomic(target: Path, fill) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int) -> Path:
+                    optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+                    keep: int) -> Path:
+    """`optimizer` None (FSDP, whose optimizer state is sharded): weights and state only."""
     target = run_dir / "checkpoints" / f"step-{step:08d}"
 
     def fill(d: Path) -> None:
         save_file({k: v.cpu() for k, v in weights.items()}, str(d / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), d / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
         torch.save(rng, d / "rng.pt")
         (d / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))

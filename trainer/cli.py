@@ -1,4 +1,4 @@
-"""`trainer` command line: train, eval, merge, tasks, export-onnx (server/onnx/export.py).
+"""`trainer` command line: train, eval, merge, plot, tasks, export-onnx (server/onnx/export.py).
 
 Exit codes: 0 success, 1 training or artifact failure, 2 bad usage, config or data.
 """
@@ -46,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--base-model", default=None)
     m.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
                    help="quantization of the base to merge into (only none is supported)")
+    m.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the saved merged weights")
+    m.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the task check (adapter vs merged model on validation examples)")
+    m.add_argument("--task", help="check on this bundled task's validation split instead of "
+                   "the training run's validation examples")
+    m.add_argument("--data", help="check on this JSONL file instead")
+    m.add_argument("--limit", type=int, default=64, help="examples for the check (default 64)")
+    m.add_argument("--tolerance", type=float, default=0.02, help="largest drop of the task "
+                   "metric (exact match, or BLEU/100, ROUGE-L) accepted (default 0.02)")
+    m.add_argument("--loss-tolerance", type=float, default=0.02, help="largest relative rise "
+                   "of the validation loss accepted (default 0.02)")
+    m.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the training run's max_new_tokens")
 
     x = sub.add_parser("export-onnx", help="merge a lora/ia3 adapter and export it to ONNX with "
                        "a KV cache; parity-checked, recorded in the adapter's manifest")
@@ -55,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--base-model", default=None,
                    help="base model path or id (default: the adapter's recorded base)")
+
+    g = sub.add_parser("plot", help="draw a run's metrics.jsonl (loss, validation loss, "
+                       "learning rate, gradient norm, update ratio) to a PNG")
+    g.add_argument("run_dir", help="the run directory (run_dir of `trainer train`)")
+    g.add_argument("--output", help="PNG path (default: RUN_DIR/metrics.png)")
 
     k = sub.add_parser("tasks", help="list bundled tasks, or write one's splits as JSONL")
     k.add_argument("name", nargs="?")
@@ -89,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             from trainer.merge import merge
 
-            merge(args.adapter, args.output, base_model=args.base_model, quantize=args.quantize)
+            path = merge(args.adapter, args.output, base_model=args.base_model,
+                         quantize=args.quantize, dtype=args.dtype, check=args.check,
+                         task=args.task, data=args.data, limit=args.limit,
+                         tolerance=args.tolerance, loss_tolerance=args.loss_tolerance,
+                         max_new_tokens=args.max_new_tokens)
+            from adapter_format.manifest import read_manifest
+
+            check = read_manifest(path)["metrics"]["merge_check"]
+            print(json.dumps({"merged": str(path), "merge_check": check}, indent=2))
             return 0
         if args.command == "tasks":
             try:
@@ -99,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         if args.command == "export-onnx":
             return _export_onnx(args)
+        if args.command == "plot":
+            from trainer.plot import PlotError, plot_run
+
+            try:
+                print(plot_run(args.run_dir, args.output))
+            except PlotError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 METHODS = ("lora", "qlora", "adapter", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "full")
+METHOD_CHOICES = (*METHODS, "auto")  # auto: one of METHODS, chosen at start (trainer/auto.py)
 SOFT_PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 SCHEDULERS = ("cosine", "constant", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,6 +50,8 @@ METHOD_KEYS = {
     "bottleneck_size": ("adapter",),
     "bottleneck_activation": ("adapter",),
     "bottleneck_positions": ("adapter",),
+    "keep_base_quantized": ("auto", "qlora"),
+    "memory_budget_mb": ("auto",),
 }
 
 
@@ -59,7 +62,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    method: str = "lora"
+    method: str = "lora"  # or auto: chosen at start from data size and memory (trainer/auto.py)
+    keep_base_quantized: bool = False  # method auto: the base must stay 4-bit -> qlora
+    memory_budget_mb: int | None = None  # method auto: memory to plan for; None: detected
     base_model: str = "default"
     output_dir: str = "adapters/adapter"
     run_dir: str | None = None  # checkpoints, TensorBoard logs; default runs/<output name>
@@ -108,6 +113,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    parallelism: str = "ddp"  # under torchrun: ddp (a full copy per rank) or fsdp (sharded)
     seed: int = 42
     threads: int | None = None  # torch CPU threads; None: torch's default
     # evaluation, checkpoints, logging
@@ -121,13 +127,18 @@ class TrainConfig:
     eval_generate_max: int = 64  # examples decoded for task metrics at the end; 0: off
     max_new_tokens: int = 64
     tensorboard: bool = True
+    plot: bool = True  # draw <run_dir>/metrics.png from metrics.jsonl at the end of the run
     progress_bar: bool = True
     resume: bool = False
     verify_reload: bool = True  # reload the artifact and compare logits after saving
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+        """The learning rate; for method auto (before a method is chosen) the given one or
+        nan, never used for training (the loop runs on the resolved config)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DEFAULT_LR.get(self.method, float("nan"))
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -264,13 +275,13 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
     """Refuse invalid values and incompatible combinations. `given`: keys the user set."""
     given = given or set()
     errors: list[str] = []
-    if cfg.method not in METHODS:
-        errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if cfg.method not in METHOD_CHOICES:
+        errors.append(f"method: {cfg.method!r} is not one of {', '.join(METHOD_CHOICES)}")
     else:
         for key, methods in METHOD_KEYS.items():
-            if key in given and cfg.method not in methods:
+            if key in given and cfg.method not in methods and cfg.method != "auto":
                 errors.append(f"{key} applies to method {'/'.join(methods)}, not {cfg.method}")
-        if "target_modules" in given and cfg.method not in ("lora", "qlora"):
+        if "target_modules" in given and cfg.method not in ("lora", "qlora", "auto"):
             errors.append(f"target_modules applies to method lora/qlora, not {cfg.method}")
     if (cfg.data is None) == (cfg.task is None):
         errors.append("give exactly one of data (a JSONL file) or task (a bundled task)")
@@ -293,7 +304,7 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
     for key in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
                 "num_virtual_tokens", "encoder_hidden_size", "bottleneck_size", "eval_every",
                 "save_every", "log_every", "save_total_limit", "max_new_tokens", "max_steps",
-                "task_train_size", "max_eval_examples", "threads"):
+                "task_train_size", "max_eval_examples", "threads", "memory_budget_mb"):
         positive(key, getattr(cfg, key))
     for key in ("weight_decay", "max_grad_norm", "warmup_steps", "early_stopping_patience",
                 "eval_generate_max"):
@@ -337,6 +348,19 @@ def validate(cfg: TrainConfig, given: set[str] | None = None) -> None:
                       "non-empty subset of [attn, mlp]")
     if cfg.method == "qlora" and cfg.precision == "fp16":
         errors.append("method qlora with precision fp16 is not supported; use bf16 or fp32")
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        errors.append(f"parallelism: {cfg.parallelism!r} is not one of ddp, fsdp")
+    elif cfg.parallelism == "fsdp":
+        if cfg.method not in ("full", "lora", "auto"):
+            errors.append(f"parallelism fsdp supports method full and lora, not {cfg.method}")
+        if cfg.resume:
+            errors.append("resume is not supported with parallelism fsdp (its optimizer state "
+                          "is sharded and not checkpointed)")
+        if cfg.metric_for_best != "eval_loss":
+            errors.append("parallelism fsdp evaluates eval_loss during training; "
+                          f"metric_for_best={cfg.metric_for_best} is not supported with it")
+        if cfg.precision == "fp16":
+            errors.append("parallelism fsdp with precision fp16 is not supported; use bf16")
     if cfg.gradient_checkpointing and cfg.method in SOFT_PROMPT_METHODS:
         errors.append(f"gradient_checkpointing is not supported with method {cfg.method}")
     if cfg.method == "full" and "target_modules" in given:

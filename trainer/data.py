@@ -237,10 +237,34 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def preview(tokenizer: Any, enc: Encoded, max_tokens: int = 200) -> str:
-    """A human-readable view of one example: trained tokens in [[...]], masked ones plain."""
-    out = []
-    for tid, lab in list(zip(enc.input_ids, enc.labels, strict=True))[:max_tokens]:
-        piece = tokenizer.decode([tid])
-        out.append(f"[[{piece}]]" if lab != IGNORE else piece)
-    more = "" if len(enc.input_ids) <= max_tokens else f" ... (+{len(enc.input_ids) - max_tokens})"
+    """A human-readable view of one example: trained tokens in [[...]], masked ones plain.
+
+    Each run of tokens with the same mask is decoded as one span: a byte-level BPE splits a
+    Chinese character (3 bytes in UTF-8) over several tokens, and decoding them one at a time
+    prints U+FFFD for each piece. A span that would still end inside a character (a mask
+    change in the middle of one) takes tokens from the next span until it decodes whole.
+    """
+    pairs = list(zip(enc.input_ids, enc.labels, strict=True))
+    shown = pairs[:max_tokens]
+    while len(shown) < len(pairs) and _cut_inside_char(tokenizer, [t for t, _ in shown]):
+        shown.append(pairs[len(shown)])  # never cut a character at the end either
+    spans: list[tuple[list[int], bool]] = []
+    for tid, lab in shown:
+        trained = lab != IGNORE
+        if spans and spans[-1][1] == trained:
+            spans[-1][0].append(tid)
+        else:
+            spans.append(([tid], trained))
+    for i in range(len(spans) - 1):
+        ids, nxt = spans[i][0], spans[i + 1][0]
+        while len(nxt) > 1 and _cut_inside_char(tokenizer, ids):
+            ids.append(nxt.pop(0))
+    out = [f"[[{tokenizer.decode(ids)}]]" if trained else tokenizer.decode(ids)
+           for ids, trained in spans if ids]
+    more = "" if len(shown) == len(pairs) else f" ... (+{len(pairs) - len(shown)})"
     return "".join(out) + more
+
+
+def _cut_inside_char(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether `ids` end inside a multi-byte character (the decoder then emits U+FFFD)."""
+    return bool(ids) and tokenizer.decode(ids[-4:]).endswith("\ufffd")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -82,25 +83,68 @@ def generate_greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], 
     return out
 
 
-def task_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after stripping), corpus BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score)."""
+# Han ideographs (with extension A, compatibility and the supplementary planes), kana, Hangul.
+_CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+                  "\U00020000-\U0002fa1f]")
+
+
+def is_cjk(text: str) -> bool:
+    """Whether `text` holds a CJK character: such a reference is scored per character."""
+    return _CJK.search(text) is not None
+
+
+class _Characters:
+    """rouge-score tokenizer: every non-space character is a token (its default keeps only
+    [a-z0-9] words, so Chinese text has no tokens at all and ROUGE-L is 0)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return [c for c in text if not c.isspace()]
+
+
+def task_metrics(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """Exact match (after stripping), corpus BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score).
+
+    The tokenization is chosen per example from its reference: a reference with CJK text is
+    tokenized by sacrebleu's `zh` tokenizer for BLEU (each Han character a word) and scored
+    over characters for ROUGE-L; any other by sacrebleu's default `13a` and rouge-score's
+    word tokenizer. The corpus BLEU is one score over the examples each tokenized its way.
+    `cjk_references` counts the examples scored the CJK way and `text_tokenization` says
+    which ways were used.
+    """
     from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
 
     preds = [p.strip() for p in predictions]
     refs = [r.strip() for r in references]
     em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(len(refs), 1)
+    cjk = [is_cjk(r) for r in refs]
+    zh, t13a = TokenizerZh(), Tokenizer13a()
+    tok_preds = [(zh if c else t13a)(p) for p, c in zip(preds, cjk, strict=True)]
+    tok_refs = [(zh if c else t13a)(r) for r, c in zip(refs, cjk, strict=True)]
     # effective order: short answers (a date, one word) have no 4-grams at all
-    from sacrebleu.metrics import BLEU
-
-    bleu = BLEU(effective_order=True).corpus_score(preds, [refs]).score if refs else 0.0
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
-    return {"exact_match": em, "bleu": bleu, "rouge_l": sum(rouge) / max(len(rouge), 1)}
+    bleu = (BLEU(tokenize="none", effective_order=True).corpus_score(tok_preds, [tok_refs]).score
+            if refs else 0.0)
+    words = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    chars = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Characters())
+    rouge = [(chars if c else words).score(r, p)["rougeL"].fmeasure
+             for p, r, c in zip(preds, refs, cjk, strict=True)]
+    n_cjk = sum(cjk)
+    if n_cjk == 0:
+        how = "bleu 13a, rouge_l words"
+    elif n_cjk == len(refs):
+        how = "bleu zh, rouge_l characters"
+    else:
+        how = (f"bleu zh and rouge_l characters for the {n_cjk} CJK references, "
+               f"13a and words for the other {len(refs) - n_cjk}")
+    return {"exact_match": em, "bleu": bleu, "rouge_l": sum(rouge) / max(len(rouge), 1),
+            "cjk_references": n_cjk, "text_tokenization": how}
 
 
 def generation_eval(model: nn.Module, tokenizer: Any, examples: list[Example], pad_id: int,
                     max_new_tokens: int, system_prompt: str | None = None,
-                    device: str = "cpu", batch_size: int = 16) -> tuple[dict[str, float], list]:
+                    device: str = "cpu", batch_size: int = 16) -> tuple[dict[str, Any], list]:
     """Task metrics on chat examples; returns (metrics, [(prompt ids, prediction, ref)])."""
     chats = [ex for ex in examples if "messages" in ex]
     if not chats:

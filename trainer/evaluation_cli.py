@@ -40,7 +40,17 @@ def load_model_and_tokenizer(adapter: str | None, base_model: str | None, device
 
     manifest = None
     if adapter:
+        if not (Path(adapter) / "switchboard.json").is_file() and \
+                (Path(adapter) / "config.json").is_file():
+            raise DataError(f"{adapter!r} is a model directory without a Switchboard manifest, "
+                            f"not an adapter: evaluate it with --base-model {adapter}")
         manifest = read_manifest(adapter)
+        if manifest.get("method") == "merged":  # `trainer merge` output: a whole model
+            if base_model is not None:
+                raise DataError(f"{adapter!r} is a merged model (base and adapter in one); "
+                                "it takes no --base-model")
+            model = load_base(adapter, device=device).eval()
+            return model, AutoTokenizer.from_pretrained(adapter), manifest, Path(adapter)
         if base_model is None:
             saved = manifest["base_model"]
             base_model = saved["path"] if Path(saved["path"]).is_dir() else saved["id"]
@@ -62,8 +72,10 @@ def evaluate(adapter: str | None = None, base_model: str | None = None, data: st
     model, tokenizer, manifest, _ = load_model_and_tokenizer(adapter, base_model, device)
     system_prompt = None
     if manifest is not None:
-        system_prompt = manifest["trainer_config"].get("system_prompt")
-    pad_id = manifest["pad_token_id"] if manifest else pick_pad_id(tokenizer)
+        trained = manifest.get("merged_from", {}).get("manifest", manifest)
+        system_prompt = trained.get("trainer_config", {}).get("system_prompt")
+    pad_id = manifest.get("pad_token_id") if manifest else None
+    pad_id = pad_id if pad_id is not None else pick_pad_id(tokenizer)
     encoded = [encode_example(tokenizer, ex, False, system_prompt) for ex in examples]
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"adapter": adapter, "method": manifest["method"] if manifest

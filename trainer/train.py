@@ -39,6 +39,7 @@ from trainer.data import (
     split_train_val,
 )
 from trainer.evaluate import eval_loss, generation_eval, loss_sum
+from trainer.fsdp import full_trainable_state
 from trainer.methods import (
     MERGEABLE,
     SERVED_METHOD,
@@ -49,6 +50,7 @@ from trainer.methods import (
     save_weights,
     trainable_state,
 )
+from trainer.monitor import MetricsLog, UpdateRatio, UpdateRatioWatch, format_ratios
 
 log = logging.getLogger("trainer")
 # A reload runs the same weights through the same kernels, so its logits match the trained
@@ -182,8 +184,18 @@ def _autocast(cfg: TrainConfig, device: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
-def dry_run_text(cfg: TrainConfig, model, data: PreparedData, tokenizer) -> str:
-    trainable, total = count_parameters(model)
+def parameter_counts(cfg: TrainConfig, model, base_path) -> tuple[int, int]:
+    """(trainable, total): the base's own count (its safetensors headers) plus what the
+    method adds; counting qlora's tensors would halve its base (two 4-bit values a byte)."""
+    from trainer.auto import base_parameter_count
+
+    trainable, _ = count_parameters(model)
+    return trainable, base_parameter_count(base_path) + (0 if cfg.method == "full"
+                                                         else trainable)
+
+
+def dry_run_text(cfg: TrainConfig, model, data: PreparedData, tokenizer, base_path) -> str:
+    trainable, total = parameter_counts(cfg, model, base_path)
     lines = ["resolved config:", dump_config(cfg),
              f"trainable parameters: {trainable:,} of {total:,} "
              f"({100 * trainable / max(total, 1):.4f}%)",
@@ -220,15 +232,37 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
     steps_per_epoch = len(data.train) // global_batch
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     device = info.device
+    choice = None
+    if cfg.method == "auto":
+        from trainer.auto import NoMethodFits, describe, resolve_auto
+
+        try:
+            cfg, choice = resolve_auto(cfg, base_path, len(data.train), device)
+        except NoMethodFits as e:
+            raise ConfigError(f"method auto: {e}") from None
+        if info.main:
+            log.info("%s", describe(choice))
 
     seed_all(cfg.seed)  # same initial adapter weights on every rank and every run
-    model = build_trainable(cfg, base_path, device)
+    fsdp = info.enabled and cfg.parallelism == "fsdp"
+    # FSDP: built whole on the host, then each rank keeps (and moves to its device) 1/world
+    model = build_trainable(cfg, base_path, "cpu" if fsdp else device)
     if dry_run:
-        text = dry_run_text(cfg, model, data, tokenizer)
+        text = dry_run_text(cfg, model, data, tokenizer, base_path)
+        if choice is not None:
+            text = describe(choice) + "\n" + text
         if info.main:
             print(text)
         return {"dry_run": text}
     model.train()
+    if fsdp:
+        from trainer import fsdp as fsdp_lib
+
+        fsdp_lib.shard(model)  # before the optimizer: it must hold the sharded parameters
+        per_rank = fsdp_lib.parameters_per_rank(model)
+        if info.main:
+            log.info("fsdp: %d ranks hold %s of %d parameters", info.world, per_rank,
+                     fsdp_lib.total_numel(model))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -237,7 +271,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     ddp = None
-    if info.enabled:
+    if info.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [info.local_rank] if device.startswith("cuda") else None
@@ -277,6 +311,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"))
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", start) if info.main else None
+    update_ratio = UpdateRatio(model, sharded=fsdp)
+    ratio_watch = UpdateRatioWatch()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start, disable=not (info.main and cfg.progress_bar),
@@ -316,7 +353,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
         if scaler:
             scaler.unscale_(optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if fsdp else grad_norm)
+        log_step = (step + 1) % cfg.log_every == 0 or step + 1 == total
+        if log_step:
+            update_ratio.before()  # a copy of the trainable weights, on logging steps only
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -327,6 +368,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        ratios = update_ratio.after() if log_step else {}
         step_time = time.perf_counter() - t_step
         train_time += step_time
         window_time += step_time
@@ -336,19 +378,36 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
         window_tokens += int(tokens_all)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if metrics_log:
+            metrics_log.write({"kind": "train", "step": done, "loss": loss, "learning_rate": lr,
+                               "grad_norm": grad_norm, "tokens": int(tokens_all),
+                               "step_s": step_time, **ratios})
 
-        if done % cfg.log_every == 0 or done == total:
+        if log_step:
             tps = window_tokens / max(window_time, 1e-9)
             avg = window_loss / window_steps
             state["train_loss"] = avg
+            state["update_ratio"] = ratios["update_ratio"]
+            state["history"].append({"kind": "train", "step": done, "train_loss": avg,
+                                     "learning_rate": lr, "grad_norm": grad_norm,
+                                     "tokens_per_s": tps, **ratios})
             if info.main:
-                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f",
-                         done, total, avg, lr, grad_norm, tps)
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f update_ratio %s "
+                         "tokens/s %.0f", done, total, avg, lr, grad_norm,
+                         format_ratios(ratios), tps)
+                warning = ratio_watch.observe(done, ratios["update_ratio"])
+                if warning:
+                    log.warning("%s", warning)
                 if writer:
                     writer.add_scalar("train/loss", avg, done)
                     writer.add_scalar("train/learning_rate", lr, done)
                     writer.add_scalar("train/grad_norm", grad_norm, done)
                     writer.add_scalar("train/tokens_per_s", tps, done)
+                    for key, value in [("update_ratio", ratios["update_ratio"]),
+                                       *((f"update_ratio/{g}", v) for g, v in
+                                         ratios["update_ratio_by_group"].items())]:
+                        if value is not None:
+                            writer.add_scalar(f"train/{key}", value, done)
             window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
 
         stop = False
@@ -359,18 +418,23 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
-            state["history"].append({"step": done, **metrics})
+            state["history"].append({"kind": "eval", "step": done, **metrics})
             value = metrics[cfg.metric_for_best]
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if metrics_log:
+                metrics_log.write({"kind": "eval", "step": done, **numeric})
             if info.main:
                 log.info("eval step %d: %s", done,
-                         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                         " ".join(f"{k} {v:.4f}" for k, v in numeric.items()))
                 if writer:
-                    for k, v in metrics.items():
+                    for k, v in numeric.items():
                         writer.add_scalar(f"eval/{k}", v, done)
             if _better(cfg.metric_for_best, value, state["best_metric"]):
                 state.update(best_metric=value, best_step=done, bad_evals=0)
-                if info.main and cfg.load_best:
-                    checkpoint.save_best(run_dir, trainable_state(model))
+                if cfg.load_best:
+                    best_weights = full_trainable_state(model) if fsdp else None
+                    if info.main:
+                        checkpoint.save_best(run_dir, best_weights or trainable_state(model))
             else:
                 state["bad_evals"] += 1
                 patience = cfg.early_stopping_patience
@@ -382,9 +446,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                  "evaluations (best %.4f at step %d)", done, cfg.metric_for_best,
                                  state["bad_evals"], state["best_metric"], state["best_step"])
         if done % cfg.save_every == 0 or done == total or stop:
-            if info.main:
-                checkpoint.save_checkpoint(run_dir, done, trainable_state(model), optimizer,
-                                           state, cfg.save_total_limit)
+            weights = full_trainable_state(model) if fsdp else None
+            if info.main:  # FSDP: the optimizer's moments stay sharded, not checkpointed
+                checkpoint.save_checkpoint(run_dir, done, weights or trainable_state(model),
+                                           None if fsdp else optimizer, state,
+                                           cfg.save_total_limit)
             dist.barrier(info)
         if stop:
             break
@@ -393,8 +459,27 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
     state["step"] = step + 1 if total > start else start
     if writer:
         writer.close()
+    if metrics_log:
+        metrics_log.close()
+        (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        if cfg.plot:
+            from trainer.plot import plot_run
+
+            try:
+                log.info("plot: %s", plot_run(run_dir))
+            except Exception as e:  # a picture is never worth failing a finished run for
+                log.warning("could not draw %s: %s", run_dir / "metrics.png", e)
 
     dist.barrier(info)
+    if fsdp:  # rank 0 goes on with a plain copy of the model holding the trained weights
+        weights = full_trainable_state(model)
+        del model, optimizer, params, decay, no_decay, update_ratio
+        if not info.main:
+            dist.barrier(info)
+            return {}
+        seed_all(cfg.seed)
+        model = build_trainable(cfg, base_path, device)
+        load_trainable_state(model, weights)
     if cfg.load_best and state["best_step"] is not None and state["best_step"] != state["step"]:
         best = checkpoint.load_best(run_dir)
         if best is not None:
@@ -413,6 +498,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                                          data.val_examples[:cfg.eval_generate_max], pad_id,
                                          cfg.max_new_tokens, cfg.system_prompt, device)
                 metrics.update(gen)
+        trainable, total_params = parameter_counts(cfg, model, base_path)
+        metrics.update(trainable_parameters=trainable, total_parameters=total_params,
+                       update_ratio=state.get("update_ratio"),
+                       parallelism=cfg.parallelism if info.enabled else None,
+                       parameters_per_rank=per_rank if fsdp else None)
         metrics.update(steps=state["step"], best_step=state["best_step"], train_tokens=tokens_total,
                        stopped_early=state["stopped_early"],
                        tokens_per_s=tokens_total / max(train_time, 1e-9) if tokens_total else None,
@@ -420,6 +510,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, dry_run: bool) -> dict[str, An
                        peak_memory_mb=_peak_memory_mb(device), world_size=info.world)
         manifest = build_manifest(cfg, base_path, base_id, data, metrics, model, tokenizer,
                                   pad_id)
+        if choice is not None:
+            manifest["method_choice"] = choice.to_dict()
         probe = collate((data.val or data.train)[:4], pad_id)
         write_artifact(cfg, model, tokenizer, pad_id, base_path, manifest, data.report, probe)
         log.info("wrote %s (%s)", cfg.output_dir, json.dumps(

@@ -150,3 +150,20 @@ def test_split_is_seeded_and_disjoint():
     c_train, c_val = split_train_val(examples, 0.2, seed=2)
     assert a_val == b_val and a_val != c_val and len(a_val) == 10
     assert {e["line"] for e in a_train} | {e["line"] for e in a_val} == set(range(50))
+
+
+def test_preview_decodes_chinese_spans_whole(tok):
+    from trainer.data import preview
+
+    ex = normalize_record({"prompt": "把日期改写成 ISO 格式：二〇二一年三月五日",
+                           "completion": "答案：2021-03-05"})
+    enc = encode_example(tok, ex)
+    pieces = [tok.decode([t]) for t in enc.input_ids]
+    assert any("\ufffd" in p for p in pieces)  # one token at a time garbles the text
+    text = preview(tok, enc)
+    assert "\ufffd" not in text
+    assert "把日期改写成 ISO 格式：二〇二一年三月五日<|im_end|>" in text
+    assert "[[答案：2021-03-05<|im_end|>]]" in text
+    # a cut by max_tokens never lands inside a character either
+    for n in range(5, len(enc.input_ids)):
+        assert "\ufffd" not in preview(tok, enc, max_tokens=n)

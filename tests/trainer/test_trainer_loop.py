@@ -11,6 +11,7 @@ from trainer_fixtures import base_overrides, same_adapter_tolerance
 
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
+from trainer.monitor import read_metrics
 from trainer.train import TrainingError, batch_indices, lr_at, train
 
 
@@ -57,8 +58,17 @@ def test_resume_matches_uninterrupted_run(method, tiny_base, tmp_path):
     assert [p.name for p in ckpts] == ["step-00000004", "step-00000006"]
     shutil.rmtree(ckpts[-1])
     shutil.rmtree(out)
+    before = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train(load_config(None, {**over, "resume": True}))
     _assert_close(load_file(str(out / name)), full, atol=1e-6)
+    # metrics.jsonl: the lines up to step 4 kept, steps 5 and 6 written again, once each
+    after = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in after if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r for r in after if r["step"] <= 4] == [r for r in before if r["step"] <= 4]
+    for a, b in zip(after[-3:], before[-3:], strict=True):
+        assert a["kind"] == b["kind"] and a["step"] == b["step"]
+        assert a.get("loss", a.get("eval_loss")) == pytest.approx(
+            b.get("loss", b.get("eval_loss")), rel=1e-4)
 
 
 def test_gradient_accumulation_matches_large_batch(tiny_base, tmp_path):

@@ -117,3 +117,18 @@ def test_reload_check_catches_a_trained_tensor_that_was_not_saved(qlora_artifact
     with pytest.raises(ArtifactError, match="not bit-identical") as err:
         verify_reload(model, out, "qlora", tiny_base, _probe(model))
     assert name in str(err.value)
+
+
+def test_parameter_counts_are_the_base_plus_the_adapter(tiny_base, tmp_path):
+    """A 4-bit tensor holds two parameters a byte; the manifest counts parameters, not bytes."""
+    from trainer.auto import base_parameter_count
+
+    counts = {}
+    for method in ("lora", "qlora"):
+        over = base_overrides(tiny_base, tmp_path / method, method=method, max_steps=1,
+                              eval_generate_max=0, plot=False)
+        m = train(load_config(None, over))["metrics"]
+        counts[method] = (m["trainable_parameters"], m["total_parameters"])
+    assert counts["qlora"] == counts["lora"]
+    trainable, total = counts["lora"]
+    assert total == base_parameter_count(tiny_base) + trainable
