@@ -66,7 +66,7 @@ class Matcher:
         self.label = label  # the detector's name (email, phone, ...) or the rule's
         width = pattern_width(pattern, flags)
         self.width = width
-        self.max_chars = max_chars or width  # the hold-back cap in streams
+        self.max_chars = min(max_chars or width, width)  # the hold-back cap in streams
 
     def finditer(self, text: str) -> Iterable[tuple[int, int]]:
         """Validated, non-overlapping matches in a finished text, leftmost first."""

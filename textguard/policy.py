@@ -47,7 +47,7 @@ MAX_PATTERN_CHARS = 2000
 ADAPTER_POLICY_FILE = "output_policy.yaml"  # beside an adapter's weights
 MANIFEST_KEY = "output_policy"  # or inside its switchboard.json
 _RULE_KEYS = {"name", "terms", "pattern", "pii", "action", "tag", "ignore_case", "max_chars"}
-_NAME = regex.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_NAME = regex.compile(r"[\w.:-]{1,64}")  # letters of any script, digits, _ . : -
 
 
 class PolicyError(ValueError):
@@ -229,7 +229,7 @@ def _rule(rn, i: int, source: str, lines: bool) -> Rule:
 
     name = value("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise fail("name", "name is missing or not 1-64 characters of A-Z a-z 0-9 _ . : -")
+        raise fail("name", "name is missing or not 1-64 letters, digits or _ . : -")
     where = f"rules[{i}] ({name})"
     kinds = [k for k in ("terms", "pattern", "pii") if k in fields]
     if len(kinds) != 1:

@@ -13,6 +13,9 @@ Items follow their text: an item is released once all the text it produced is re
 and dropped when that text overlaps a replaced match or lies after a `stop` match.
 `finish()` ends the text: what was held is decided and released.
 
+Where matches overlap, the leftmost wins; at the same place a `stop` rule wins (so a stop
+is decided as soon as its match is certain), then the longest, then the earlier rule.
+
 Everything here is decided from the text alone, so a response read whole and the same
 response streamed give the same text.
 """
@@ -77,30 +80,30 @@ class PolicyStream:
                     if mt is None:
                         break
                     s, e = mt.span()
-                    if s >= hold:
+                    if s > hold or (s == hold and rule.action != "stop"):
                         break
                     if not final and (mt.partial or e == n
                                       or m.extends.match(raw, s, partial=True) is not None):
                         limit = s  # could still become (or grow into) a different match
                         break
                     if m.validate is None or m.validate(mt.group()):
-                        found.append((s, s - e, ri, mi, (rule, m)))
+                        found.append((s, rule.action != "stop", s - e, ri, mi, (rule, m)))
                         pos = e if e > s else e + 1
                     else:
                         pos = s + 1
                 if not final and limit < n - m.max_chars:
                     limit = n - m.max_chars  # the cap: such a match is never longer
                 hold = min(hold, limit)
-        found.sort(key=lambda f: f[:4])
+        found.sort(key=lambda f: f[:5])
         out: list[str] = []
         pos = begin
-        for s, neg_len, _, _, (rule, m) in found:
+        for s, redacts, neg_len, _, _, (rule, m) in found:
             e = s - neg_len
-            if s >= hold:
+            if s > hold or (s == hold and redacts):
                 break
             if s < pos:
-                continue  # overlaps a match already taken (leftmost, then longest wins)
-            if e > hold:
+                continue  # overlaps a match already taken (leftmost, stop, longest wins)
+            if redacts and e > hold:
                 hold = s  # another rule may still claim this text: decide it later
                 break
             out.append(raw[pos:s])

@@ -112,6 +112,14 @@ def test_stop_ends_the_text_and_drops_later_items(policy):
     assert "".join(released) == "那里会" and s.stopped
 
 
+def test_stop_is_decided_as_soon_as_its_match_is_certain(policy):
+    # "kaboom." could still be the start of an e-mail address ("kaboom.x@y.com", a redact
+    # match at the same place): a stop rule wins there, so the stop does not wait for it
+    s = policy.stream()
+    assert s.push("Then kaboom") == ("Then ", [])
+    assert s.push(".") == ("", []) and s.stopped and s.stop_rule == "forbidden"
+
+
 def test_items_follow_their_text(policy):
     # item 1 produced no text yet (an incomplete character): it belongs to the next delta
     s = policy.stream()
