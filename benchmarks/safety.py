@@ -99,7 +99,8 @@ def switch(server: Server, path: Path, text: str) -> None:
     os.kill(server.proc.pid, signal.SIGHUP)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        line = next((ln for ln in server.lines[n:] if "output policy" in ln), None)
+        line = next((ln for ln in server.lines[n:]
+                     if ln.startswith("switchboard: output policy")), None)
         if line is not None:
             if "reloaded" not in line:
                 raise RuntimeError(f"policy reload failed: {line}")
