@@ -117,8 +117,8 @@ def emitting_adapters(model_dir: Path) -> Path:
         return cache
     from server.onnx.export import export_onnx
 
-    tmp = Path(tempfile.mkdtemp(prefix=".emitting-", dir=cache.parent.mkdir(
-        parents=True, exist_ok=True) or cache.parent))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".emitting-", dir=cache.parent))
     train_emitting_lora(model_dir, tmp / "plain")
     shutil.copytree(tmp / "plain", tmp / "guarded-onnx")
     (tmp / "guarded-onnx" / "output_policy.yaml").write_text(REDACT)
