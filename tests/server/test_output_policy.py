@@ -370,3 +370,20 @@ def test_policies_in_docs_parse():
     assert len(blocks) == 2
     for block in blocks:
         assert parse_policy(block, "docs/security.md").rules
+
+
+def test_rule_labels_are_bounded():
+    from server.metrics import MAX_RULE_LABELS, OTHER_LABEL, ServerMetrics
+
+    m = ServerMetrics()
+    for i in range(MAX_RULE_LABELS + 10):
+        m.response_filtered("", [f"rule-{i}", f"rule-{i}"], stopped=i % 2 == 0)
+    rules = {s.labels["rule"]: s.value for f in m.registry.collect()
+             if f.name == "switchboard_filtered_responses_by_rule" for s in f.samples
+             if s.name.endswith("_total")}
+    assert len(rules) == MAX_RULE_LABELS + 1 and rules[OTHER_LABEL] == 10
+    assert rules["rule-0"] == 1  # a response counts once per rule
+    actions = {s.labels["action"]: s.value for f in m.registry.collect()
+               if f.name == "switchboard_filtered_responses" for s in f.samples
+               if s.name.endswith("_total")}
+    assert actions == {"stop": (MAX_RULE_LABELS + 10) / 2, "redact": (MAX_RULE_LABELS + 10) / 2}
