@@ -7,7 +7,7 @@ import importlib
 import sys
 import time
 
-ALL = ("serving", "kernels", "adapters", "onnx", "trainer", "methods")
+ALL = ("serving", "kernels", "adapters", "onnx", "trainer", "methods", "safety")
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ FINISH_REASONS = {
     pb.FINISH_REASON_EOS: "eos",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
     pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_FILTERED: "filtered",
 }
 TIERS = {
     pb.ADAPTER_TIER_UNSPECIFIED: "",
@@ -158,6 +159,8 @@ def generate_result(msg: pb.GenerateResponse, endpoint: str = "") -> GenerateRes
         timings=timings(msg.timings),
         request_id=msg.request_id,
         endpoint=endpoint,
+        filtered=msg.filtered,
+        filter_rules=list(msg.filter_rules),
     )
 
 
@@ -177,6 +180,8 @@ def stream_chunk(msg: pb.GenerateStreamResponse, endpoint: str = "") -> StreamCh
         timings=timings(msg.timings) if msg.HasField("timings") else None,
         request_id=msg.request_id,
         endpoint=endpoint,
+        filtered=msg.filtered,
+        filter_rules=list(msg.filter_rules),
     )
 
 
@@ -239,6 +244,8 @@ def result_from_chunks(chunks: Sequence[StreamChunk]) -> GenerateResult:
         timings=last.timings or Timings(),
         request_id=last.request_id,
         endpoint=last.endpoint,
+        filtered=last.filtered,
+        filter_rules=list(last.filter_rules),
     )
 
 

@@ -18,7 +18,8 @@ class GenerateResult:
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "eos", "length", "stop_sequence", "cancelled" ("" if unspecified)
+    # "eos", "length", "stop_sequence", "cancelled", "filtered" ("" if unspecified)
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     adapter_id: str
@@ -26,6 +27,8 @@ class GenerateResult:
     timings: Timings
     request_id: str = ""
     endpoint: str = ""  # the replica that answered
+    filtered: bool = False  # an output-policy rule matched (redact or stop)
+    filter_rules: list[str] = field(default_factory=list)  # their names
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,6 +49,8 @@ class StreamChunk:
     timings: Timings | None
     request_id: str = ""
     endpoint: str = ""
+    filtered: bool = False  # on the last chunk
+    filter_rules: list[str] = field(default_factory=list)
 
     @property
     def is_last(self) -> bool:

@@ -22,6 +22,7 @@ from server.engine.model import ModelLoadError
 from server.metrics import ServerMetrics
 from server.model_store import ModelNotFoundError, resolve_base_model
 from server.native import NativeError
+from server.output_policy import OutputPolicies, PolicyError, describe
 from server.security.interceptor import DrainGate, SecurityInterceptor
 from server.security.keys import KeysFileError, KeyStore
 from server.security.tls import TlsConfigError, server_credentials
@@ -37,6 +38,7 @@ class App:
         self.config = config
         sec = config.security  # keys first: a bad keys file fails before the model loads
         self.keys = KeyStore(sec.api_keys) if sec.api_keys is not None else None
+        self.output_policies = OutputPolicies(sec.output_policy)  # also before the model
         self.gate = DrainGate()
         self.bind_host = _bind_host(config)
         model_dir = resolve_base_model(config.base_model)
@@ -44,6 +46,7 @@ class App:
         self.engine = Engine(model_dir, config.adapter_dir, config.engine)
         self.metrics = ServerMetrics()
         self.engine.metrics = self.metrics
+        self.engine.output_policies = self.output_policies
         if config.onnx.enabled:
             from server.onnx.router import EngineRouter
 
@@ -117,6 +120,25 @@ class App:
         self._set_health(health_pb2.HealthCheckResponse.SERVING, names)
         print("switchboard: ready", flush=True)
 
+    def reload_output_policy(self) -> bool:
+        """SIGHUP: read --output-policy again; a malformed file keeps the previous policy.
+        New requests get the new policy; running ones keep theirs."""
+        path = self.output_policies.path
+        if path is None:
+            print("switchboard: output policy: SIGHUP without --output-policy, nothing to "
+                  "reload", flush=True)
+            return False
+        try:
+            policy = self.output_policies.reload()
+        except PolicyError as e:
+            log.error("output policy not reloaded: %s", e)
+            print(f"switchboard: output policy refused: {e}; the previous policy stays",
+                  flush=True)
+            return False
+        print(f"switchboard: output policy reloaded from {path}: {describe(policy)}",
+              flush=True)
+        return True
+
     def _set_health(self, status, names) -> None:
         for name in ("", *names):
             self.health.set(name, status)
@@ -188,6 +210,11 @@ def _security_summary(cfg: ServerConfig, keys: KeyStore | None, bind_host: str,
     else:
         lines.append("security: " + ("mutual TLS (client certificates required)"
                                      if sec.tls_client_ca else "TLS"))
+    if sec.output_policy is None:
+        lines.append("security: output policy: none global (--output-policy); adapters' own "
+                     "policies apply")
+    else:
+        lines.append(f"security: output policy {sec.output_policy} (reloaded on SIGHUP)")
     admin = "on" if SERVICES[1] in services else "off (--enable-admin to serve it)"
     lines.append(f"security: AdapterAdmin {admin}")
     return lines
@@ -201,7 +228,7 @@ def serve(config: ServerConfig) -> int:
     helper_thread_init()  # before any torch work here: the engine thread owns the cores
     try:
         app = App(config)
-    except (ModelNotFoundError, ModelLoadError, KeysFileError, NativeError) as e:
+    except (ModelNotFoundError, ModelLoadError, KeysFileError, NativeError, PolicyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     done = threading.Event()
@@ -211,7 +238,12 @@ def serve(config: ServerConfig) -> int:
                  config.grace_period)
         threading.Thread(target=lambda: (app.stop(), done.set()), daemon=True).start()
 
+    def on_hangup(signum, frame) -> None:
+        threading.Thread(target=app.reload_output_policy, name="policy-reload",
+                         daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     signal.signal(signal.SIGINT, on_signal)
     try:
         app.start()

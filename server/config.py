@@ -69,6 +69,7 @@ class SecurityConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set = mutual TLS
     allow_insecure_bind: bool = False  # without keys, bind other than loopback anyway
+    output_policy: Path | None = None  # global output policy file (reloaded on SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "change. Without it no key is asked and the server binds loopback only")
     s.add_argument("--allow-insecure-bind", action="store_true",
                    help="without --api-keys, bind --host even if it is not loopback")
+    s.add_argument("--output-policy", type=Path, default=None, metavar="FILE",
+                   help="global output policy (YAML: blocked terms, patterns, PII detectors; "
+                   "redact or stop), applied to every response before adapters' own rules; "
+                   "re-read on SIGHUP, a malformed file keeps the previous policy")
     s.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
                    help="server certificate chain (TLS)")
     s.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="server key")
@@ -242,7 +247,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         raise SystemExit("error: --enable-admin and --disable-admin contradict each other")
     security = SecurityConfig(api_keys=a.api_keys, tls_cert=a.tls_cert, tls_key=a.tls_key,
                               tls_client_ca=a.tls_client_ca,
-                              allow_insecure_bind=a.allow_insecure_bind)
+                              allow_insecure_bind=a.allow_insecure_bind,
+                              output_policy=a.output_policy)
     return ServerConfig(
         host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
         base_model=a.base_model,

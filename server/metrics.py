@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "__other__"
+MAX_RULE_LABELS = 64  # output-policy rule names with a label of their own
 
 # gRPC status code names (grpc.StatusCode); anything else is reported as UNKNOWN so that
 # the `code` label cannot grow without bound.
@@ -288,6 +289,19 @@ class ServerMetrics:
             "switchboard_request_generated_tokens", "Generated length of finished requests.",
             buckets=REQUEST_TOKENS_BUCKETS, registry=r,
         )  # fmt: skip
+        # Output policies (docs/security.md): rule names are bounded like adapter ids.
+        self.filtered_responses_total = Counter(
+            "switchboard_filtered_responses",
+            "Responses an output policy changed, by adapter and action (redact or stop).",
+            ["adapter", "action"], registry=r,
+        )  # fmt: skip
+        self.filtered_rule_total = Counter(
+            "switchboard_filtered_responses_by_rule",
+            "Responses an output-policy rule matched in, by adapter and rule name (a response "
+            "counts once under each rule it tripped).",
+            ["adapter", "rule"], registry=r,
+        )  # fmt: skip
+        self._rule_labels: set[str] = set()
         self.requests_running = Gauge(
             "switchboard_requests_running", "Requests in the running batch.", registry=r
         )
@@ -357,7 +371,8 @@ class ServerMetrics:
                 self._remove_adapter_series(adapter_id)
 
     def _remove_adapter_series(self, label: str) -> None:
-        for metric in (self.requests_total, self.prompt_tokens_total, self.generated_tokens_total):
+        for metric in (self.requests_total, self.prompt_tokens_total, self.generated_tokens_total,
+                       self.filtered_responses_total, self.filtered_rule_total):
             metric.remove_by_labels({"adapter": label})
 
     # -- requests ----------------------------------------------------------------------
@@ -400,6 +415,20 @@ class ServerMetrics:
         if code == "OK":
             self.request_prompt_tokens.observe(max(0, prompt_tokens))
             self.request_generated_tokens.observe(max(0, completion_tokens))
+
+    def response_filtered(self, adapter_id: str, rules: Iterable[str], *,
+                          stopped: bool) -> None:
+        """A response an output policy changed: `rules` are the names of the rules that
+        matched in it. At most MAX_RULE_LABELS rule names keep a label (first come); the
+        others count under `__other__`."""
+        with self._lock:
+            label = self._labeler.current(adapter_id)
+            self.filtered_responses_total.labels(label, "stop" if stopped else "redact").inc()
+            for rule in dict.fromkeys(rules):
+                if rule not in self._rule_labels and len(self._rule_labels) < MAX_RULE_LABELS:
+                    self._rule_labels.add(rule)
+                name = rule if rule in self._rule_labels else OTHER_LABEL
+                self.filtered_rule_total.labels(label, name).inc()
 
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token_latency.observe(max(0.0, seconds))

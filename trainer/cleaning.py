@@ -7,21 +7,14 @@ after tokenization (`drop_over_length`), since only then is their length known.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from textguard.detectors import DETECTORS, Blocklist
+from textguard.detectors import redact as redact_pii_text
 from trainer.data import Example
 
-EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
-# International (+CC ...) or North-American style (555) 123-4567 / 555-123-4567 numbers;
-# dates and long digit runs such as order numbers do not match.
-PHONE = re.compile(
-    r"(?<![\w+])\+\d{1,3}[ .-]?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){2,4}\b"
-    r"|(?<![\w-])\(?\b\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b"
-)
 _MAX_LISTED = 1000
 
 
@@ -29,7 +22,7 @@ _MAX_LISTED = 1000
 class CleaningReport:
     total: int = 0
     kept: int = 0
-    redactions: dict[str, int] = field(default_factory=lambda: {"email": 0, "phone": 0, "card": 0})
+    redactions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DETECTORS, 0))
     dropped: dict[str, int] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)  # first drops, with reasons
 
@@ -46,39 +39,13 @@ class CleaningReport:
                 "redactions": dict(self.redactions), "dropped_examples": self.examples}
 
 
-def _luhn_ok(digits: str) -> bool:
-    total, parity = 0, len(digits) % 2
-    for i, ch in enumerate(digits):
-        d = int(ch)
-        if i % 2 == parity:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
 def redact(text: str, counts: dict[str, int]) -> str:
-    """Replace e-mail addresses, card numbers (Luhn-valid) and phone numbers by tags."""
-
-    def email(m: re.Match) -> str:
-        counts["email"] += 1
-        return "[EMAIL]"
-
-    def card(m: re.Match) -> str:
-        digits = re.sub(r"\D", "", m.group(0))
-        if 13 <= len(digits) <= 19 and _luhn_ok(digits):
-            counts["card"] += 1
-            return "[CARD]"
-        return m.group(0)
-
-    def phone(m: re.Match) -> str:
-        if len(re.sub(r"\D", "", m.group(0))) < 7:
-            return m.group(0)
-        counts["phone"] += 1
-        return "[PHONE]"
-
-    text = EMAIL.sub(email, text)
-    text = CARD.sub(card, text)
-    return PHONE.sub(phone, text)
+    """Replace personal data by tags: e-mail addresses [EMAIL], mainland resident IDs
+    (check digit verified) [ID], card numbers (Luhn-valid) [CARD], phone numbers
+    (international, North American, mainland mobile and landline) [PHONE]. The detectors
+    are the server's output-policy ones (textguard.detectors); `counts` is increased per
+    detector name (email, cn_id, card, phone)."""
+    return redact_pii_text(text, counts)
 
 
 def normalize_text(text: str) -> str:
@@ -119,10 +86,8 @@ def clean(
 ) -> tuple[list[Example], CleaningReport]:
     report = report or CleaningReport()
     report.total += len(examples)
-    blocked = (
-        re.compile("|".join(rf"\b{re.escape(w)}\b" for w in blocklist), re.IGNORECASE)
-        if blocklist else None
-    )
+    # whole words in space-delimited scripts, substrings in CJK (textguard.detectors)
+    blocked = Blocklist(blocklist) if blocklist else None
     seen_exact: dict[str, Any] = {}
     seen_near: dict[str, Any] = {}
     kept: list[Example] = []
@@ -138,7 +103,7 @@ def clean(
             report.drop(ex, "empty", "a message has empty content")
             continue
         if blocked is not None:
-            hit = next((m.group(0) for c in contents for m in [blocked.search(c)] if m), None)
+            hit = next((h for c in contents for h in [blocked.search(c)] if h), None)
             if hit:
                 report.drop(ex, "blocklist", f"contains {hit!r}")
                 continue

@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 
-from adapter_format.manifest import ArtifactError, read_manifest
+from adapter_format.manifest import MANIFEST_NAME, ArtifactError, read_manifest
 from server.adapters.buffers import HostBuffers
 from server.adapters.formats import AdapterWeights, method_of, read_adapter
 from server.adapters.lora import AdapterError, LoraWeights
 from server.adapters.slots import LoraSlotTable
 from server.engine.model import ModelSpec
 from server.metrics import ServerMetrics
+from textguard import Policy, PolicyError
+from textguard.policy import load_adapter_policy
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class AdapterEntry:
     loading: bool = False
     staging: bool = False  # its slot is being written on a loader thread
     error: str | None = None  # why the last load failed
+    policy: Policy | None = None  # its output policy (output_policy.yaml or the manifest)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -150,8 +153,10 @@ class AdapterRegistry:
         full = self.resolve_path(path or adapter_id)
         method = method_of(full)
         self._check_manifest(full, adapter_id)
+        policy = _read_policy(full, adapter_id)
         rank, targets = _config_summary(full, method)
         entry = self._new_entry(adapter_id, full, method, rank, targets)
+        entry.policy = policy
         with self._lock:
             self._install(entry)
             self._report()
@@ -164,18 +169,20 @@ class AdapterRegistry:
         full = self.resolve_path(path or adapter_id)
         method = method_of(full)
         self._check_manifest(full, adapter_id)
+        policy = _read_policy(full, adapter_id)  # a malformed one keeps the old version
         method, weights = read_adapter(full, self.spec, allow_pickle=self.allow_pickle,
                                        alloc=self.buffers.take)
         self._check_fits(adapter_id, weights)
         entry = self._new_entry(adapter_id, full, method, weights.rank, weights.target_modules)
         entry.weights = weights
+        entry.policy = policy
         with self._lock:
             replaced = self._install(entry)
             self._trim_host(keep=entry)
             self._report("host", time.perf_counter() - t0)
         self.buffers.refill()  # after the evictions, which give buffers back
-        log.info("adapter %s version %s (%s) loaded from %s", adapter_id, entry.version,
-                 method, full)
+        log.info("adapter %s version %s (%s) loaded from %s%s", adapter_id, entry.version,
+                 method, full, f"; output policy: {', '.join(policy.names)}" if policy else "")
         return entry, replaced
 
     def unload(self, adapter_id: str) -> None:
@@ -458,6 +465,14 @@ class AdapterRegistry:
                 f"adapter {adapter_id!r} was trained for base fingerprint {theirs}, "
                 f"this server runs {self.base_fingerprint}"
             )
+
+
+def _read_policy(path: Path, adapter_id: str) -> Policy | None:
+    """The adapter's own output policy; AdapterError naming file, line and reason."""
+    try:
+        return load_adapter_policy(path, MANIFEST_NAME)
+    except PolicyError as e:
+        raise AdapterError(f"adapter {adapter_id!r}: output policy refused: {e}") from e
 
 
 def _release_heap() -> None:

@@ -24,6 +24,7 @@ FINISH_REASONS = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.FILTERED: pb.FINISH_REASON_FILTERED,
 }
 _ROLES = ("system", "user", "assistant", "tool")
 

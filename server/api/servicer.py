@@ -87,6 +87,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             if isinstance(ev, ErrorEvent):
                 context.abort(grpc.StatusCode[ev.code], ev.message)
             text.append(ev.text)
+            ids.extend(ev.token_ids)
+            logprobs.extend(ev.logprobs)
             return pb.GenerateResponse(
                 request_id=req.request_id,
                 text="".join(text),
@@ -99,6 +101,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
                 engine_path=_PATHS[handle.engine_path],
+                filtered=ev.filtered,
+                filter_rules=ev.filter_rules,
             )
 
     def GenerateStream(self, request, context):
@@ -119,11 +123,13 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 context.abort(grpc.StatusCode[ev.code], ev.message)
             yield pb.GenerateStreamResponse(
                 request_id=req.request_id, text=ev.text,
+                token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
                 finish_reason=FINISH_REASONS[ev.reason],
                 prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                 adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
                 engine_path=_PATHS[handle.engine_path],
+                filtered=ev.filtered, filter_rules=ev.filter_rules,
             )
             return
 

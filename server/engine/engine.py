@@ -131,7 +131,9 @@ class Engine(RequestLoop):
             except AdapterNotFoundError as e:
                 raise EngineError("NOT_FOUND", str(e)) from None
         handle = self._handle(req, entry.version if entry else "")
-        return _State(req, handle, self._stream(req), request_generator(req), entry)
+        state = _State(req, handle, self._stream(req), request_generator(req), entry)
+        state.guard = self._guard(entry.policy if entry else None)
+        return state
 
     def _thread_init(self) -> None:
         torch.set_grad_enabled(False)
@@ -153,6 +155,7 @@ class Engine(RequestLoop):
                            "before this request started")
                 return False
             state.handle.adapter_version = entry.version
+            state.guard = self._guard(entry.policy)  # and that version's output policy
         if entry.error is not None:
             self._drop(seq, "FAILED_PRECONDITION",
                        f"adapter {entry.adapter_id!r} failed to load: {entry.error}")

@@ -32,6 +32,7 @@ from server.engine.types import (
 )
 from server.isolation import isolate, nonfinite_message, nonfinite_rows
 from server.metrics import ServerMetrics
+from server.output_policy import OutputPolicies
 from server.scheduler.scheduler import Entry, QueueFullError, Scheduler, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class RequestState:
         self.last_token: float | None = None
         self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
         self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
+        self.guard = None  # textguard PolicyStream: the output policy, when there is one
 
 
 class RequestLoop:
@@ -66,6 +68,8 @@ class RequestLoop:
         self.scheduler = scheduler
         # unserved until the app hands in the server's own (no None checks anywhere)
         self.metrics = ServerMetrics(process_metrics=False)
+        self.output_policies = OutputPolicies()  # the global policy; the app hands in its own
+        self.adapter_policy = None  # an engine serving one adapter (ONNX): that adapter's
         self._thread_name = thread_name
         self._source = f"{thread_name}@{id(self):x}"  # this engine's share of the gauges
         self._thread: threading.Thread | None = None
@@ -117,7 +121,15 @@ class RequestLoop:
 
     # ---- backend hooks ------------------------------------------------------------------
     def _new_state(self, req: GenerationRequest) -> RequestState:
-        return RequestState(req, self._handle(req, ""), self._stream(req), request_generator(req))
+        state = RequestState(req, self._handle(req, ""), self._stream(req),
+                             request_generator(req))
+        state.guard = self._guard(self.adapter_policy)
+        return state
+
+    def _guard(self, adapter_policy):
+        """The output policy a new request keeps for its whole life: the global rules, then
+        its adapter version's (None when there are none)."""
+        return self.output_policies.stream_for(adapter_policy)
 
     def _handle(self, req: GenerationRequest, adapter_version: str) -> RequestHandle:
         return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path)
@@ -215,10 +227,16 @@ class RequestLoop:
                 text = state.stream.push(tok)
                 if state.stream.stopped:
                     reason = FinishReason.STOP_SEQUENCE
+            ids, lps = [tok], [lp] if lp is not None else []
+            if state.guard is not None:  # after detokenization, before the text leaves
+                text, items = state.guard.push(text, (tok, lp))
+                ids, lps = _split(items)
+                if state.guard.stopped:
+                    reason = FinishReason.FILTERED
             if reason is None and (len(seq.output_ids) >= stop.max_new_tokens
                                    or seq.num_tokens >= self.max_seq_len):
                 reason = FinishReason.LENGTH
-            state.handle.events.put(TokenEvent(text, [tok], [lp] if lp is not None else []))
+            state.handle.events.put(TokenEvent(text, ids, lps))
             if reason is not None:
                 self._finish(seq, reason)
 
@@ -232,9 +250,36 @@ class RequestLoop:
             time_to_first_token_seconds=(state.first_token or now) - state.arrival,
             total_seconds=now - state.arrival,
         )
-        tail = state.stream.flush() if reason != FinishReason.STOP_SEQUENCE else ""
+        stopped = reason in (FinishReason.STOP_SEQUENCE, FinishReason.FILTERED)
+        tail = "" if stopped else state.stream.flush()
+        ids: list[int] = []
+        lps: list[float] = []
+        rules: tuple[str, ...] = ()
+        guard = state.guard
+        if guard is not None:  # the end of the text: decide what was held back
+            text, items = guard.push(tail) if tail else ("", [])
+            end, more = guard.finish()
+            tail = text + end
+            ids, lps = _split(items + more)
+            if guard.stopped:
+                reason = FinishReason.FILTERED
+            rules = tuple(guard.hits)
+            if rules:
+                self._report_filtered(state, rules, guard.stop_rule)
         state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
-                                            len(seq.output_ids), timings, tail))
+                                            len(seq.output_ids), timings, tail, ids, lps,
+                                            bool(rules), rules))
+
+    def _report_filtered(self, state: RequestState, rules: tuple[str, ...],
+                         stop_rule: str) -> None:
+        """Log and count a filtered response: rule names and adapter, never the text."""
+        req = state.req
+        log.info("output policy: request %s adapter %r version %s: %s by rule %s%s",
+                 req.request_id, req.adapter_id, state.handle.adapter_version or "-",
+                 "stopped" if stop_rule else "redacted", stop_rule or ", ".join(rules),
+                 f" (also {', '.join(r for r in rules if r != stop_rule)})"
+                 if stop_rule and len(rules) > 1 else "")
+        self.metrics.response_filtered(req.adapter_id, rules, stopped=bool(stop_rule))
 
     def _finish_dropped(self, seq: Sequence) -> None:
         """A request the scheduler removed: cancelled, past its deadline, or failed."""
@@ -266,6 +311,11 @@ class RequestLoop:
         usage = self._kv_usage()
         if usage is not None:
             self.metrics.set_kv_cache_usage(usage)
+
+
+def _split(items: list[tuple[int, float | None]]) -> tuple[list[int], list[float]]:
+    """Released (token id, logprob) pairs -> ids, logprobs (none when not asked for)."""
+    return [t for t, _ in items], [lp for _, lp in items if lp is not None]
 
 
 def request_generator(req: GenerationRequest) -> torch.Generator | None:

@@ -12,6 +12,7 @@ class FinishReason(Enum):
     EOS = "eos"
     STOP_SEQUENCE = "stop_sequence"
     CANCELLED = "cancelled"
+    FILTERED = "filtered"  # an output-policy rule with action stop matched
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class FinishEvent:
     completion_tokens: int
     timings: Timings
     text: str = ""  # any text held back until the end (flushed on finish)
+    # with an output policy, token ids and logprobs follow their text: those held back
+    # until the end come here (those of filtered text are dropped)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    filtered: bool = False  # an output-policy rule matched (redact or stop)
+    filter_rules: tuple[str, ...] = ()  # the rules' names, never the matched text
 
 
 @dataclass

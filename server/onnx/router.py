@@ -220,6 +220,8 @@ class EngineRouter:
                              max_queue=ecfg.max_queue),
             adapter_id=entry.adapter_id, adapter_version=entry.version, variant=variant)
         engine.metrics = base.metrics
+        engine.output_policies = base.output_policies
+        engine.adapter_policy = entry.policy  # this version's rules, like its weights
         if self._started:
             engine.start()
         log.info("adapter %s version %s: ONNX %s path from %s (%.1f MB)", entry.adapter_id,

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"{\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x7f\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"V\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"6\n\x0fResponseOptions\x12\x11\n\ttoken_ids\x18\x01 \x01(\x08\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\"\x83\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x30\n\x08messages\x18\x04 \x01(\x0b\x32\x1c.switchboard.v1.ChatMessagesH\x00\x12-\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x18.switchboard.v1.TokenIdsH\x00\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".switchboard.v1.SamplingParameters\x12\x32\n\x08stopping\x18\x07 \x01(\x0b\x32 .switchboard.v1.StoppingCriteria\x12\x31\n\x08response\x18\x08 \x01(\x0b\x32\x1f.switchboard.v1.ResponseOptions\x12/\n\x0b\x65ngine_path\x18\t \x01(\x0e\x32\x1a.switchboard.v1.EnginePathB\x07\n\x05input\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\t \x01(\t\x12(\n\x07timings\x18\n \x01(\x0b\x32\x17.switchboard.v1.Timings\x12/\n\x0b\x65ngine_path\x18\x0b \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\"\xce\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\t \x01(\t\x12(\n\x07timings\x18\n \x01(\x0b\x32\x17.switchboard.v1.Timings\x12/\n\x0b\x65ngine_path\x18\x0b \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\"^\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.ChatMessagesH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"*\n\x0bMemoryUsage\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x96\x03\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cquantization\x18\t \x01(\t\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x1b\n\x13max_active_adapters\x18\x0b \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0c \x01(\r\x12+\n\x06memory\x18\r \x03(\x0b\x32\x1b.switchboard.v1.MemoryUsage\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x34\n\x0e\x61\x64\x61pter_routes\x18\x0f \x03(\x0b\x32\x1c.switchboard.v1.AdapterRoute\"y\n\x0c\x41\x64\x61pterRoute\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12/\n\x0b\x65ngine_path\x18\x02 \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\x12\x14\n\x0connx_variant\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xaa\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12)\n\x04tier\x18\x04 \x01(\x0e\x32\x1b.switchboard.v1.AdapterTier\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x07 \x01(\t\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x0c\n\x04slot\x18\n \x01(\x05\x12/\n\x0b\x65ngine_path\x18\x0b \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\x12\x14\n\x0connx_variant\x18\x0c \x01(\t\"\x15\n\x13ListAdaptersRequest\"E\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.AdapterInfo\"6\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"U\n\x13LoadAdapterResponse\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1b.switchboard.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08*X\n\nEnginePath\x12\x1b\n\x17\x45NGINE_PATH_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NGINE_PATH_PYTORCH\x10\x01\x12\x14\n\x10\x45NGINE_PATH_ONNX\x10\x02*\x9c\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\xe6\x02\n\x0eTextGeneration\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a&.switchboard.v1.GenerateStreamResponse0\x01\x12M\n\x08Tokenize\x12\x1f.switchboard.v1.TokenizeRequest\x1a .switchboard.v1.TokenizeResponse\x12Y\n\x0cGetModelInfo\x12#.switchboard.v1.GetModelInfoRequest\x1a$.switchboard.v1.GetModelInfoResponse2\x9f\x02\n\x0c\x41\x64\x61pterAdmin\x12Y\n\x0cListAdapters\x12#.switchboard.v1.ListAdaptersRequest\x1a$.switchboard.v1.ListAdaptersResponse\x12V\n\x0bLoadAdapter\x12\".switchboard.v1.LoadAdapterRequest\x1a#.switchboard.v1.LoadAdapterResponse\x12\\\n\rUnloadAdapter\x12$.switchboard.v1.UnloadAdapterRequest\x1a%.switchboard.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"{\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x7f\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"V\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"6\n\x0fResponseOptions\x12\x11\n\ttoken_ids\x18\x01 \x01(\x08\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\"\x83\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x30\n\x08messages\x18\x04 \x01(\x0b\x32\x1c.switchboard.v1.ChatMessagesH\x00\x12-\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x18.switchboard.v1.TokenIdsH\x00\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".switchboard.v1.SamplingParameters\x12\x32\n\x08stopping\x18\x07 \x01(\x0b\x32 .switchboard.v1.StoppingCriteria\x12\x31\n\x08response\x18\x08 \x01(\x0b\x32\x1f.switchboard.v1.ResponseOptions\x12/\n\x0b\x65ngine_path\x18\t \x01(\x0e\x32\x1a.switchboard.v1.EnginePathB\x07\n\x05input\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xf0\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\t \x01(\t\x12(\n\x07timings\x18\n \x01(\x0b\x32\x17.switchboard.v1.Timings\x12/\n\x0b\x65ngine_path\x18\x0b \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\x12\x10\n\x08\x66iltered\x18\x0e \x01(\x08\x12\x14\n\x0c\x66ilter_rules\x18\x0f \x03(\t\"\xf6\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\t \x01(\t\x12(\n\x07timings\x18\n \x01(\x0b\x32\x17.switchboard.v1.Timings\x12/\n\x0b\x65ngine_path\x18\x0b \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\x12\x10\n\x08\x66iltered\x18\x0e \x01(\x08\x12\x14\n\x0c\x66ilter_rules\x18\x0f \x03(\t\"^\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x30\n\x08messages\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.ChatMessagesH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"*\n\x0bMemoryUsage\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x96\x03\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cquantization\x18\t \x01(\t\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x1b\n\x13max_active_adapters\x18\x0b \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0c \x01(\r\x12+\n\x06memory\x18\r \x03(\x0b\x32\x1b.switchboard.v1.MemoryUsage\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x34\n\x0e\x61\x64\x61pter_routes\x18\x0f \x03(\x0b\x32\x1c.switchboard.v1.AdapterRoute\"y\n\x0c\x41\x64\x61pterRoute\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12/\n\x0b\x65ngine_path\x18\x02 \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\x12\x14\n\x0connx_variant\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xaa\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12)\n\x04tier\x18\x04 \x01(\x0e\x32\x1b.switchboard.v1.AdapterTier\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x07 \x01(\t\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x16\n\x0etarget_modules\x18\t \x03(\t\x12\x0c\n\x04slot\x18\n \x01(\x05\x12/\n\x0b\x65ngine_path\x18\x0b \x01(\x0e\x32\x1a.switchboard.v1.EnginePath\x12\x14\n\x0connx_variant\x18\x0c \x01(\t\"\x15\n\x13ListAdaptersRequest\"E\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.AdapterInfo\"6\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"U\n\x13LoadAdapterResponse\x12,\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1b.switchboard.v1.AdapterInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08*X\n\nEnginePath\x12\x1b\n\x17\x45NGINE_PATH_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NGINE_PATH_PYTORCH\x10\x01\x12\x14\n\x10\x45NGINE_PATH_ONNX\x10\x02*\xb8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_FILTERED\x10\x05*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\xe6\x02\n\x0eTextGeneration\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a&.switchboard.v1.GenerateStreamResponse0\x01\x12M\n\x08Tokenize\x12\x1f.switchboard.v1.TokenizeRequest\x1a .switchboard.v1.TokenizeResponse\x12Y\n\x0cGetModelInfo\x12#.switchboard.v1.GetModelInfoRequest\x1a$.switchboard.v1.GetModelInfoResponse2\x9f\x02\n\x0c\x41\x64\x61pterAdmin\x12Y\n\x0cListAdapters\x12#.switchboard.v1.ListAdaptersRequest\x1a$.switchboard.v1.ListAdaptersResponse\x12V\n\x0bLoadAdapter\x12\".switchboard.v1.LoadAdapterRequest\x1a#.switchboard.v1.LoadAdapterResponse\x12\\\n\rUnloadAdapter\x12$.switchboard.v1.UnloadAdapterRequest\x1a%.switchboard.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.switchboard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENGINEPATH']._serialized_start=3048
-  _globals['_ENGINEPATH']._serialized_end=3136
-  _globals['_FINISHREASON']._serialized_start=3139
-  _globals['_FINISHREASON']._serialized_end=3295
-  _globals['_ADAPTERTIER']._serialized_start=3297
-  _globals['_ADAPTERTIER']._serialized_end=3411
+  _globals['_ENGINEPATH']._serialized_start=3128
+  _globals['_ENGINEPATH']._serialized_end=3216
+  _globals['_FINISHREASON']._serialized_start=3219
+  _globals['_FINISHREASON']._serialized_end=3403
+  _globals['_ADAPTERTIER']._serialized_start=3405
+  _globals['_ADAPTERTIER']._serialized_end=3519
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=96
   _globals['_CHATMESSAGES']._serialized_start=98
@@ -54,37 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=911
   _globals['_TIMINGS']._serialized_end=1003
   _globals['_GENERATERESPONSE']._serialized_start=1006
-  _globals['_GENERATERESPONSE']._serialized_end=1334
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1337
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1671
-  _globals['_TOKENIZEREQUEST']._serialized_start=1673
-  _globals['_TOKENIZEREQUEST']._serialized_end=1767
-  _globals['_TOKENIZERESPONSE']._serialized_start=1769
-  _globals['_TOKENIZERESPONSE']._serialized_end=1822
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1824
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1845
-  _globals['_MEMORYUSAGE']._serialized_start=1847
-  _globals['_MEMORYUSAGE']._serialized_end=1889
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1892
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2298
-  _globals['_ADAPTERROUTE']._serialized_start=2300
-  _globals['_ADAPTERROUTE']._serialized_end=2421
-  _globals['_ADAPTERINFO']._serialized_start=2424
-  _globals['_ADAPTERINFO']._serialized_end=2722
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2724
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2745
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2747
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2816
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2818
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2872
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2874
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2959
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2961
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=3003
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=3005
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=3046
-  _globals['_TEXTGENERATION']._serialized_start=3414
-  _globals['_TEXTGENERATION']._serialized_end=3772
-  _globals['_ADAPTERADMIN']._serialized_start=3775
-  _globals['_ADAPTERADMIN']._serialized_end=4062
+  _globals['_GENERATERESPONSE']._serialized_end=1374
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1377
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1751
+  _globals['_TOKENIZEREQUEST']._serialized_start=1753
+  _globals['_TOKENIZEREQUEST']._serialized_end=1847
+  _globals['_TOKENIZERESPONSE']._serialized_start=1849
+  _globals['_TOKENIZERESPONSE']._serialized_end=1902
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1904
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1925
+  _globals['_MEMORYUSAGE']._serialized_start=1927
+  _globals['_MEMORYUSAGE']._serialized_end=1969
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1972
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2378
+  _globals['_ADAPTERROUTE']._serialized_start=2380
+  _globals['_ADAPTERROUTE']._serialized_end=2501
+  _globals['_ADAPTERINFO']._serialized_start=2504
+  _globals['_ADAPTERINFO']._serialized_end=2802
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2804
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2825
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2827
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2896
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2898
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2952
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2954
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=3039
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=3041
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=3083
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=3085
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=3126
+  _globals['_TEXTGENERATION']._serialized_start=3522
+  _globals['_TEXTGENERATION']._serialized_end=3880
+  _globals['_ADAPTERADMIN']._serialized_start=3883
+  _globals['_ADAPTERADMIN']._serialized_end=4170
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,7 @@ FLAGS: dict[str, list[str]] = {
     "limits.retry_after_ms": ["--retry-after-ms", "250"],
     "security.api_keys": ["--api-keys", "keys.yaml"],
     "security.allow_insecure_bind": ["--allow-insecure-bind"],
+    "security.output_policy": ["--output-policy", "policy.yaml"],
     "enable_admin": ["--enable-admin"],
     "grpc_workers": ["--grpc-workers", "8"],
     "grace_period": ["--grace-period", "3"],
