@@ -66,7 +66,7 @@ class App:
         limit = cfg.limits.max_message_bytes
         interceptor = SecurityInterceptor(
             self.keys, self.gate, max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
-            retry_after_ms=cfg.limits.retry_after_ms)
+            retry_after_ms=cfg.limits.retry_after_ms, metrics=self.metrics)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers),
             interceptors=[interceptor],
@@ -106,8 +106,8 @@ class App:
             self.metrics.set_info(__version__, self.model_id,
                                   str(self.engine.dtype).removeprefix("torch."),
                                   str(self.engine.device), cfg.quantize)
-            for part, nbytes in self.engine.memory().items():
-                self.metrics.set_memory(part, nbytes)
+            self.metrics.set_memory_source(self.engine.memory)  # read at each scrape
+            self.metrics.set_adapter_slots(self.engine.table.num_slots)
             self.metrics_port = self.metrics.start_http_server(
                 cfg.metrics_host or self.bind_host, cfg.metrics_port)
         print(f"switchboard: listening on {self.bind_host}:{self.port}"

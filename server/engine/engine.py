@@ -207,7 +207,7 @@ class Engine(RequestLoop):
                 "RESOURCE_EXHAUSTED",
                 f"no adapter slot became free before the deadline: "
                 f"{self.registry.busy_slots()} of {self.table.num_slots} slots are pinned by "
-                "running requests (--max-active-adapters)")
+                "running requests (--max-active-adapters)", cause="adapter_slots")
         return super()._deadline_error(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -216,9 +216,10 @@ class Engine(RequestLoop):
             self.registry.release(state.entry)
             state.slot = None
 
-    def _kv_usage(self) -> float:
-        used = sum(s.num_tokens for s in list(self.scheduler.running))
-        return used / (self.kv.rows * self.kv.max_len)
+    def _kv_usage(self) -> tuple[float, float]:
+        running = list(self.scheduler.running)
+        tokens = sum(s.num_tokens for s in running)
+        return len(running) / self.kv.rows, tokens / (self.kv.rows * self.kv.max_len)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
