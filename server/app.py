@@ -71,7 +71,8 @@ class App:
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers),
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit)],
+                     ("grpc.max_send_message_length", limit),
+                     *_connection_age_options(cfg)],
             maximum_concurrent_rpcs=cfg.grpc_workers,
         )
         conv = RequestConverter(self.engine.tokenizer, self.engine.spec.vocab_size,
@@ -138,7 +139,7 @@ class App:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        grace = self.config.grace_period if grace is None else grace
+        grace = self.config.drain_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         drained = self.gate.drain(grace)
@@ -193,6 +194,16 @@ def _security_summary(cfg: ServerConfig, keys: KeyStore | None, bind_host: str,
     return lines
 
 
+def _connection_age_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Connections older than --max-connection-age get a GOAWAY, so a client's next calls
+    open a new connection (which a proxy or kube-proxy may send to a new replica); the
+    calls still running on it get the drain period to finish."""
+    if cfg.max_connection_age <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(cfg.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.drain_seconds * 1000))]
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -208,7 +219,7 @@ def serve(config: ServerConfig) -> int:
 
     def on_signal(signum, frame) -> None:
         log.info("signal %s: draining (grace %.0fs)", signal.Signals(signum).name,
-                 config.grace_period)
+                 config.drain_seconds)
         threading.Thread(target=lambda: (app.stop(), done.set()), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -5,7 +5,6 @@ threads only submit requests and read events."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -20,13 +19,15 @@ from server.engine.model import KVCache, load_model
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
 from server.model_store import model_fingerprint
+from server.resources import usable_cpus
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The CPUs this process may use: affinity capped by a cgroup CPU quota."""
+    return usable_cpus()
 
 
 def helper_thread_init() -> None:

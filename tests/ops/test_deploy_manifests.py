@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
+from server.config import DRAIN_MARGIN_S
 from server.metrics import ServerMetrics
 
 from .conftest import DEPLOY, REPO
@@ -151,7 +152,10 @@ def test_probes_are_grpc_on_the_serving_port_and_shutdown_drains():
     sleep = (
         int(pre_stop["exec"]["command"][-1]) if "exec" in pre_stop else pre_stop["sleep"]["seconds"]
     )
-    drain = 30  # ServerConfig.grace_period
+    config = k8s_documents()[("ConfigMap", "switchboard-config")]["data"]
+    args = " ".join(container["args"])
+    assert "--max-request-time=$(MAX_REQUEST_TIME)" in args and "--grace-period" not in args
+    drain = float(config["MAX_REQUEST_TIME"]) + DRAIN_MARGIN_S  # ServerConfig.drain_seconds
     assert spec["terminationGracePeriodSeconds"] >= sleep + drain + 5
     live = container["livenessProbe"]
     # A draining pod reports NOT_SERVING: liveness must not kill it before the grace ends.
