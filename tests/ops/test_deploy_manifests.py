@@ -128,9 +128,27 @@ def test_kubernetes_objects_refer_to_each_other():
     hpa = docs[("HorizontalPodAutoscaler", "switchboard")]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "switchboard")
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["pods"]["metric"]["name"] == "switchboard_requests_waiting"
+    pods, external = hpa["spec"]["metrics"]
+    assert pods["pods"]["metric"]["name"] == "switchboard_requests_waiting"
     assert "switchboard_requests_waiting" in ServerMetrics().metric_names()
+    # the largest queue of any one pod, so one hot pod is seen (the mean hides it)
+    assert external["external"]["metric"]["name"] == "switchboard_requests_waiting_max"
+    adapter = yaml.safe_load((K8S / "extras" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["external"]
+    assert rule["name"]["as"] == "switchboard_requests_waiting_max"
+    assert rule["metricsQuery"].startswith("max by (namespace)")
+
+    # the proxy: its own pods, the headless Service as its replicas, the shipped config
+    proxy = docs[("Deployment", "switchboard-proxy")]
+    proxy_labels = proxy["spec"]["template"]["metadata"]["labels"]
+    assert not docs[("Service", "switchboard")]["spec"]["selector"].items() <= proxy_labels.items()
+    assert docs[("Service", "switchboard-proxy")]["spec"]["selector"].items() <= (
+        proxy_labels.items())
+    cfg = docs[("ConfigMap", "switchboard-proxy")]["data"]["haproxy.cfg"]
+    assert cfg == (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert "switchboard-headless.default.svc.cluster.local:50051" in cfg
+    (volume,) = proxy["spec"]["template"]["spec"]["volumes"]
+    assert volume["configMap"]["name"] == "switchboard-proxy"
 
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
               if "persistentVolumeClaim" in v}  # fmt: skip
