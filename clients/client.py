@@ -68,13 +68,15 @@ class ClientCore:
         down_seconds: float = 5.0,
         resolve_seconds: float = 30.0,
         resolve: Callable[[str, int], list[str]] = resolve_addresses,
+        balance_factor: float | None = 1.5,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         resolver = None
         if isinstance(target, str) and target.strip().startswith(DNS_SCHEME):
             resolver = Resolver(target.strip(), refresh_seconds=resolve_seconds, lookup=resolve)
             resolver.endpoints()  # a name that does not resolve fails here, not later
-        self.router = Router(resolver or parse_targets(target), down_seconds=down_seconds)
+        self.router = Router(resolver or parse_targets(target), down_seconds=down_seconds,
+                             balance_factor=balance_factor)
         self.api_key = api_key
         use_tls = tls or any(x is not None for x in (root_cert, client_cert, client_key))
         if resolver is not None and server_name is None:
@@ -180,7 +182,8 @@ class SwitchboardClient:
                 break
             fn = getattr(getattr(self._stub(endpoint), service), method)
             try:
-                response = fn(request, metadata=metadata, timeout=deadline.remaining())
+                with self._core.router.using(endpoint):
+                    response = fn(request, metadata=metadata, timeout=deadline.remaining())
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc, endpoint=endpoint)
                 if not is_retryable(err.code, output_seen=False):
@@ -207,9 +210,10 @@ class SwitchboardClient:
             )
             output_seen = False
             try:
-                for msg in call:
-                    output_seen = True
-                    yield convert.stream_chunk(msg, endpoint)
+                with self._core.router.using(endpoint):
+                    for msg in call:
+                        output_seen = True
+                        yield convert.stream_chunk(msg, endpoint)
                 self._core.router.mark_up(endpoint)
                 return
             except grpc.RpcError as exc:

@@ -5,7 +5,9 @@ the top one, and on fail-over to the next. Properties the tests check:
 - the order for a key depends only on the set of endpoints (not their listing order);
 - removing a replica moves only the keys it owned, spread over the remaining ones.
 The base model ("" as adapter id) is not hashed: its requests rotate over the replicas,
-so base traffic is spread rather than piled on one replica.
+so base traffic is spread rather than piled on one replica. Load is bounded as the proxy
+bounds it: a replica carrying more than `balance_factor` x the average of this client's
+calls in flight is passed over for an adapter's next replica.
 Replicas that just failed with UNAVAILABLE are tried last for `down_seconds`, so a dead
 replica costs one failed attempt, not one per request.
 
@@ -16,13 +18,15 @@ Kubernetes headless Service), resolved to every address it has and re-resolved e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -140,14 +144,46 @@ class Router:
         endpoints: Sequence[str] | Resolver,
         *,
         down_seconds: float = 5.0,
+        balance_factor: float | None = 1.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`balance_factor`: bounded load, as the proxy's `hash-balance-factor` (1.5 =
+        150): a replica with this client's calls in flight at `factor` x the average
+        (counting the new call) goes to the back of an adapter's order, so one hot
+        adapter spills over to its next replica. None turns the bound off."""
+        if balance_factor is not None and balance_factor < 1.0:
+            raise ValueError(f"balance_factor must be >= 1.0, got {balance_factor}")
         self._source = endpoints if isinstance(endpoints, Resolver) else list(endpoints)
         self.down_seconds = down_seconds
+        self.balance_factor = balance_factor
         self._clock = clock
         self._down_until: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
         self._turn = itertools.count()
+
+    @contextlib.contextmanager
+    def using(self, endpoint: str) -> Iterator[None]:
+        """Counts a call in flight on `endpoint` for the load bound."""
+        with self._lock:
+            self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._in_flight[endpoint] - 1
+                if left:
+                    self._in_flight[endpoint] = left
+                else:
+                    del self._in_flight[endpoint]
+
+    def _over_bound(self, endpoints: list[str]) -> set[str]:
+        if self.balance_factor is None or len(endpoints) < 2:
+            return set()
+        with self._lock:
+            load = {ep: self._in_flight.get(ep, 0) for ep in endpoints}
+        bound = math.ceil(self.balance_factor * (sum(load.values()) + 1) / len(endpoints))
+        return {ep for ep, n in load.items() if n + 1 > bound}
 
     @property
     def endpoints(self) -> list[str]:
@@ -167,6 +203,9 @@ class Router:
             ranked = sorted(endpoints)
             k = next(self._turn) % len(ranked)
             ranked = ranked[k:] + ranked[:k]
+        if key:  # an adapter keeps its replica until that replica is over the bound
+            full = self._over_bound(ranked)
+            ranked = [ep for ep in ranked if ep not in full] + [ep for ep in ranked if ep in full]
         now = self._clock()
         with self._lock:
             down = {ep for ep, until in self._down_until.items() if until > now}

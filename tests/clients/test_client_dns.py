@@ -107,3 +107,30 @@ def test_a_dns_target_works_end_to_end(replica):
         # localhost may also resolve to ::1, where nothing listens: fail-over covers it
         for _ in range(3):
             assert client.generate("x", adapter_id="a", max_new_tokens=2).text
+
+
+def test_the_load_bound_passes_over_a_busy_replica():
+    router = Router(["a:1", "b:1", "c:1"], balance_factor=1.5)
+    home = router.order("hot")[0]
+    with router.using(home):  # 1 in flight: bound ceil(1.5 * 2 / 3) = 1 -> home is full
+        assert router.order("hot")[0] != home
+        assert router.order("hot")[-1] == home
+    assert router.order("hot")[0] == home  # back once the call ended
+    unbounded = Router(["a:1", "b:1", "c:1"], balance_factor=None)
+    with unbounded.using(home), unbounded.using(home):
+        assert unbounded.order("hot")[0] == home
+    with pytest.raises(ValueError, match="balance_factor must be >= 1.0"):
+        Router(["a:1"], balance_factor=0.5)
+
+
+def test_a_hot_adapter_spills_over_from_one_client(make_replica):
+    replicas = [make_replica(f"r{i}", token_delay=0.02) for i in range(3)]
+    targets = [r.address for r in replicas]
+    with SwitchboardClient(targets) as client:
+        streams = [client.generate_stream("x", adapter_id="hot", max_new_tokens=20)
+                   for _ in range(6)]
+        firsts = [next(s) for s in streams]  # all six in flight at once
+        for s in streams:
+            list(s)
+    served = collections.Counter(chunk.endpoint for chunk in firsts)
+    assert len(served) >= 2 and max(served.values()) < 6, served
