@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,12 @@ def constraints(tmp_path_factory) -> Path:
 def wheel(tmp_path_factory) -> Path:
     """The project built once, out of the source tree's way."""
     out = tmp_path_factory.mktemp("wheel")
+    src = tmp_path_factory.mktemp("src") / "switchboard"  # builds leave build/ behind
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "adapters",
+        "runs", "results"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(REPO)], check=True, timeout=600)
+                    "--no-build-isolation", "-w", str(out), str(src)], check=True, timeout=600)
     (path,) = out.glob("switchboard-*.whl")
     return path
 
