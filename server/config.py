@@ -40,7 +40,7 @@ class OnnxConfig:
     enabled: bool = False
     adapters: tuple[str, ...] = ()  # adapters allowed on the ONNX path; empty = all
     variant: str = "auto"  # auto, fp32, int8, int4
-    threads: int = 0  # 0 = ONNX Runtime's default
+    threads: int = 0  # 0 = the CPUs this process may use (server.resources.usable_cpus)
     provider: str = "auto"
     memory_bytes: int = 4 << 30
 
@@ -224,7 +224,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--onnx-variant", choices=["auto", "fp32", "int8", "int4"], default="auto",
                    help="which export to serve; auto prefers int8, then fp32, then int4")
     o.add_argument("--onnx-threads", type=int, default=0,
-                   help="ONNX Runtime intra-op threads (0 = its default)")
+                   help="ONNX Runtime intra-op threads (0 = the CPUs this process may use, "
+                   "as --threads 0)")
     o.add_argument("--onnx-provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="execution provider; auto = CUDA where onnxruntime-gpu has it")
     o.add_argument("--onnx-memory", type=parse_size, default=OnnxConfig().memory_bytes,
