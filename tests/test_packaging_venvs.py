@@ -24,7 +24,8 @@ SMOKE = {
     "": [["switchboard-client", "--help"],
          ["python", "-c", "import sys, clients; assert 'torch' not in sys.modules; "
           "import google.protobuf, grpc; print(grpc.__version__)"]],
-    "server": [["switchboard", "serve", "--help"]],
+    "server": [["switchboard", "serve", "--help"],
+               ["python", "-c", "import server.app, server.engine.engine, server.adapters.lora"]],
     "trainer": [["trainer", "train", "--dry-run",
                  "--config", str(REPO / "trainer" / "configs" / "lora_date_iso.yaml"),
                  "output_dir=adapters/smoke"]],
@@ -48,9 +49,14 @@ def wheel(tmp_path_factory) -> Path:
     """The project built once, out of the source tree's way."""
     out = tmp_path_factory.mktemp("wheel")
     src = tmp_path_factory.mktemp("src") / "switchboard"  # builds leave build/ behind
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "adapters",
-        "runs", "results"))
+    skip_everywhere = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
+    top_level = {".venv", ".git", "build", "adapters", "runs"}  # never inside the packages
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set(skip_everywhere(directory, names))
+        return skipped | (top_level & set(names) if Path(directory) == REPO else set())
+
+    shutil.copytree(REPO, src, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "-w", str(out), str(src)], check=True, timeout=600)
     (path,) = out.glob("switchboard-*.whl")
