@@ -10,7 +10,7 @@ SERVE_ARGS ?=
 
 .PHONY: setup model serve test test-slow lint format protos bench soak clean
 
-$(STAMP): requirements/cpu.txt pyproject.toml
+$(STAMP): requirements/cpu.txt requirements/runtime.txt requirements/runtime-cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/cpu.txt

@@ -95,7 +95,8 @@ class AsyncSwitchboardClient:
                 break
             fn = getattr(getattr(self._stub(endpoint), service), method)
             try:
-                response = await fn(request, metadata=metadata, timeout=deadline.remaining())
+                with self._core.router.using(endpoint):
+                    response = await fn(request, metadata=metadata, timeout=deadline.remaining())
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc, endpoint=endpoint)
                 if not is_retryable(err.code, output_seen=False):
@@ -122,9 +123,10 @@ class AsyncSwitchboardClient:
             )
             output_seen = False
             try:
-                async for msg in call:
-                    output_seen = True
-                    yield convert.stream_chunk(msg, endpoint)
+                with self._core.router.using(endpoint):
+                    async for msg in call:
+                        output_seen = True
+                        yield convert.stream_chunk(msg, endpoint)
                 self._core.router.mark_up(endpoint)
                 return
             except grpc.RpcError as exc:

@@ -66,8 +66,11 @@ class TlsConfig:
 def call_metadata(
     adapter_id: str, api_key: str | None, request_id: str | None = None
 ) -> tuple[tuple[str, str], ...]:
-    """`x-adapter-id` on every RPC (Envoy ring-hash key), the API key as a bearer token."""
-    md = [("x-adapter-id", adapter_id)]
+    """`x-adapter-id` on every call that names an adapter: the key a proxy hashes on
+    (haproxy `balance hdr(x-adapter-id)`, Envoy's ring hash). The base model sends none,
+    so the proxy spreads base traffic instead of hashing one value onto one replica.
+    The API key goes as a bearer token."""
+    md = [("x-adapter-id", adapter_id)] if adapter_id else []
     if api_key:
         md.append(("authorization", f"Bearer {api_key}"))
     if request_id:

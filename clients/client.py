@@ -5,15 +5,17 @@
         for chunk in client.generate_stream("Once upon a time", max_new_tokens=32):
             print(chunk.text, end="", flush=True)
 
-Several endpoints (a list, or "h1:p,h2:p") turn on client-side routing: rendezvous
-hashing on the adapter id picks the replica, UNAVAILABLE fails over to the next one
-(see `clients.routing`). Failed calls raise the typed errors of `clients.errors`.
+Several endpoints (a list, or "h1:p,h2:p"), or a DNS name with every replica's address
+("dns:///switchboard-headless.NS.svc.cluster.local:50051", re-resolved every 30 s), turn
+on client-side routing: rendezvous hashing on the adapter id picks the replica, base-model
+requests rotate, UNAVAILABLE fails over to the next one (see `clients.routing`).
+Failed calls raise the typed errors of `clients.errors`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -34,7 +36,15 @@ from .results import (
     StreamChunk,
     TokenizeResult,
 )
-from .routing import DEFAULT_TARGET, Router, is_retryable, parse_targets
+from .routing import (
+    DEFAULT_TARGET,
+    DNS_SCHEME,
+    Resolver,
+    Router,
+    is_retryable,
+    parse_targets,
+    resolve_addresses,
+)
 
 T = TypeVar("T")
 HEALTH_STATUS = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
@@ -56,12 +66,21 @@ class ClientCore:
         timeout: float | None = None,
         max_attempts: int | None = None,
         down_seconds: float = 5.0,
+        resolve_seconds: float = 30.0,
+        resolve: Callable[[str, int], list[str]] = resolve_addresses,
+        balance_factor: float | None = 1.5,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.endpoints = parse_targets(target)
-        self.router = Router(self.endpoints, down_seconds=down_seconds)
+        resolver = None
+        if isinstance(target, str) and target.strip().startswith(DNS_SCHEME):
+            resolver = Resolver(target.strip(), refresh_seconds=resolve_seconds, lookup=resolve)
+            resolver.endpoints()  # a name that does not resolve fails here, not later
+        self.router = Router(resolver or parse_targets(target), down_seconds=down_seconds,
+                             balance_factor=balance_factor)
         self.api_key = api_key
         use_tls = tls or any(x is not None for x in (root_cert, client_cert, client_key))
+        if resolver is not None and server_name is None:
+            server_name = resolver.host  # certificates name the service, not pod IPs
         self.tls = (
             TlsConfig.from_sources(root_cert=root_cert, client_cert=client_cert,
                                    client_key=client_key, server_name=server_name)
@@ -70,13 +89,19 @@ class ClientCore:
         )
         self.timeout = timeout
         # Default: one attempt per replica (a single endpoint is never retried).
-        self.max_attempts = max(1, max_attempts or len(self.endpoints))
+        self._max_attempts = max_attempts
         self.channel_options = CHANNEL_OPTIONS + tuple(options) + (
             self.tls.options() if self.tls else ()
         )
 
+    @property
+    def endpoints(self) -> list[str]:
+        """The replicas now (a DNS target's current addresses)."""
+        return self.router.endpoints
+
     def attempts(self, key: str) -> list[str]:
-        return self.router.order(key)[: self.max_attempts]
+        order = self.router.order(key)
+        return order[: max(1, self._max_attempts or len(order))]
 
     def metadata(self, adapter_id: str, request_id: str | None = None):
         return call_metadata(adapter_id, self.api_key, request_id)
@@ -157,7 +182,8 @@ class SwitchboardClient:
                 break
             fn = getattr(getattr(self._stub(endpoint), service), method)
             try:
-                response = fn(request, metadata=metadata, timeout=deadline.remaining())
+                with self._core.router.using(endpoint):
+                    response = fn(request, metadata=metadata, timeout=deadline.remaining())
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc, endpoint=endpoint)
                 if not is_retryable(err.code, output_seen=False):
@@ -184,9 +210,10 @@ class SwitchboardClient:
             )
             output_seen = False
             try:
-                for msg in call:
-                    output_seen = True
-                    yield convert.stream_chunk(msg, endpoint)
+                with self._core.router.using(endpoint):
+                    for msg in call:
+                        output_seen = True
+                        yield convert.stream_chunk(msg, endpoint)
                 self._core.router.mark_up(endpoint)
                 return
             except grpc.RpcError as exc:

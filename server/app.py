@@ -69,12 +69,13 @@ class App:
         limit = cfg.limits.max_message_bytes
         interceptor = SecurityInterceptor(
             self.keys, self.gate, max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
-            retry_after_ms=cfg.limits.retry_after_ms)
+            retry_after_ms=cfg.limits.retry_after_ms, metrics=self.metrics)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers),
             interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", limit)],
+                     ("grpc.max_send_message_length", limit),
+                     *_connection_age_options(cfg)],
             maximum_concurrent_rpcs=cfg.grpc_workers,
         )
         conv = RequestConverter(self.engine.tokenizer, self.engine.spec.vocab_size,
@@ -109,8 +110,8 @@ class App:
             self.metrics.set_info(__version__, self.model_id,
                                   str(self.engine.dtype).removeprefix("torch."),
                                   str(self.engine.device), cfg.quantize)
-            for part, nbytes in self.engine.memory().items():
-                self.metrics.set_memory(part, nbytes)
+            self.metrics.set_memory_source(self.engine.memory)  # read at each scrape
+            self.metrics.set_adapter_slots(self.engine.table.num_slots)
             self.metrics_port = self.metrics.start_http_server(
                 cfg.metrics_host or self.bind_host, cfg.metrics_port)
         print(f"switchboard: listening on {self.bind_host}:{self.port}"
@@ -160,7 +161,7 @@ class App:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        grace = self.config.grace_period if grace is None else grace
+        grace = self.config.drain_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         drained = self.gate.drain(grace)
@@ -220,6 +221,16 @@ def _security_summary(cfg: ServerConfig, keys: KeyStore | None, bind_host: str,
     return lines
 
 
+def _connection_age_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Connections older than --max-connection-age get a GOAWAY, so a client's next calls
+    open a new connection (which a proxy or kube-proxy may send to a new replica); the
+    calls still running on it get the drain period to finish."""
+    if cfg.max_connection_age <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(cfg.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.drain_seconds * 1000))]
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -235,7 +246,7 @@ def serve(config: ServerConfig) -> int:
 
     def on_signal(signum, frame) -> None:
         log.info("signal %s: draining (grace %.0fs)", signal.Signals(signum).name,
-                 config.grace_period)
+                 config.drain_seconds)
         threading.Thread(target=lambda: (app.stop(), done.set()), daemon=True).start()
 
     def on_hangup(signum, frame) -> None:

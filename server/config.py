@@ -27,7 +27,9 @@ class EngineConfig:
     max_host_adapter_bytes: int = 4 << 30
     allow_pickle: bool = False
     quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
-    threads: int = 0  # intra-op threads of the engine thread; 0 = every core this process has
+    # intra-op threads of the engine thread; 0 = the CPUs this process may use (affinity,
+    # capped by a cgroup CPU quota: server.resources.usable_cpus)
+    threads: int = 0
     # auto, native, torch (server.native.pick); SWITCHBOARD_CPU_KERNELS sets the default
     cpu_kernels: str = field(
         default_factory=lambda: os.environ.get("SWITCHBOARD_CPU_KERNELS", "auto"))
@@ -38,7 +40,7 @@ class OnnxConfig:
     enabled: bool = False
     adapters: tuple[str, ...] = ()  # adapters allowed on the ONNX path; empty = all
     variant: str = "auto"  # auto, fp32, int8, int4
-    threads: int = 0  # 0 = ONNX Runtime's default
+    threads: int = 0  # 0 = the CPUs this process may use (server.resources.usable_cpus)
     provider: str = "auto"
     memory_bytes: int = 4 << 30
 
@@ -58,6 +60,9 @@ class Limits:
     max_message_bytes: int = 4 << 20
     max_concurrent_per_key: int = 0  # 0 = no limit; a key's max_concurrent overrides it
     retry_after_ms: int = 500  # hint sent with RESOURCE_EXHAUSTED
+    # The longest a generation may take, queue wait included: a request's deadline is
+    # capped to it, and the drain on shutdown and the connection-age grace follow from it.
+    max_request_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,19 @@ class ServerConfig:
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
     enable_admin: bool = False
     grpc_workers: int = 128
-    grace_period: float = 30.0
+    grace_period: float | None = None  # None = limits.max_request_seconds + DRAIN_MARGIN_S
+    max_connection_age: float = 300.0  # seconds a client connection lives (0 = forever)
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long running calls get to finish after SIGTERM: by default the longest a
+        request may take, so a rollout never cuts a stream that is within its limit."""
+        if self.grace_period is not None:
+            return self.grace_period
+        return self.limits.max_request_seconds + DRAIN_MARGIN_S
+
+
+DRAIN_MARGIN_S = 5.0  # on top of the longest request: its last message and the goodbye
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -134,8 +151,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=e.dtype,
                    help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=e.threads,
-                   help="CPU threads of the engine's matmuls (0 = every core; the process's "
-                   "other threads use one each)")
+                   help="CPU threads of the engine's matmuls (0 = the CPUs this process may "
+                   "use: its affinity, capped by a container's CPU limit; the process's other "
+                   "threads use one each)")
     p.add_argument("--max-batch-size", type=int, default=e.max_batch_size)
     p.add_argument("--max-tokens-per-step", type=int, default=e.max_tokens_per_step,
                    help="token budget of one engine step; long prefills are chunked to it")
@@ -171,8 +189,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="retry hint (trailing metadata retry-after-ms) on RESOURCE_EXHAUSTED")
     p.add_argument("--grpc-workers", type=int, default=d.grpc_workers,
                    help="threads serving gRPC calls (each open stream holds one)")
-    p.add_argument("--grace-period", type=float, default=d.grace_period,
-                   help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--max-request-time", type=float, default=lim.max_request_seconds,
+                   metavar="SECONDS",
+                   help="longest a generation may take, queue wait included (a request's "
+                   "deadline is capped to it; the default drain follows) (default %(default)s)")
+    p.add_argument("--grace-period", type=float, default=None,
+                   help="seconds running requests get to finish after SIGTERM (default: "
+                   f"--max-request-time + {DRAIN_MARGIN_S:.0f})")
+    p.add_argument("--max-connection-age", type=float, default=d.max_connection_age,
+                   metavar="SECONDS",
+                   help="close client connections after this long (with the drain as grace "
+                   "for their calls), so clients reconnect and spread over new replicas; "
+                   "0 = never (default %(default)s)")
     p.add_argument("--enable-admin", action="store_true",
                    help="serve AdapterAdmin (off by default; with --api-keys only admin keys)")
     p.add_argument("--disable-admin", action="store_true", help=argparse.SUPPRESS)
@@ -201,7 +229,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--onnx-variant", choices=["auto", "fp32", "int8", "int4"], default="auto",
                    help="which export to serve; auto prefers int8, then fp32, then int4")
     o.add_argument("--onnx-threads", type=int, default=0,
-                   help="ONNX Runtime intra-op threads (0 = its default)")
+                   help="ONNX Runtime intra-op threads (0 = the CPUs this process may use, "
+                   "as --threads 0)")
     o.add_argument("--onnx-provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="execution provider; auto = CUDA where onnxruntime-gpu has it")
     o.add_argument("--onnx-memory", type=parse_size, default=OnnxConfig().memory_bytes,
@@ -233,7 +262,14 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                     max_prompt_chars=a.max_prompt_chars, max_prompt_tokens=a.max_prompt_tokens,
                     max_message_bytes=a.max_message_size,
                     max_concurrent_per_key=a.max_concurrent_per_key,
-                    retry_after_ms=a.retry_after_ms)
+                    retry_after_ms=a.retry_after_ms,
+                    max_request_seconds=a.max_request_time)
+    if a.max_request_time <= 0:
+        raise SystemExit("error: --max-request-time must be more than 0")
+    if a.grace_period is not None and a.grace_period < 0:
+        raise SystemExit("error: --grace-period must be at least 0")
+    if a.max_connection_age < 0:
+        raise SystemExit("error: --max-connection-age must be 0 (never) or more")
     for name in ("max_prompt_tokens", "max_concurrent_per_key", "retry_after_ms"):
         if getattr(a, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 0")
@@ -255,7 +291,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
         preload=tuple(x for x in a.preload.split(",") if x), watch_seconds=a.watch,
         security=security, enable_admin=a.enable_admin, grace_period=a.grace_period,
-        grpc_workers=a.grpc_workers,
+        grpc_workers=a.grpc_workers, max_connection_age=a.max_connection_age,
         onnx=OnnxConfig(enabled=a.onnx or bool(a.onnx_adapters),
                         adapters=tuple(x for x in a.onnx_adapters.split(",") if x),
                         variant=a.onnx_variant, threads=a.onnx_threads,

@@ -32,6 +32,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,16 @@ STEP_TOKENS_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
 REQUEST_TOKENS_BUCKETS = (
     1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768,
 )  # fmt: skip
+PHASE_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0,
+    120.0, 300.0,
+)  # fmt: skip
+# Why a call ended in RESOURCE_EXHAUSTED: the engine's queue was full (--max-queue), the
+# API key had its concurrent calls (max_concurrent), or no adapter slot came free before
+# the deadline (--max-active-adapters). Anything else is "other".
+EXHAUSTED_CAUSES = frozenset({"queue_full", "key_concurrency", "adapter_slots", "other"})
+# The services whose refused calls the security interceptor counts.
+SERVICES = frozenset({"TextGeneration", "AdapterAdmin"})
 ADAPTER_LOAD_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -255,8 +266,34 @@ class ServerMetrics:
         )  # fmt: skip
         self.request_duration = Histogram(
             "switchboard_request_duration_seconds",
-            "End-to-end request latency, from arrival to the last token.",
+            "End-to-end latency of requests the engine accepted, from arrival to their end "
+            "(last token, cancel, deadline or failure); refused requests observe nothing.",
             buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.finished_total = Counter(
+            "switchboard_requests_finished", "Requests that ended with a finish reason "
+            "(length, eos, stop_sequence, cancelled, ...).",
+            ["finish_reason"], registry=r,
+        )  # fmt: skip
+        self.resource_exhausted_total = Counter(
+            "switchboard_resource_exhausted", "Calls refused with RESOURCE_EXHAUSTED, by "
+            "cause: queue_full, key_concurrency, adapter_slots, other.",
+            ["cause"], registry=r,
+        )  # fmt: skip
+        self.rejected_calls_total = Counter(
+            "switchboard_rejected_calls", "Calls the security interceptor refused before "
+            "any handler ran (keys, permissions, per-key limit, draining), by service and code.",
+            ["service", "code"], registry=r,
+        )  # fmt: skip
+        self.prefill_time = Histogram(
+            "switchboard_request_prefill_seconds",
+            "Per request: from its first scheduling to its first token (prompt processing).",
+            buckets=PHASE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.decode_time = Histogram(
+            "switchboard_request_decode_seconds",
+            "Per request: from its first token to its last (the decode phase).",
+            buckets=PHASE_BUCKETS, registry=r,
         )  # fmt: skip
         self.time_to_first_token = Histogram(
             "switchboard_time_to_first_token_seconds",
@@ -323,7 +360,13 @@ class ServerMetrics:
             buckets=STEP_SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self.kv_cache_usage = Gauge(
-            "switchboard_kv_cache_usage_ratio", "Fraction of the KV cache in use (0..1).",
+            "switchboard_kv_cache_usage_ratio", "Fraction of the KV-cache rows taken by "
+            "running requests (0..1); admission needs a free row, so 1 means none is left.",
+            registry=r,
+        )  # fmt: skip
+        self.kv_cache_tokens = Gauge(
+            "switchboard_kv_cache_tokens_ratio", "Tokens held in the KV cache over its "
+            "capacity (rows x max sequence length), 0..1: how full the taken rows are.",
             registry=r,
         )  # fmt: skip
 
@@ -344,11 +387,33 @@ class ServerMetrics:
             registry=r,
         )  # fmt: skip
 
-        # Memory and identity.
-        self.memory_bytes = Gauge(
-            "switchboard_memory_bytes", "Memory held by a part of the server.", ["part"],
+        self.adapter_slots = Gauge(
+            "switchboard_adapter_slots", "Adapter slots on the device (--max-active-adapters).",
             registry=r,
         )  # fmt: skip
+        self.adapters_running = Gauge(
+            "switchboard_adapters_running", "Distinct adapters with a running request.",
+            registry=r,
+        )  # fmt: skip
+        self.adapters_waiting = Gauge(
+            "switchboard_adapters_waiting", "Distinct adapters with a waiting request and "
+            "none running.", registry=r,
+        )  # fmt: skip
+        self.lora_requests_info = Gauge(
+            "switchboard_lora_requests_info", "One series, replaced on change (value: Unix "
+            "time of the change): the adapters running and waiting, comma-separated and "
+            "capped at max_lora ids each, and the slot count (vLLM's lora_requests_info).",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r,
+        )  # fmt: skip
+        self._adapter_requests: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        self._lora_info_labels: tuple[str, str, str] | None = None
+        self._slots = 0
+
+        # Memory and identity: read from `memory_source` at each scrape.
+        self.memory_bytes = _PartsGauge(
+            "switchboard_memory_bytes", "Memory held by a part of the server.", "part"
+        )
+        r.register(self.memory_bytes)
         self.build_info = Info(
             "switchboard_build", "Server version and the model it serves.", registry=r
         )
@@ -389,16 +454,24 @@ class ServerMetrics:
         self,
         adapter_id: str,
         code: str,
-        e2e_seconds: float,
+        e2e_seconds: float | None,
         ttft_seconds: float | None,
         queue_seconds: float | None,
         prompt_tokens: int,
         completion_tokens: int,
+        *,
+        finish_reason: str | None = None,
+        prefill_seconds: float | None = None,
+        decode_seconds: float | None = None,
+        cause: str | None = None,
     ) -> None:
         """Call once per request when its response (or error) is sent. `code` is a gRPC
-        status name ("OK", "NOT_FOUND", ...); timings that did not happen are None.
-        Only `request_started` grants labels, so a request refused before it started
-        (say, NOT_FOUND for a made-up adapter id) counts under `__other__`."""
+        status name ("OK", "NOT_FOUND", ...); timings that did not happen are None and
+        observe nothing (a request refused at the door has no end-to-end latency).
+        `finish_reason` names how a generation ended; `cause` why it was
+        RESOURCE_EXHAUSTED. Only `request_started` grants labels, so a request refused
+        before it started (say, NOT_FOUND for a made-up adapter id) counts under
+        `__other__`."""
         code = code.upper() if code.upper() in GRPC_CODES else "UNKNOWN"
         with self._lock:
             label = self._labeler.current(adapter_id)
@@ -407,11 +480,17 @@ class ServerMetrics:
                 self.prompt_tokens_total.labels(label).inc(prompt_tokens)
             if completion_tokens > 0:
                 self.generated_tokens_total.labels(label).inc(completion_tokens)
-        self.request_duration.observe(max(0.0, e2e_seconds))
-        if ttft_seconds is not None:
-            self.time_to_first_token.observe(max(0.0, ttft_seconds))
-        if queue_seconds is not None:
-            self.queue_wait.observe(max(0.0, queue_seconds))
+        if code == "RESOURCE_EXHAUSTED":
+            self.resource_exhausted(cause or "other")
+        if finish_reason:
+            self.finished_total.labels(finish_reason).inc()
+        for histogram, seconds in (
+            (self.request_duration, e2e_seconds), (self.time_to_first_token, ttft_seconds),
+            (self.queue_wait, queue_seconds), (self.prefill_time, prefill_seconds),
+            (self.decode_time, decode_seconds),
+        ):  # fmt: skip
+            if seconds is not None:
+                histogram.observe(max(0.0, seconds))
         if code == "OK":
             self.request_prompt_tokens.observe(max(0, prompt_tokens))
             self.request_generated_tokens.observe(max(0, completion_tokens))
@@ -429,6 +508,21 @@ class ServerMetrics:
                     self._rule_labels.add(rule)
                 name = rule if rule in self._rule_labels else OTHER_LABEL
                 self.filtered_rule_total.labels(label, name).inc()
+
+    def resource_exhausted(self, cause: str) -> None:
+        """A call refused with RESOURCE_EXHAUSTED (one of EXHAUSTED_CAUSES)."""
+        self.resource_exhausted_total.labels(cause if cause in EXHAUSTED_CAUSES else "other").inc()
+
+    def call_rejected(self, service: str, code: str, adapter_id: str | None = None) -> None:
+        """The security interceptor refused a call of `service` ("TextGeneration",
+        "AdapterAdmin") with `code`. A generation call (`adapter_id` not None) also counts
+        as a finished request, with no latency; RESOURCE_EXHAUSTED there is a key's
+        concurrency limit."""
+        code = code.upper() if code.upper() in GRPC_CODES else "UNKNOWN"
+        self.rejected_calls_total.labels(service if service in SERVICES else "other", code).inc()
+        if adapter_id is not None:
+            self.request_finished(adapter_id, code, None, None, None, 0, 0,
+                                  cause="key_concurrency")
 
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token_latency.observe(max(0.0, seconds))
@@ -453,8 +547,49 @@ class ServerMetrics:
         self.step_tokens.observe(tokens)
         self.step_duration.observe(max(0.0, seconds))
 
-    def set_kv_cache_usage(self, used_fraction: float) -> None:
+    def set_kv_cache_usage(self, used_fraction: float, tokens_fraction: float | None = None
+                           ) -> None:
+        """Rows taken over rows; optionally tokens held over rows x max length."""
         self.kv_cache_usage.set(min(1.0, max(0.0, used_fraction)))
+        if tokens_fraction is not None:
+            self.kv_cache_tokens.set(min(1.0, max(0.0, tokens_fraction)))
+
+    def set_adapter_requests(self, running: Iterable[str], waiting: Iterable[str],
+                             source: str = "") -> None:
+        """Adapter ids (base model "" left out) of one engine's running and waiting
+        requests; summed over engines like `set_requests`. Updates the counts and replaces
+        the one `switchboard_lora_requests_info` series when the sets change."""
+        run = frozenset(a for a in running if a)
+        wait = frozenset(a for a in waiting if a)
+        with self._lock:
+            if run or wait:
+                self._adapter_requests[source] = (run, wait)
+            else:
+                self._adapter_requests.pop(source, None)
+            all_run = frozenset().union(*(r for r, _ in self._adapter_requests.values()))
+            all_wait = frozenset().union(*(w for _, w in self._adapter_requests.values()))
+            all_wait -= all_run
+            self.adapters_running.set(len(all_run))
+            self.adapters_waiting.set(len(all_wait))
+            self._publish_lora_info(all_run, all_wait)
+
+    def set_adapter_slots(self, slots: int) -> None:
+        with self._lock:
+            self.adapter_slots.set(slots)
+            self._slots = slots
+            self._publish_lora_info(frozenset(), frozenset(), force=True)
+
+    def _publish_lora_info(self, running: frozenset[str], waiting: frozenset[str],
+                           force: bool = False) -> None:
+        cap = max(self._slots, 1)  # bounded label values: at most `slots` ids each
+        labels = (",".join(sorted(running)[:cap]), ",".join(sorted(waiting)[:cap]),
+                  str(self._slots))
+        if labels == self._lora_info_labels and not force:
+            return
+        if self._lora_info_labels is not None:
+            self.lora_requests_info.remove(*self._lora_info_labels)
+        self.lora_requests_info.labels(*labels).set(time.time())
+        self._lora_info_labels = labels
 
     # -- adapter tiers ---------------------------------------------------------------------
 
@@ -472,8 +607,12 @@ class ServerMetrics:
     # -- memory and identity ---------------------------------------------------------------
 
     def set_memory(self, part: str, nbytes: int) -> None:
-        """Bytes held by `part` ("base_model", "kv_cache", "adapters")."""
-        self.memory_bytes.labels(part).set(nbytes)
+        """Bytes held by `part` ("base_model", "kv_cache", "adapters_host", ...)."""
+        self.memory_bytes.values[part] = nbytes
+
+    def set_memory_source(self, source: Callable[[], dict[str, int]]) -> None:
+        """Read the parts' bytes from `source()` at every scrape (adapters come and go)."""
+        self.memory_bytes.source = source
 
     def set_info(
         self, version: str, model_id: str, dtype: str, device: str, quantization: str
@@ -523,6 +662,33 @@ class ServerMetrics:
         if self._http_thread is not None:
             self._http_thread.join(timeout=5)
         self._httpd = self._http_thread = None
+
+
+class _PartsGauge:
+    """A gauge by one label whose values are read at scrape time from `source` (plus any
+    set in `values`); a source that fails leaves the last good values in the scrape."""
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.values: dict[str, float] = {}
+        self.source: Callable[[], dict[str, int]] | None = None
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        if self.source is not None:
+            try:
+                self.values.update(self.source())
+            except Exception:  # a scrape must not fail on it
+                logger.exception("metrics: reading %s failed", self.name)
+        family = self._family()
+        for part, value in sorted(self.values.items()):
+            family.add_metric([part], float(value))
+        yield family
 
 
 def _sample_names(family: str, kind: str) -> Iterable[str]:

@@ -136,7 +136,9 @@ class RequestConverter:
                 f"together {len(ids) + max_new}, more than the context limit {self.max_seq_len}"
             )
         remaining = context.time_remaining() if context is not None else None
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        if remaining is None or remaining > lim.max_request_seconds:
+            remaining = lim.max_request_seconds  # --max-request-time caps every request
+        deadline = time.monotonic() + remaining
         return GenerationRequest(
             request_id=msg.request_id or uuid.uuid4().hex,
             prompt_ids=ids,

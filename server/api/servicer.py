@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -9,7 +10,7 @@ import grpc
 from server import __version__
 from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb
 from server.api.errors import InvalidArgument, abort, status_of
-from server.engine.types import EngineError, ErrorEvent, FinishEvent, TokenEvent
+from server.engine.types import EngineError, ErrorEvent, FinishReason, TokenEvent
 from server.metrics import ServerMetrics
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -55,26 +56,18 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         except Exception as e:
             self._count_error(request.adapter_id, e)
             abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
-        context.add_callback(handle.cancel)
+        context.add_callback(lambda: _on_rpc_end(context, handle))
         self.metrics.request_started(request.adapter_id)
-        return req, handle
+        return req, handle, _Account(self.metrics, req, context)
 
     def _count_error(self, adapter_id: str, exc: Exception) -> None:
+        """A request refused before the engine took it: counted, no latency observed."""
         code, _ = status_of(exc)
-        self.metrics.request_finished(adapter_id, code.name, 0.0, None, None, 0, 0)
-
-    def _done(self, req, ev, context, code: str = "OK") -> None:
-        if isinstance(ev, FinishEvent):
-            t = ev.timings
-            ttft = t.time_to_first_token_seconds if ev.completion_tokens else None
-            self.metrics.request_finished(req.adapter_id, code, t.total_seconds, ttft,
-                                          t.queue_seconds, ev.prompt_tokens, ev.completion_tokens)
-        else:
-            self.metrics.request_finished(req.adapter_id, ev.code, 0.0, None, None,
-                                          len(req.prompt_ids), 0)
+        self.metrics.request_finished(adapter_id, code.name, None, None, None, 0, 0,
+                                      cause=getattr(exc, "cause", ""))
 
     def Generate(self, request, context):
-        req, handle = self._submit(request, context)
+        req, handle, account = self._submit(request, context)
         text, ids, logprobs = [], [], []
         while True:
             ev = handle.events.get()
@@ -83,7 +76,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 ids.extend(ev.token_ids)
                 logprobs.extend(ev.logprobs)
                 continue
-            self._done(req, ev, context)
+            account.done(ev)
             if isinstance(ev, ErrorEvent):
                 context.abort(grpc.StatusCode[ev.code], ev.message)
             text.append(ev.text)
@@ -106,11 +99,15 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             )
 
     def GenerateStream(self, request, context):
-        req, handle = self._submit(request, context)
+        req, handle, account = self._submit(request, context)
+        # gRPC stops pulling from this generator once the client has gone (the next send
+        # fails), so the end is also accounted when the generator is closed.
+        context.add_callback(account.gone)
         want_ids = request.response.token_ids
         while True:
             ev = handle.events.get()
             if isinstance(ev, TokenEvent):
+                account.tokens += len(ev.token_ids)
                 yield pb.GenerateStreamResponse(
                     request_id=req.request_id, text=ev.text,
                     token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
@@ -118,7 +115,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                     engine_path=_PATHS[handle.engine_path],
                 )
                 continue
-            self._done(req, ev, context)
+            account.done(ev)
             if isinstance(ev, ErrorEvent):
                 context.abort(grpc.StatusCode[ev.code], ev.message)
             yield pb.GenerateStreamResponse(
@@ -166,6 +163,85 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 for path, variant, reason in [_route(e, a.adapter_id)]
             ],
         )
+
+
+class _Account:
+    """Reports one accepted request's end to the metrics exactly once: from its last
+    engine event, or, for a stream whose client went away before that event was read,
+    as CANCELLED with the time measured here. Timings that did not happen (a cancelled
+    request's queue wait and TTFT, the TTFT of a request without tokens) observe nothing."""
+
+    def __init__(self, metrics: ServerMetrics, req, context) -> None:
+        self.metrics = metrics
+        self.req = req
+        self.context = context
+        self.t0 = time.monotonic()
+        self.tokens = 0  # streamed so far
+        self._lock = threading.Lock()
+        self._reported = False
+
+    def _first(self) -> bool:
+        with self._lock:
+            first, self._reported = not self._reported, True
+            return first
+
+    def done(self, ev) -> None:
+        if not self._first():
+            return
+        adapter_id = self.req.adapter_id
+        if isinstance(ev, ErrorEvent):
+            self.metrics.request_finished(adapter_id, ev.code, time.monotonic() - self.t0,
+                                          None, None, len(self.req.prompt_ids), 0,
+                                          cause=ev.cause)
+            return
+        t = ev.timings
+        if ev.reason == FinishReason.CANCELLED:
+            self.metrics.request_finished(adapter_id, "CANCELLED", t.total_seconds, None, None,
+                                          ev.prompt_tokens, ev.completion_tokens,
+                                          finish_reason=ev.reason.value)
+            return
+        got_token = ev.completion_tokens > 0
+        self.metrics.request_finished(
+            adapter_id, "OK", t.total_seconds,
+            t.time_to_first_token_seconds if got_token else None, t.queue_seconds,
+            ev.prompt_tokens, ev.completion_tokens, finish_reason=ev.reason.value,
+            prefill_seconds=(t.time_to_first_token_seconds - t.queue_seconds
+                             if got_token else None),
+            decode_seconds=(t.total_seconds - t.time_to_first_token_seconds
+                            if got_token else None))
+
+    def gone(self) -> None:
+        """The stream's RPC ended. Before its first message the handler is still reading
+        events and reports the end itself; after it, gRPC may have stopped pulling the
+        generator (a send failed), so the end is reported here: the deadline if it has
+        passed, else the client's cancel."""
+        if self.tokens == 0 or not self._first():
+            return
+        code = "DEADLINE_EXCEEDED" if _deadline_passed(self.context) else "CANCELLED"
+        self.metrics.request_finished(
+            self.req.adapter_id, code, time.monotonic() - self.t0, None, None,
+            len(self.req.prompt_ids), self.tokens,
+            finish_reason=FinishReason.CANCELLED.value if code == "CANCELLED" else None)
+
+
+# A client's gRPC library cancels the call when its deadline passes, and that cancel
+# reaches the server a little before the server's own copy of the deadline (which starts
+# when the call arrives). A cancel this close to the deadline is taken as the deadline.
+DEADLINE_SLACK_S = 0.25
+
+
+def _deadline_passed(context) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
+
+
+def _on_rpc_end(context, handle) -> None:
+    """A call that ended with its request still in the engine was cancelled by the client,
+    unless its deadline is (about to be) passed: then the engine ends it at that deadline
+    itself, with the code that says why (DEADLINE_EXCEEDED, or RESOURCE_EXHAUSTED when it
+    waited for an adapter slot), and the metrics count that rather than a cancel."""
+    if not _deadline_passed(context):
+        handle.cancel()
 
 
 class AdapterAdminServicer(pb_grpc.AdapterAdminServicer):

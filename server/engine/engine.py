@@ -5,7 +5,6 @@ threads only submit requests and read events."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -20,13 +19,15 @@ from server.engine.model import KVCache, load_model
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
 from server.model_store import model_fingerprint
+from server.resources import usable_cpus
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The CPUs this process may use: affinity capped by a cgroup CPU quota."""
+    return usable_cpus()
 
 
 def helper_thread_init() -> None:
@@ -211,7 +212,7 @@ class Engine(RequestLoop):
                 "RESOURCE_EXHAUSTED",
                 f"no adapter slot became free before the deadline: "
                 f"{self.registry.busy_slots()} of {self.table.num_slots} slots are pinned by "
-                "running requests (--max-active-adapters)")
+                "running requests (--max-active-adapters)", cause="adapter_slots")
         return super()._deadline_error(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -220,9 +221,10 @@ class Engine(RequestLoop):
             self.registry.release(state.entry)
             state.slot = None
 
-    def _kv_usage(self) -> float:
-        used = sum(s.num_tokens for s in list(self.scheduler.running))
-        return used / (self.kv.rows * self.kv.max_len)
+    def _kv_usage(self) -> tuple[float, float]:
+        running = list(self.scheduler.running)
+        tokens = sum(s.num_tokens for s in running)
+        return len(running) / self.kv.rows, tokens / (self.kv.rows * self.kv.max_len)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

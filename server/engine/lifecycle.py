@@ -86,6 +86,7 @@ class RequestLoop:
         if self._thread:
             self._thread.join(timeout=10)
         self.metrics.set_requests(0, 0, self._source)
+        self.metrics.set_adapter_requests((), (), self._source)
 
     def idle(self) -> bool:
         running, waiting = self.scheduler.counts()
@@ -104,7 +105,7 @@ class RequestLoop:
         try:
             self.scheduler.submit(seq)
         except QueueFullError as e:
-            raise EngineError("RESOURCE_EXHAUSTED", str(e)) from None
+            raise EngineError("RESOURCE_EXHAUSTED", str(e), cause="queue_full") from None
         return state.handle
 
     def warmup(self, adapter_id: str = "") -> None:
@@ -158,7 +159,8 @@ class RequestLoop:
         return ErrorEvent("DEADLINE_EXCEEDED", f"deadline exceeded after {waited:.3f}s with "
                           f"{len(seq.output_ids)} tokens generated ({where})")
 
-    def _kv_usage(self) -> float | None:
+    def _kv_usage(self) -> tuple[float, float] | None:
+        """(KV rows taken / rows, tokens held / capacity), or None without a KV cache."""
         return None
 
     # ---- the engine thread --------------------------------------------------------------
@@ -306,11 +308,13 @@ class RequestLoop:
         seq.payload.handle.events.put(ErrorEvent(code, message))
 
     def _report_gauges(self) -> None:
-        running, waiting = self.scheduler.counts()
-        self.metrics.set_requests(running, waiting, self._source)
+        running, waiting = self.scheduler.payloads()
+        self.metrics.set_requests(len(running), len(waiting), self._source)
+        self.metrics.set_adapter_requests([s.req.adapter_id for s in running],
+                                          [s.req.adapter_id for s in waiting], self._source)
         usage = self._kv_usage()
         if usage is not None:
-            self.metrics.set_kv_cache_usage(usage)
+            self.metrics.set_kv_cache_usage(*usage)
 
 
 def _split(items: list[tuple[int, float | None]]) -> tuple[list[int], list[float]]:

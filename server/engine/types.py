@@ -79,6 +79,7 @@ class FinishEvent:
 class ErrorEvent:
     code: str  # a grpc.StatusCode name: DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED ...
     message: str
+    cause: str = ""  # for RESOURCE_EXHAUSTED: which limit (server.metrics.EXHAUSTED_CAUSES)
 
 
 Event = TokenEvent | FinishEvent | ErrorEvent
@@ -87,9 +88,10 @@ Event = TokenEvent | FinishEvent | ErrorEvent
 class EngineError(Exception):
     """A request the engine refuses; `code` is a grpc.StatusCode name."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, cause: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.cause = cause  # for RESOURCE_EXHAUSTED: which limit (queue_full, ...)
 
 
 class RequestHandle:

@@ -24,6 +24,7 @@ from server.config import OnnxConfig
 from server.engine.types import EngineError, GenerationRequest, RequestHandle
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
 from server.onnx.export import adapter_content_hash
+from server.resources import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,9 @@ class EngineRouter:
         ecfg = base.config
         engine = OnnxEngine(
             path, base.tokenizer, base.eos_ids, base.max_seq_len,
-            OnnxEngineConfig(threads=cfg.threads, provider=cfg.provider,
+            # 0: as many as the PyTorch engine (affinity capped by a cgroup CPU quota,
+            # server.resources), not ONNX Runtime's every host core
+            OnnxEngineConfig(threads=cfg.threads or usable_cpus(), provider=cfg.provider,
                              max_batch_size=ecfg.max_batch_size,
                              max_tokens_per_step=ecfg.max_tokens_per_step,
                              max_queue=ecfg.max_queue),

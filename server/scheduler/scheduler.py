@@ -120,6 +120,11 @@ class Scheduler:
         with self._lock:
             return len(self.running), len(self.waiting)
 
+    def payloads(self) -> tuple[list[Any], list[Any]]:
+        """The payloads of the running and the waiting sequences, taken under the lock."""
+        with self._lock:
+            return [s.payload for s in self.running], [s.payload for s in self.waiting]
+
     def schedule(self, can_admit: Callable[[Sequence], bool] = lambda s: True) -> StepPlan:
         now = time.monotonic()
         with self._lock:

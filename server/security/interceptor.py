@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import grpc
 
+from server.metrics import ServerMetrics
 from server.security.keys import ApiKey, KeyStore
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,11 @@ def bearer_token(metadata) -> str | None:
 
 class SecurityInterceptor(grpc.ServerInterceptor):
     def __init__(self, keys: KeyStore | None, gate: DrainGate, *,
-                 max_concurrent_per_key: int = 0, retry_after_ms: int = 500) -> None:
+                 max_concurrent_per_key: int = 0, retry_after_ms: int = 500,
+                 metrics: ServerMetrics | None = None) -> None:
         self.keys = keys
         self.gate = gate
+        self.metrics = metrics  # refusals are counted here (no handler runs for them)
         self.max_concurrent_per_key = max_concurrent_per_key  # 0 = no limit
         self.retry_after_ms = retry_after_ms
         self._slots = _Slots()
@@ -127,22 +130,29 @@ class SecurityInterceptor(grpc.ServerInterceptor):
 
     def _admit(self, service: str, method: str, token: str | None, request,
                context) -> Callable[[], None]:
+        def refuse(code: grpc.StatusCode, message: str) -> None:
+            if self.metrics is not None:
+                adapter_id = (getattr(request, "adapter_id", "")
+                              if method in GENERATION_METHODS else None)
+                self.metrics.call_rejected(service.rsplit(".", 1)[-1], code.name, adapter_id)
+            context.abort(code, message)
+
         if self.gate.draining:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        key = self._authorize(service, method, token, request, context)
+            refuse(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        key = self._authorize(service, method, token, request, refuse)
         releases: list[Callable[[], None]] = []
         limit = self._limit(key)
         if key is not None and limit and method in GENERATION_METHODS:
             if not self._slots.take(key.name, limit):
                 context.set_trailing_metadata(((RETRY_AFTER_KEY, str(self.retry_after_ms)),))
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"api key {key.name!r} has {limit} concurrent requests, "
-                              f"the limit is {limit} (max_concurrent)")
+                refuse(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"api key {key.name!r} has {limit} concurrent requests, "
+                       f"the limit is {limit} (max_concurrent)")
             releases.append(lambda: self._slots.give(key.name))
         if not self.gate.enter():
             for r in releases:
                 r()
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            refuse(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         releases.append(self.gate.leave)
         return _once(releases)
 
@@ -152,25 +162,25 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         return key.max_concurrent or self.max_concurrent_per_key
 
     def _authorize(self, service: str, method: str, token: str | None, request,
-                   context) -> ApiKey | None:
+                   refuse: Callable[[grpc.StatusCode, str], None]) -> ApiKey | None:
         if self.keys is None:
             return None
         if token is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing API key: send metadata 'authorization: Bearer <key>'")
+            refuse(grpc.StatusCode.UNAUTHENTICATED,
+                   "missing API key: send metadata 'authorization: Bearer <key>'")
         key = self.keys.authenticate(token)
         if key is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "API key not recognised")
+            refuse(grpc.StatusCode.UNAUTHENTICATED, "API key not recognised")
         if service == ADAPTER_ADMIN:
             if not key.admin:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"api key {key.name!r} may not call AdapterAdmin")
+                refuse(grpc.StatusCode.PERMISSION_DENIED,
+                       f"api key {key.name!r} may not call AdapterAdmin")
         elif method in GENERATION_METHODS:
             adapter_id = getattr(request, "adapter_id", "")
             if not key.allows(adapter_id):
                 what = f"adapter {adapter_id!r}" if adapter_id else "the base model"
-                context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"api key {key.name!r} may not use {what}")
+                refuse(grpc.StatusCode.PERMISSION_DENIED,
+                       f"api key {key.name!r} may not use {what}")
         return key
 
 

@@ -100,5 +100,5 @@ def test_stream_chunks_fold_into_the_unary_result():
 
 def test_call_metadata():
     assert call_metadata("a", None) == (("x-adapter-id", "a"),)
-    assert call_metadata("", "k", "r") == (
-        ("x-adapter-id", ""), ("authorization", "Bearer k"), ("x-request-id", "r"))
+    assert call_metadata("", "k", "r") == (  # base model: no x-adapter-id to hash on
+        ("authorization", "Bearer k"), ("x-request-id", "r"))

@@ -131,8 +131,9 @@ def test_three_replicas_affinity_and_failover(start_server, tiny_model):
         owners = {rendezvous_order(targets, a)[0] for a in adapters}
         assert len(owners) >= 2
 
-    # Steady traffic on the base model ("") goes to its owner; kill the owner mid-run.
-    victim = next(s for s in servers if s.target == rendezvous_order(targets, "")[0])
+    # Steady traffic on the base model ("") rotates over the replicas (it is not hashed
+    # onto one); kill one of them mid-run.
+    victim = servers[0]
     done = threading.Event()
     endpoints: list[str] = []
     failures: list[Exception] = []
@@ -156,9 +157,9 @@ def test_three_replicas_affinity_and_failover(start_server, tiny_model):
         for f in futs:
             f.result()
     assert failures == []
-    assert set(endpoints[:10]) == {victim.target}
-    second = rendezvous_order([t for t in targets if t != victim.target], "")[0]
-    assert set(endpoints[n + 3:]) == {second}
+    assert set(endpoints[:10]) == set(targets)
+    survivors = {t for t in targets if t != victim.target}
+    assert set(endpoints[n + 3:]) == survivors
 
 
 def _wait(predicate, timeout: float = 60.0) -> None:

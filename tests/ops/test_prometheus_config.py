@@ -82,6 +82,8 @@ def test_alerts_cover_errors_latency_queue_and_down():
         "SwitchboardHighInterTokenLatency",
         "SwitchboardQueueSaturated",
         "SwitchboardRejectingRequests",
+        "SwitchboardAdapterSlotsExhausted",
+        "SwitchboardApiKeyAtConcurrencyLimit",
     ):
         assert name in alerts, f"missing alert {name}"
         assert alerts[name]["labels"]["severity"] in {"critical", "warning", "info"}

@@ -86,3 +86,29 @@ def test_grace_period_cuts_off_and_still_exits_0(tiny_model, tmp_path):
         assert any("drain timed out" in line for line in server.lines)
     finally:
         server.stop()
+
+
+def test_max_request_time_caps_requests_and_sets_the_drain(tiny_model, tmp_path):
+    """--max-request-time 1 without --grace-period: a stream with no deadline of its own is
+    ended at 1 s with DEADLINE_EXCEEDED, and the drain (1 + 5 s) outlasts it, so SIGTERM
+    sees every call end within its limit ("drain done", not "timed out")."""
+    server = ServerProcess(["--base-model", str(tiny_model), "--adapter-dir", str(tmp_path),
+                            "--max-seq-len", "1100", "--kv-cache-memory", "8MiB",
+                            "--max-new-tokens", "1000", "--max-request-time", "1"])
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.TextGenerationStub(ch)
+            stream = stub.GenerateStream(pb.GenerateRequest(
+                prompt="count", stopping=pb.StoppingCriteria(max_new_tokens=1000,
+                                                             ignore_eos=True)))  # no deadline
+            next(stream)
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stream)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "deadline exceeded after" in e.value.details()
+        assert server.proc.wait(30) == 0
+        assert any("drain done" in line for line in server.lines)
+        assert any("grace 6s" in line for line in server.lines)
+    finally:
+        server.stop()

@@ -51,6 +51,8 @@ FLAGS: dict[str, list[str]] = {
     "enable_admin": ["--enable-admin"],
     "grpc_workers": ["--grpc-workers", "8"],
     "grace_period": ["--grace-period", "3"],
+    "max_connection_age": ["--max-connection-age", "60"],
+    "limits.max_request_seconds": ["--max-request-time", "30"],
     "onnx.enabled": ["--onnx"],
     "onnx.variant": ["--onnx-variant", "int8"],
     "onnx.threads": ["--onnx-threads", "2"],
@@ -111,3 +113,17 @@ def test_parsing_flags_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def _server_config(args: list[str]) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return config_from_args(parser.parse_args(args))
+
+
+def test_the_drain_follows_the_longest_request_unless_set():
+    assert _server_config([]).drain_seconds == 300 + 5
+    assert _server_config(["--max-request-time", "120"]).drain_seconds == 125
+    assert _server_config(["--max-request-time", "120", "--grace-period", "3"]).drain_seconds == 3
+    with pytest.raises(SystemExit, match="--max-request-time must be more than 0"):
+        _server_config(["--max-request-time", "0"])
