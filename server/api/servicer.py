@@ -7,7 +7,7 @@ import time
 import grpc
 
 from server import __version__
-from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb
+from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb, top_logprobs_pb
 from server.api.errors import InvalidArgument, abort, status_of
 from server.engine.types import EngineError, ErrorEvent, FinishEvent, TokenEvent
 from server.metrics import ServerMetrics
@@ -20,7 +20,7 @@ _PATHS = {"pytorch": pb.ENGINE_PATH_PYTORCH, "onnx": pb.ENGINE_PATH_ONNX}
 _PATH_NAMES = {v: k for k, v in _PATHS.items()}
 
 
-def _submit_to(engine, req, engine_path: str):
+def submit_to(engine, req, engine_path: str):
     """The ONNX router (server.onnx.router) takes the requested path; a lone PyTorch engine
     serves everything but an explicit ONNX request."""
     if hasattr(engine, "route"):
@@ -29,6 +29,18 @@ def _submit_to(engine, req, engine_path: str):
         raise EngineError("FAILED_PRECONDITION", "engine_path ONNX: the ONNX path is not "
                           "enabled on this server (start it with --onnx)")
     return engine.submit(req)
+
+
+def report_finished(metrics: ServerMetrics, req, ev, code: str = "OK") -> None:
+    """The request metrics of a request that ended with `ev` (FinishEvent or ErrorEvent)."""
+    if isinstance(ev, FinishEvent):
+        t = ev.timings
+        ttft = t.time_to_first_token_seconds if ev.completion_tokens else None
+        metrics.request_finished(req.adapter_id, code, t.total_seconds, ttft,
+                                 t.queue_seconds, ev.prompt_tokens, ev.completion_tokens)
+    else:
+        metrics.request_finished(req.adapter_id, ev.code, 0.0, None, None,
+                                 len(req.prompt_ids), 0)
 
 
 def _route(engine, adapter_id: str) -> tuple[int, str, str]:
@@ -51,7 +63,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def _submit(self, request, context):
         try:
             req = self.conv.generation_request(request, context)
-            handle = _submit_to(self.engine, req, _PATH_NAMES.get(request.engine_path, ""))
+            handle = submit_to(self.engine, req, _PATH_NAMES.get(request.engine_path, ""))
         except Exception as e:
             self._count_error(request.adapter_id, e)
             abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
@@ -64,24 +76,18 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self.metrics.request_finished(adapter_id, code.name, 0.0, None, None, 0, 0)
 
     def _done(self, req, ev, context, code: str = "OK") -> None:
-        if isinstance(ev, FinishEvent):
-            t = ev.timings
-            ttft = t.time_to_first_token_seconds if ev.completion_tokens else None
-            self.metrics.request_finished(req.adapter_id, code, t.total_seconds, ttft,
-                                          t.queue_seconds, ev.prompt_tokens, ev.completion_tokens)
-        else:
-            self.metrics.request_finished(req.adapter_id, ev.code, 0.0, None, None,
-                                          len(req.prompt_ids), 0)
+        report_finished(self.metrics, req, ev, code)
 
     def Generate(self, request, context):
         req, handle = self._submit(request, context)
-        text, ids, logprobs = [], [], []
+        text, ids, logprobs, tops = [], [], [], []
         while True:
             ev = handle.events.get()
             if isinstance(ev, TokenEvent):
                 text.append(ev.text)
                 ids.extend(ev.token_ids)
                 logprobs.extend(ev.logprobs)
+                tops.extend(ev.top_logprobs)
                 continue
             self._done(req, ev, context)
             if isinstance(ev, ErrorEvent):
@@ -99,6 +105,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 adapter_version=handle.adapter_version,
                 timings=timings_pb(ev.timings),
                 engine_path=_PATHS[handle.engine_path],
+                top_logprobs=top_logprobs_pb(tops),
             )
 
     def GenerateStream(self, request, context):
@@ -112,6 +119,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                     token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
                     adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
                     engine_path=_PATHS[handle.engine_path],
+                    top_logprobs=top_logprobs_pb(ev.top_logprobs),
                 )
                 continue
             self._done(req, ev, context)

@@ -120,7 +120,8 @@ class RequestLoop:
         return RequestState(req, self._handle(req, ""), self._stream(req), request_generator(req))
 
     def _handle(self, req: GenerationRequest, adapter_version: str) -> RequestHandle:
-        return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path)
+        return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path,
+                             req.events)
 
     def _stream(self, req: GenerationRequest) -> TextStream:
         return TextStream(self.tokenizer, req.stopping.stop_sequences)
@@ -195,11 +196,14 @@ class RequestLoop:
         histories = [(e.seq.prompt_ids[s.virtual:] + e.seq.output_ids)
                      if p.repetition_penalty != 1.0 else None
                      for e, p, s in zip(sampled, params, states, strict=True)]
-        tokens, logprobs = select_tokens(logits.cpu(), params, histories,
-                                         [s.generator for s in states],
-                                         [s.req.logprobs for s in states])
+        outputs = [e.seq.output_ids if p.presence_penalty or p.frequency_penalty else None
+                   for e, p in zip(sampled, params, strict=True)]
+        tokens, logprobs, tops = select_tokens(
+            logits.cpu(), params, histories, [s.generator for s in states],
+            [s.req.logprobs for s in states], outputs=outputs,
+            top_logprobs=[s.req.top_logprobs for s in states])
         now = time.monotonic()
-        for e, state, tok, lp in zip(sampled, states, tokens, logprobs, strict=True):
+        for e, state, tok, lp, top in zip(sampled, states, tokens, logprobs, tops, strict=True):
             seq = e.seq
             seq.output_ids.append(tok)
             if state.first_token is None:
@@ -218,7 +222,8 @@ class RequestLoop:
             if reason is None and (len(seq.output_ids) >= stop.max_new_tokens
                                    or seq.num_tokens >= self.max_seq_len):
                 reason = FinishReason.LENGTH
-            state.handle.events.put(TokenEvent(text, [tok], [lp] if lp is not None else []))
+            state.handle.events.put(TokenEvent(text, [tok], [lp] if lp is not None else [],
+                                               [top] if top is not None else []))
             if reason is not None:
                 self._finish(seq, reason)
 
