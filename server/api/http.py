@@ -34,7 +34,7 @@ from server.api import openai as oa
 from server.api.convert import RequestConverter
 from server.api.errors import status_of
 from server.api.servicer import report_finished, submit_to
-from server.engine.types import ErrorEvent, FinishEvent, TokenEvent
+from server.engine.types import ErrorEvent, FinishEvent, FinishReason, TokenEvent
 from server.metrics import ServerMetrics
 from server.security.interceptor import TEXT_GENERATION, Denied, SecurityInterceptor
 
@@ -261,7 +261,8 @@ class HttpApi:
             c.text.append(ev.text)
             return ev.text
         c.done = True
-        report_finished(self.metrics, c.req, ev)
+        cancelled = isinstance(ev, FinishEvent) and ev.reason == FinishReason.CANCELLED
+        report_finished(self.metrics, c.req, ev, "CANCELLED" if cancelled else "OK")
         if isinstance(ev, ErrorEvent):
             c.error = ev
             return ""

@@ -70,11 +70,11 @@ def http_error(code: grpc.StatusCode, message: str, names: Names | None = None,
     """A gRPC status (from the converter, the engine or the security policy) as the HTTP
     answer; proto field paths in the message become the HTTP caller's field names."""
     status, kind = _HTTP_STATUS.get(code, (500, "server_error"))
-    param = None
-    for proto, name, field_name in names or ():
-        if proto in message:
-            param = param or field_name
-            message = message.replace(proto, name)
+    found = [(message.find(proto), proto, name, field_name)
+             for proto, name, field_name in names or () if proto in message]
+    param = min(found)[3] if found else None  # the field the message names first
+    for _, proto, name, _ in found:
+        message = message.replace(proto, name)
     headers = {}
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_ms is not None:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_ms / 1000))),
@@ -130,7 +130,17 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default=None):
 def _kind_names(kinds: tuple[type, ...]) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
              list: "an array", dict: "an object"}
+    if float in kinds:
+        kinds = tuple(k for k in kinds if k is not int)  # "a number" covers integers
     return " or ".join(dict.fromkeys(names[k] for k in kinds if k in names))
+
+
+def _count(body: dict, name: str, default: int | None = 0) -> int | None:
+    """An integer field that goes into a uint32 proto field."""
+    value = _get(body, name, (int,), default)
+    if value is not None and value >= 1 << 31:
+        raise bad_field(name, f"{name} {value} is out of range")
+    return value
 
 
 def _number(body: dict, name: str, default: float) -> float:
@@ -195,9 +205,17 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
 
     if body.get("top_p") is not None and _number(body, "top_p", 1.0) <= 0:
         raise bad_field("top_p", f"top_p must be in (0, 1] (got {body['top_p']})")
+    top_k = _count(body, "top_k")  # top_k, repetition_penalty, ignore_eos: vLLM's
+    if top_k < 0:                          # extensions, in their meaning there
+        raise bad_field("top_k", f"top_k must be at least 0 (got {top_k})")
+    rep = _number(body, "repetition_penalty", 1.0)
+    if rep <= 0:
+        raise bad_field("repetition_penalty", f"repetition_penalty must be in (0, 10] (got {rep})")
     sampling = pb.SamplingParameters(
         temperature=_number(body, "temperature", 1.0),
         top_p=_number(body, "top_p", 1.0),
+        top_k=top_k,
+        repetition_penalty=rep,
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0),
     )
@@ -208,7 +226,7 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
         sampling.seed = seed
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    max_tokens = _get(body, max_name, (int,), 0)
+    max_tokens = _count(body, max_name)
     if max_tokens < (1 if body.get(max_name) is not None else 0):
         raise bad_field(max_name, f"{max_name} must be at least 1 (got {max_tokens})")
     stop = body.get("stop")
@@ -220,13 +238,14 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
         stops = stop
     else:
         raise bad_field("stop", "stop must be a string or an array of strings")
-    stopping = pb.StoppingCriteria(max_new_tokens=max_tokens, stop_sequences=stops)
+    stopping = pb.StoppingCriteria(max_new_tokens=max_tokens, stop_sequences=stops,
+                                   ignore_eos=_get(body, "ignore_eos", (bool,), False))
 
     response = pb.ResponseOptions()
     logprobs: int | None = None
     if chat:
         if _get(body, "logprobs", (bool,), False):
-            logprobs = _get(body, "top_logprobs", (int,), 0)
+            logprobs = _count(body, "top_logprobs")
             if logprobs < 0:
                 raise bad_field("top_logprobs", f"top_logprobs must be at least 0 (got {logprobs})")
             response.logprobs = True
@@ -234,7 +253,7 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
         elif body.get("top_logprobs"):
             raise bad_field("top_logprobs", "top_logprobs needs logprobs: true")
     else:
-        lp = _get(body, "logprobs", (int,))
+        lp = _count(body, "logprobs", None)
         if lp is not None:
             if not 0 <= lp <= MAX_COMPLETION_LOGPROBS:
                 raise bad_field("logprobs", f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}]"
@@ -268,6 +287,7 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
     source = "messages" if chat else "prompt"
     renames = {
         "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+        "sampling.top_k": "top_k", "sampling.repetition_penalty": "repetition_penalty",
         "sampling.presence_penalty": "presence_penalty",
         "sampling.frequency_penalty": "frequency_penalty",
         "stopping.max_new_tokens": max_name, "stopping.stop_sequences": "stop",
