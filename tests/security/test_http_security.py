@@ -42,8 +42,8 @@ def server(tiny_model, adapter_root, tmp_path_factory):
     s.stop()
 
 
-def _client(server, key: str | None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.http_url, api_key=key or "", max_retries=0)
+def _client(server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.http_url, api_key=key, max_retries=0)
 
 
 def _complete(client, model: str, **kw):
@@ -51,13 +51,18 @@ def _complete(client, model: str, **kw):
 
 
 def test_missing_or_unknown_key_is_401(server, tiny_model):
-    for key in (None, "sk-wrong"):
-        with pytest.raises(openai.AuthenticationError) as err:
-            _complete(_client(server, key), str(tiny_model))
-        assert err.value.status_code == 401
-        assert err.value.body["type"] == "authentication_error"
-        with pytest.raises(openai.AuthenticationError):
-            _client(server, key).models.list()
+    with pytest.raises(openai.AuthenticationError) as err:
+        _complete(_client(server, "sk-wrong"), str(tiny_model))
+    assert err.value.status_code == 401
+    assert err.value.body["type"] == "authentication_error"
+    assert "not recognised" in err.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        _client(server, "sk-wrong").models.list()
+    for path, body in (("/v1/completions", {"model": str(tiny_model), "prompt": "x"}),
+                       ("/v1/models", None)):  # no Authorization header at all
+        status, text = _raw(server, path, body)
+        assert status == 401 and "missing API key" in json.loads(text)["error"]["message"]
+    assert _raw(server, "/health")[0] == 200  # probes need no key
 
 
 def test_adapter_not_allowed_is_403_and_models_are_filtered(server, tiny_model):
@@ -112,7 +117,7 @@ def test_queue_full_is_429_and_drain_is_503(tiny_model, tmp_path):
                             "--max-new-tokens", "900", "--grace-period", "60",
                             "--http-port", "0", "--metrics-port", "0"])
     try:
-        client = _client(server, None)
+        client = _client(server, "unused")  # no --api-keys: any key or none is served
         base = str(tiny_model)
         long = dict(model=base, prompt="count", max_tokens=300, stream=True,
                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
@@ -146,13 +151,18 @@ def test_queue_full_is_429_and_drain_is_503(tiny_model, tmp_path):
 
 
 def _status(server, path: str) -> int:
+    return _raw(server, path)[0]
+
+
+def _raw(server, path: str, body: dict | None = None) -> tuple[int, str]:
     import urllib.error
     import urllib.request
 
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}{path}",
-                                    timeout=5) as r:
-            json.loads(r.read())
-            return r.status
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, e.read().decode()
