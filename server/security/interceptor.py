@@ -10,6 +10,8 @@ For every call of a protected service, in this order:
 Bytes that do not parse as the method's request message are answered INVALID_ARGUMENT
 (gRPC's own answer would be INTERNAL, which would read as a server fault).
 Health and reflection pass through untouched (probes need no key).
+The policy itself (`SecurityInterceptor.admit`) takes no gRPC context: the HTTP API
+(server/api/http.py) calls it too, sharing the drain gate and the per-key slots.
 """
 
 from __future__ import annotations
