@@ -170,10 +170,7 @@ class HttpApi:
             if self.security.gate.draining:
                 raise Denied(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             self.security.key_for(token)  # 401 before the body is looked at
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise oa.HttpError(400, f"the request body is not valid JSON: {e}") from None
+            body = await self._body(request)
             parsed = oa.parse_request(body, chat=chat, max_choices=self.max_choices)
             adapter_id = "" if parsed.model == self.model_id else parsed.model
             release = self.security.admit(TEXT_GENERATION, "Generate", token, adapter_id)
@@ -198,6 +195,24 @@ class HttpApi:
             self._abandon(choices)
             release()
         return self._unary(parsed, choices)
+
+    async def _body(self, request: Request) -> Any:
+        """The JSON body, at most --max-message-size bytes (the gRPC message limit)."""
+        limit = self.conv.limits.max_message_bytes
+        too_big = oa.HttpError(413, f"the request body is larger than the limit of {limit} "
+                               "bytes (--max-message-size)", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_big
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise oa.HttpError(400, f"the request body is not valid JSON: {e}") from None
 
     def _http_error(self, exc: BaseException, parsed: oa.Parsed | None) -> oa.HttpError:
         names = parsed.names if parsed is not None else None

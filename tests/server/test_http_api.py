@@ -252,6 +252,9 @@ def test_bad_json_unknown_model_and_path(server, client, base_id):
         client.completions.create(model="no-such-adapter", prompt=PROMPT, max_tokens=2)
     assert nf.value.body["param"] == "model" and nf.value.body["code"] == "model_not_found"
     assert "no-such-adapter" in nf.value.body["message"]
+    huge = {"model": base_id, "prompt": "x" * (4 << 20)}  # over --max-message-size (4MiB)
+    status, _, text = raw(server, "/v1/completions", huge)
+    assert status == 413 and "max-message-size" in json.loads(text)["error"]["message"]
     status, _, text = raw(server, "/v1/nothing-here")
     assert status == 404 and json.loads(text)["error"]["type"] == "not_found_error"
 
