@@ -5,6 +5,7 @@ OpenAI's error shape, and a client that goes away mid-stream."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -252,9 +253,15 @@ def test_bad_json_unknown_model_and_path(server, client, base_id):
         client.completions.create(model="no-such-adapter", prompt=PROMPT, max_tokens=2)
     assert nf.value.body["param"] == "model" and nf.value.body["code"] == "model_not_found"
     assert "no-such-adapter" in nf.value.body["message"]
-    huge = {"model": base_id, "prompt": "x" * (4 << 20)}  # over --max-message-size (4MiB)
-    status, _, text = raw(server, "/v1/completions", huge)
-    assert status == 413 and "max-message-size" in json.loads(text)["error"]["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")  # a body over --max-message-size (4MiB):
+    conn.putheader("Content-Type", "application/json")  # refused before it is read
+    conn.putheader("Content-Length", str(5 << 20))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "max-message-size" in json.loads(resp.read())["error"][
+        "message"]
+    conn.close()
     status, _, text = raw(server, "/v1/nothing-here")
     assert status == 404 and json.loads(text)["error"]["type"] == "not_found_error"
 
