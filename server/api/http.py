@@ -7,9 +7,10 @@ drain gate, API keys as `Authorization: Bearer`, per-adapter permissions, per-ke
 concurrency), is converted by the same `RequestConverter` (one GenerateRequest per
 choice, built in server/api/openai.py) and submitted to the same engine. The engine thread
 hands events to the event loop through a sink (`GenerationRequest.events`) that wakes the
-loop, so no thread blocks per request. `n` choices are n engine requests, submitted
-together so that they are admitted into the same step (their prefills are computed once
-each, side by side, not shared). A client that goes away cancels its requests.
+loop, so no thread blocks per request. `n` choices are n engine requests; on the PyTorch
+engine the first computes the prompt and the others copy its keys and values
+(`GenerationRequest.prefill_from`), computing only the last prompt token themselves. A
+client that goes away cancels its requests.
 """
 
 from __future__ import annotations
@@ -230,10 +231,13 @@ class HttpApi:
         submit every choice; on any failure cancel those already submitted."""
         choices: list[_Choice] = []
         try:
+            n = len(parsed.requests) // parsed.prompts
             for i, msg in enumerate(parsed.requests):
                 msg.adapter_id = adapter_id
                 req = self.conv.generation_request(msg, None)
                 req.events = _Sink(loop, queue, i)
+                if i % n:  # the same prompt as choice i - i % n: share its prefill
+                    req.prefill_from = choices[i - i % n].req.request_id
                 handle = submit_to(self.engine, req, "")
                 self.metrics.request_started(adapter_id)
                 choices.append(_Choice(req, handle))

@@ -274,9 +274,11 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
                         f"choices; the limit is {max_choices}")
     requests = []
     for inp in inputs:
-        for _ in range(n):
+        for j in range(n):
             req = pb.GenerateRequest(request_id=uuid.uuid4().hex, sampling=sampling,
                                      stopping=stopping, response=response)
+            if seed is not None:  # choice j samples with seed + j: n different samples
+                req.sampling.seed = (seed + j) % (1 << 64)
             if isinstance(inp, pb.ChatMessages):
                 req.messages.CopyFrom(inp)
             elif isinstance(inp, str):

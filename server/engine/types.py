@@ -57,6 +57,10 @@ class GenerationRequest:
     # Where the engine puts this request's events (anything with put/get, e.g. a queue
     # that wakes an asyncio loop); None = a queue.SimpleQueue made for the handle.
     events: Any = None
+    # The request_id of a request submitted before this one to the same engine with the
+    # same prompt and adapter (another choice of one HTTP request with n > 1): the PyTorch
+    # engine copies its prompt's keys and values instead of computing them again.
+    prefill_from: str = ""
 
 
 @dataclass

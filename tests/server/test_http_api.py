@@ -184,6 +184,9 @@ def test_n_choices_seed_and_usage(client, base_id):
     assert r.usage.completion_tokens == 3 * 12
     again = client.completions.create(**kw)
     assert again.choices[0].text == single.choices[0].text  # same seed, same sample
+    assert r.choices[0].text == single.choices[0].text  # choice j samples with seed + j
+    assert len({c.text for c in r.choices}) > 1
+    assert r.choices[1].text == client.completions.create(**{**kw, "seed": 8}).choices[0].text
     greedy = client.completions.create(n=2, **{**kw, "temperature": 0})
     assert greedy.choices[0].text == greedy.choices[1].text
     chunks = list(client.chat.completions.create(
@@ -193,6 +196,23 @@ def test_n_choices_seed_and_usage(client, base_id):
         for c in ch.choices:
             by_index[c.index] += c.delta.content or ""
     assert by_index[0] == by_index[1] and by_index[0]
+
+
+@pytest.mark.parametrize("adapter", ["", ADAPTER], ids=["base", "adapter"])
+def test_n_choices_share_the_prefill(server, client, base_id, adapter):
+    """n = 4: the first choice computes the prompt, the other three copy its keys and
+    values and compute only the last prompt token (the engine's own token count says so),
+    and every greedy choice equals the answer to a single request."""
+    prompt = list(range(1000, 1200))  # 200 token ids
+    kw = dict(model=adapter or base_id, prompt=prompt, max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    single = client.completions.create(**kw).choices[0].text
+    before = metric(server.metrics_port, "switchboard_step_tokens_sum")
+    r = client.completions.create(n=4, **kw)
+    processed = metric(server.metrics_port, "switchboard_step_tokens_sum") - before
+    assert [c.text for c in r.choices] == [single] * 4
+    assert processed == 200 + 3 * 1 + 4 * (6 - 1)  # not 4 * 200 + 4 * 5
+    assert r.usage.prompt_tokens == 200 and r.usage.completion_tokens == 24
 
 
 BAD = [  # (endpoint, body fields, param, words in the message)
