@@ -306,3 +306,16 @@ def test_disconnect_mid_stream_frees_the_row(server, client, base_id):
                             code="CANCELLED") == cancelled + 1, timeout=30)
     processed = metric(server.metrics_port, "switchboard_step_tokens_sum") - before
     assert processed < 900  # cut short: the engine stopped generating for it
+
+
+def test_disconnect_while_waiting_for_a_unary_answer_frees_the_row(server, base_id):
+    cancelled = metric(server.metrics_port, "switchboard_requests_total", code="CANCELLED")
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({
+        "model": base_id, "prompt": PROMPT, "max_tokens": 900, "temperature": 0,
+        "ignore_eos": True}), {"Content-Type": "application/json"})
+    wait_for(lambda: _running(server) == 1, timeout=30)
+    conn.close()  # before any answer
+    wait_for(lambda: _running(server) == 0, timeout=30)
+    wait_for(lambda: metric(server.metrics_port, "switchboard_requests_total",
+                            code="CANCELLED") == cancelled + 1, timeout=30)
