@@ -96,7 +96,7 @@ class HttpApi:
         self.ready = False
         self.max_choices = engine.max_batch_size
         self.fingerprint = f"fp_{engine.fingerprint[:12]}"
-        self.logprobs = {chat: oa.LogprobsBuilder(engine.tokenizer, chat) for chat in (0, 1)}
+        self.logprobs = {chat: oa.LogprobsBuilder(engine.tokenizer, chat) for chat in (False, True)}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-submit")
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
