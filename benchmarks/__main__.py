@@ -7,7 +7,7 @@ import importlib
 import sys
 import time
 
-ALL = ("serving", "kernels", "adapters", "onnx", "trainer", "methods", "safety")
+ALL = ("serving", "http", "kernels", "adapters", "onnx", "trainer", "methods", "safety")
 
 
 def main() -> int:

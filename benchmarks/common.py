@@ -33,6 +33,7 @@ class Server:
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0  # with --http-port
         self.lines: list[str] = []
         ready = threading.Event()
 
@@ -43,6 +44,8 @@ class Server:
                     self.port = int(line.split()[3].rsplit(":", 1)[1])
                     if "metrics on port" in line:
                         self.metrics_port = int(line.rstrip().rstrip(")").rsplit(" ", 1)[1])
+                if line.startswith("switchboard: http on"):
+                    self.http_port = int(line.split()[3].rsplit(":", 1)[1])
                 if line.startswith("switchboard: ready"):
                     ready.set()
             ready.set()
@@ -55,6 +58,11 @@ class Server:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (`--http-port`), e.g. for openai.OpenAI."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def stop(self) -> None:
         if self.proc.poll() is None:

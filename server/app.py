@@ -54,6 +54,7 @@ class App:
         self.engine.registry.metrics = self.metrics
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
+        self.http = None  # server.api.http.HttpServer with --http-port
         self.port = 0
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
@@ -67,7 +68,7 @@ class App:
             threading.Thread(target=self._watch, args=(cfg.watch_seconds,), name="watch",
                              daemon=True).start()
         limit = cfg.limits.max_message_bytes
-        interceptor = SecurityInterceptor(
+        interceptor = SecurityInterceptor(  # also the HTTP API's policy (one set of slots)
             self.keys, self.gate, max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
             retry_after_ms=cfg.limits.retry_after_ms, metrics=self.metrics)
         self.server = grpc.server(
@@ -117,8 +118,12 @@ class App:
         print(f"switchboard: listening on {self.bind_host}:{self.port}"
               + (f" (metrics on port {self.metrics_port})" if self.metrics_port else ""),
               flush=True)
+        if cfg.http_port >= 0:
+            self._start_http(conv, interceptor)
         self.engine.warmup()
         self._set_health(health_pb2.HealthCheckResponse.SERVING, names)
+        if self.http is not None:
+            self.http.api.ready = True
         print("switchboard: ready", flush=True)
 
     def reload_output_policy(self) -> bool:
@@ -139,6 +144,17 @@ class App:
         print(f"switchboard: output policy reloaded from {path}: {describe(policy)}",
               flush=True)
         return True
+
+    def _start_http(self, conv: RequestConverter, interceptor: SecurityInterceptor) -> None:
+        """The OpenAI-compatible HTTP API over the same engine, converter and policy."""
+        from server.api.http import HttpApi, HttpServer
+
+        host = _bind_host(self.config, self.config.http_host or self.config.host)
+        api = HttpApi(self.engine, conv, interceptor, self.metrics, self.model_id)
+        self.http = HttpServer(api, host, self.config.http_port)
+        self.http.start()
+        print(f"switchboard: http on {host}:{self.http.port} (OpenAI-compatible API)",
+              flush=True)
 
     def _set_health(self, status, names) -> None:
         for name in ("", *names):
@@ -170,6 +186,8 @@ class App:
                  time.monotonic() - t0, "" if drained else f" ({left} calls cancelled)")
         if self.server is not None:
             self.server.stop(0.5 if drained else 0).wait()
+        if self.http is not None:
+            self.http.stop()
         self.engine.stop()
 
     def wait(self) -> None:
@@ -183,12 +201,13 @@ def _is_loopback(host: str) -> bool:
     return host in _LOOPBACK or host.startswith("127.")
 
 
-def _bind_host(cfg: ServerConfig) -> str:
+def _bind_host(cfg: ServerConfig, host: str | None = None) -> str:
     """Without API keys, only loopback unless --allow-insecure-bind."""
     sec = cfg.security
-    if sec.api_keys is None and not sec.allow_insecure_bind and not _is_loopback(cfg.host):
+    host = cfg.host if host is None else host
+    if sec.api_keys is None and not sec.allow_insecure_bind and not _is_loopback(host):
         return "127.0.0.1"
-    return cfg.host
+    return host
 
 
 def _security_summary(cfg: ServerConfig, keys: KeyStore | None, bind_host: str,

@@ -83,6 +83,8 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str | None = None  # None = same as host
     metrics_port: int = 9400  # -1 = no metrics endpoint
+    http_host: str | None = None  # None = same as host
+    http_port: int = -1  # the OpenAI-compatible HTTP API; -1 = off, 0 = a free port
     base_model: str | None = None
     adapter_dir: Path = Path("adapters")
     quantize: str = "none"
@@ -132,6 +134,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "(default %(default)s)")
     p.add_argument("--metrics-host", default=d.metrics_host,
                    help="address of the /metrics endpoint (default: --host's)")
+    p.add_argument("--http-port", type=int, default=d.http_port,
+                   help="port of the OpenAI-compatible HTTP API (/v1/completions, "
+                   "/v1/chat/completions, /v1/models, /health); 0 picks a free one, -1 (the "
+                   "default) serves none")
+    p.add_argument("--http-host", default=d.http_host,
+                   help="address of the HTTP API (default: --host's)")
     p.add_argument("--base-model", default=None,
                    help="model directory or hub id (default: SmolLM2-135M-Instruct, "
                    "provisioned from PyPI)")
@@ -244,6 +252,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                  "default_max_new_tokens", "max_stop_sequence_chars", "max_prompt_chars"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if a.http_port < -1:
+        raise SystemExit("error: --http-port must be -1 (off), 0 (a free port) or a port")
     if a.threads < 0:
         raise SystemExit("error: --threads must be 0 (every core) or more")
     engine = EngineConfig(
@@ -287,6 +297,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                               output_policy=a.output_policy)
     return ServerConfig(
         host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
+        http_host=a.http_host, http_port=a.http_port,
         base_model=a.base_model,
         adapter_dir=a.adapter_dir, quantize=a.quantize, engine=engine, limits=limits,
         preload=tuple(x for x in a.preload.split(",") if x), watch_seconds=a.watch,

@@ -27,6 +27,7 @@ FINISH_REASONS = {
     FinishReason.FILTERED: pb.FINISH_REASON_FILTERED,
 }
 _ROLES = ("system", "user", "assistant", "tool")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit of top_logprobs
 
 
 class RequestConverter:
@@ -106,6 +107,13 @@ class RequestConverter:
             raise InvalidArgument(
                 f"sampling.repetition_penalty must be in (0, 10] (got {s.repetition_penalty})"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(s, name)
+            if not (math.isfinite(value) and -2 <= value <= 2):
+                raise InvalidArgument(f"sampling.{name} must be in [-2, 2] (got {value})")
+        if msg.response.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"response.top_logprobs {msg.response.top_logprobs} is "
+                                  f"greater than the limit {MAX_TOP_LOGPROBS}")
         max_new = st.max_new_tokens or lim.default_max_new_tokens
         if max_new > lim.max_new_tokens:
             raise InvalidArgument(
@@ -146,11 +154,18 @@ class RequestConverter:
             sampling=SamplingParams(
                 temperature=s.temperature, top_p=top_p, top_k=s.top_k,
                 repetition_penalty=rep, seed=s.seed if s.HasField("seed") else None,
+                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
             ),
             stopping=StoppingParams(max_new, tuple(st.stop_sequences), st.ignore_eos),
             logprobs=msg.response.logprobs,
+            top_logprobs=msg.response.top_logprobs,
             deadline=deadline,
         )
+
+
+def top_logprobs_pb(tops: list[list[tuple[int, float]]]) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(token_ids=[i for i, _ in top], logprobs=[lp for _, lp in top])
+            for top in tops]
 
 
 def timings_pb(t: Timings) -> pb.Timings:

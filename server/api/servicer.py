@@ -8,7 +8,7 @@ import time
 import grpc
 
 from server import __version__
-from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb
+from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb, top_logprobs_pb
 from server.api.errors import InvalidArgument, abort, status_of
 from server.engine.types import EngineError, ErrorEvent, FinishReason, TokenEvent
 from server.metrics import ServerMetrics
@@ -21,7 +21,7 @@ _PATHS = {"pytorch": pb.ENGINE_PATH_PYTORCH, "onnx": pb.ENGINE_PATH_ONNX}
 _PATH_NAMES = {v: k for k, v in _PATHS.items()}
 
 
-def _submit_to(engine, req, engine_path: str):
+def submit_to(engine, req, engine_path: str):
     """The ONNX router (server.onnx.router) takes the requested path; a lone PyTorch engine
     serves everything but an explicit ONNX request."""
     if hasattr(engine, "route"):
@@ -52,7 +52,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def _submit(self, request, context):
         try:
             req = self.conv.generation_request(request, context)
-            handle = _submit_to(self.engine, req, _PATH_NAMES.get(request.engine_path, ""))
+            handle = submit_to(self.engine, req, _PATH_NAMES.get(request.engine_path, ""))
         except Exception as e:
             self._count_error(request.adapter_id, e)
             abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
@@ -68,13 +68,14 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     def Generate(self, request, context):
         req, handle, account = self._submit(request, context)
-        text, ids, logprobs = [], [], []
+        text, ids, logprobs, tops = [], [], [], []
         while True:
             ev = handle.events.get()
             if isinstance(ev, TokenEvent):
                 text.append(ev.text)
                 ids.extend(ev.token_ids)
                 logprobs.extend(ev.logprobs)
+                tops.extend(ev.top_logprobs)
                 continue
             account.done(ev)
             if isinstance(ev, ErrorEvent):
@@ -82,6 +83,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             text.append(ev.text)
             ids.extend(ev.token_ids)
             logprobs.extend(ev.logprobs)
+            tops.extend(ev.top_logprobs)
             return pb.GenerateResponse(
                 request_id=req.request_id,
                 text="".join(text),
@@ -96,6 +98,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 engine_path=_PATHS[handle.engine_path],
                 filtered=ev.filtered,
                 filter_rules=ev.filter_rules,
+                top_logprobs=top_logprobs_pb(tops),
             )
 
     def GenerateStream(self, request, context):
@@ -113,6 +116,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                     token_ids=ev.token_ids if want_ids else [], logprobs=ev.logprobs,
                     adapter_id=handle.adapter_id, adapter_version=handle.adapter_version,
                     engine_path=_PATHS[handle.engine_path],
+                    top_logprobs=top_logprobs_pb(ev.top_logprobs),
                 )
                 continue
             account.done(ev)
@@ -127,6 +131,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 timings=timings_pb(ev.timings),
                 engine_path=_PATHS[handle.engine_path],
                 filtered=ev.filtered, filter_rules=ev.filter_rules,
+                top_logprobs=top_logprobs_pb(ev.top_logprobs),
             )
             return
 
@@ -165,6 +170,35 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         )
 
 
+def report_finished(metrics: ServerMetrics, req, ev, code: str = "OK",
+                    t0: float | None = None) -> None:
+    """The request metrics of an accepted request that ended with `ev` (FinishEvent or
+    ErrorEvent), for both APIs. An error observes the time since `t0` (time.monotonic() at
+    acceptance; nothing without it); timings that did not happen (a cancelled request's
+    queue wait and TTFT, the TTFT of a request without tokens) observe nothing."""
+    adapter_id = req.adapter_id
+    if isinstance(ev, ErrorEvent):
+        metrics.request_finished(adapter_id, ev.code,
+                                 None if t0 is None else time.monotonic() - t0, None, None,
+                                 len(req.prompt_ids), 0, cause=getattr(ev, "cause", ""))
+        return
+    t = ev.timings
+    if ev.reason == FinishReason.CANCELLED or code == "CANCELLED":
+        metrics.request_finished(adapter_id, "CANCELLED", t.total_seconds, None, None,
+                                 ev.prompt_tokens, ev.completion_tokens,
+                                 finish_reason=FinishReason.CANCELLED.value)
+        return
+    got_token = ev.completion_tokens > 0
+    metrics.request_finished(
+        adapter_id, code, t.total_seconds,
+        t.time_to_first_token_seconds if got_token else None, t.queue_seconds,
+        ev.prompt_tokens, ev.completion_tokens, finish_reason=ev.reason.value,
+        prefill_seconds=(t.time_to_first_token_seconds - t.queue_seconds
+                         if got_token else None),
+        decode_seconds=(t.total_seconds - t.time_to_first_token_seconds
+                        if got_token else None))
+
+
 class _Account:
     """Reports one accepted request's end to the metrics exactly once: from its last
     engine event, or, for a stream whose client went away before that event was read,
@@ -186,29 +220,8 @@ class _Account:
             return first
 
     def done(self, ev) -> None:
-        if not self._first():
-            return
-        adapter_id = self.req.adapter_id
-        if isinstance(ev, ErrorEvent):
-            self.metrics.request_finished(adapter_id, ev.code, time.monotonic() - self.t0,
-                                          None, None, len(self.req.prompt_ids), 0,
-                                          cause=ev.cause)
-            return
-        t = ev.timings
-        if ev.reason == FinishReason.CANCELLED:
-            self.metrics.request_finished(adapter_id, "CANCELLED", t.total_seconds, None, None,
-                                          ev.prompt_tokens, ev.completion_tokens,
-                                          finish_reason=ev.reason.value)
-            return
-        got_token = ev.completion_tokens > 0
-        self.metrics.request_finished(
-            adapter_id, "OK", t.total_seconds,
-            t.time_to_first_token_seconds if got_token else None, t.queue_seconds,
-            ev.prompt_tokens, ev.completion_tokens, finish_reason=ev.reason.value,
-            prefill_seconds=(t.time_to_first_token_seconds - t.queue_seconds
-                             if got_token else None),
-            decode_seconds=(t.total_seconds - t.time_to_first_token_seconds
-                            if got_token else None))
+        if self._first():
+            report_finished(self.metrics, self.req, ev, t0=self.t0)
 
     def gone(self) -> None:
         """The stream's RPC ended. Before its first message the handler is still reading

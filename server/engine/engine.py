@@ -62,6 +62,8 @@ class _State(RequestState):
         self.entry = entry
         self.slot: int | None = None
         self.prefix_written = False  # prefix adapters: keys/values placed in the KV cache
+        self.share_checked = False  # req.prefill_from looked at
+        self.copy_from: tuple[int, int] | None = None  # (row, tokens) to copy into our row
         self.waiting_for_slot = False
 
 
@@ -142,6 +144,35 @@ class Engine(RequestLoop):
         torch.ones(1 << 16).sum()  # binds this thread's OpenMP team to that count now
 
     def _can_admit(self, seq: Sequence) -> bool:
+        return self._admit_adapter(seq) and self._share_prefill(seq)
+
+    def _share_prefill(self, seq: Sequence) -> bool:
+        """`req.prefill_from` names a request with the same prompt and adapter (a sibling
+        choice of one HTTP request): once its prefill has passed our prompt but the last
+        token, copy those keys and values into our row (in `_forward`) and compute only
+        the last prompt token. Wait while it is queued or still in prefill; compute the
+        whole prompt if it has gone or differs. Runs on the engine thread inside
+        `schedule` (which holds the scheduler's lock)."""
+        state: _State = seq.payload
+        source = state.req.prefill_from
+        if not source or state.share_checked or state.virtual:
+            return True
+        if any(s.request_id == source for s in self.scheduler.waiting):
+            return False  # not admitted yet (or admitted in this very plan)
+        n = len(seq.prompt_ids) - 1
+        leader = next((s for s in self.scheduler.running if s.request_id == source), None)
+        if leader is not None and leader.num_computed < n and leader.in_prefill:
+            return False  # its prefill is under way
+        state.share_checked = True
+        if (leader is None or leader.row is None or n < 1 or leader.payload.virtual
+                or leader.payload.entry is not state.entry or leader.num_computed < n
+                or leader.prompt_ids[:n] != seq.prompt_ids[:n]):
+            return True  # nothing to share: the whole prefill
+        state.copy_from = (leader.row, n)
+        seq.num_computed = n
+        return True
+
+    def _admit_adapter(self, seq: Sequence) -> bool:
         state: _State = seq.payload
         entry = state.entry
         if entry is None:
@@ -189,10 +220,23 @@ class Engine(RequestLoop):
     def _forward(self, plan: StepPlan) -> tuple[list[Entry], torch.Tensor, int]:
         for e in plan.entries:
             self._place_prefix(e.seq)
+            self._copy_shared_prefill(e.seq)
         packed = pack_step(plan.entries, self.table, self.device,
                            self.model.spec.rope_long_from)
         logits = self.model(packed.inputs, self.kv, packed.hooks)
         return packed.sampled, logits, packed.num_tokens
+
+    def _copy_shared_prefill(self, seq: Sequence) -> None:
+        """The keys and values of a shared prefill (`_share_prefill`): the source row is
+        still running (rows are freed only after a step), its first n positions final."""
+        state: _State = seq.payload
+        if state.copy_from is None:
+            return
+        row, n = state.copy_from
+        for layer in range(self.spec.num_layers):
+            self.kv.k[layer][seq.row, :, :n] = self.kv.k[layer][row, :, :n]
+            self.kv.v[layer][seq.row, :, :n] = self.kv.v[layer][row, :, :n]
+        state.copy_from = None
 
     def _place_prefix(self, seq: Sequence) -> None:
         """Prefix tuning: the adapter's keys and values go into the row's first cache

@@ -133,7 +133,8 @@ class RequestLoop:
         return self.output_policies.stream_for(adapter_policy)
 
     def _handle(self, req: GenerationRequest, adapter_version: str) -> RequestHandle:
-        return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path)
+        return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path,
+                             req.events)
 
     def _stream(self, req: GenerationRequest) -> TextStream:
         return TextStream(self.tokenizer, req.stopping.stop_sequences)
@@ -209,11 +210,14 @@ class RequestLoop:
         histories = [(e.seq.prompt_ids[s.virtual:] + e.seq.output_ids)
                      if p.repetition_penalty != 1.0 else None
                      for e, p, s in zip(sampled, params, states, strict=True)]
-        tokens, logprobs = select_tokens(logits.cpu(), params, histories,
-                                         [s.generator for s in states],
-                                         [s.req.logprobs for s in states])
+        outputs = [e.seq.output_ids if p.presence_penalty or p.frequency_penalty else None
+                   for e, p in zip(sampled, params, strict=True)]
+        tokens, logprobs, tops = select_tokens(
+            logits.cpu(), params, histories, [s.generator for s in states],
+            [s.req.logprobs for s in states], outputs=outputs,
+            top_logprobs=[s.req.top_logprobs for s in states])
         now = time.monotonic()
-        for e, state, tok, lp in zip(sampled, states, tokens, logprobs, strict=True):
+        for e, state, tok, lp, top in zip(sampled, states, tokens, logprobs, tops, strict=True):
             seq = e.seq
             seq.output_ids.append(tok)
             if state.first_token is None:
@@ -230,15 +234,16 @@ class RequestLoop:
                 if state.stream.stopped:
                     reason = FinishReason.STOP_SEQUENCE
             ids, lps = [tok], [lp] if lp is not None else []
+            tops = [top] if top is not None else []
             if state.guard is not None:  # after detokenization, before the text leaves
-                text, items = state.guard.push(text, (tok, lp))
-                ids, lps = _split(items)
+                text, items = state.guard.push(text, (tok, lp, top))
+                ids, lps, tops = _split(items)
                 if state.guard.stopped:
                     reason = FinishReason.FILTERED
             if reason is None and (len(seq.output_ids) >= stop.max_new_tokens
                                    or seq.num_tokens >= self.max_seq_len):
                 reason = FinishReason.LENGTH
-            state.handle.events.put(TokenEvent(text, ids, lps))
+            state.handle.events.put(TokenEvent(text, ids, lps, tops))
             if reason is not None:
                 self._finish(seq, reason)
 
@@ -256,13 +261,14 @@ class RequestLoop:
         tail = "" if stopped else state.stream.flush()
         ids: list[int] = []
         lps: list[float] = []
+        tops: list = []
         rules: tuple[str, ...] = ()
         guard = state.guard
         if guard is not None:  # the end of the text: decide what was held back
             text, items = guard.push(tail) if tail else ("", [])
             end, more = guard.finish()
             tail = text + end
-            ids, lps = _split(items + more)
+            ids, lps, tops = _split(items + more)
             if guard.stopped:
                 reason = FinishReason.FILTERED
             rules = tuple(guard.hits)
@@ -270,7 +276,7 @@ class RequestLoop:
                 self._report_filtered(state, rules, guard.stop_rule)
         state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
                                             len(seq.output_ids), timings, tail, ids, lps,
-                                            bool(rules), rules))
+                                            bool(rules), rules, tops))
 
     def _report_filtered(self, state: RequestState, rules: tuple[str, ...],
                          stop_rule: str) -> None:
@@ -317,9 +323,11 @@ class RequestLoop:
             self.metrics.set_kv_cache_usage(*usage)
 
 
-def _split(items: list[tuple[int, float | None]]) -> tuple[list[int], list[float]]:
-    """Released (token id, logprob) pairs -> ids, logprobs (none when not asked for)."""
-    return [t for t, _ in items], [lp for _, lp in items if lp is not None]
+def _split(items: list[tuple]) -> tuple[list[int], list[float], list]:
+    """Released (token id, logprob, top logprobs) -> ids, logprobs, top logprobs (the
+    last two empty when not asked for)."""
+    return ([t for t, _, _ in items], [lp for _, lp, _ in items if lp is not None],
+            [top for _, _, top in items if top is not None])
 
 
 def request_generator(req: GenerationRequest) -> torch.Generator | None:

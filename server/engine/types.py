@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class FinishReason(Enum):
@@ -22,10 +23,19 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # OpenAI's: logit[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0),
+    # count(t) = occurrences of t in the tokens this request has generated so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,15 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=lambda: StoppingParams(16))
     logprobs: bool = False
+    top_logprobs: int = 0  # the most likely tokens (id, logprob) to report at each position
     deadline: float | None = None  # time.monotonic() value
+    # Where the engine puts this request's events (anything with put/get, e.g. a queue
+    # that wakes an asyncio loop); None = a queue.SimpleQueue made for the handle.
+    events: Any = None
+    # The request_id of a request submitted before this one to the same engine with the
+    # same prompt and adapter (another choice of one HTTP request with n > 1): the PyTorch
+    # engine copies its prompt's keys and values instead of computing them again.
+    prefill_from: str = ""
 
 
 @dataclass
@@ -58,6 +76,8 @@ class TokenEvent:
     text: str
     token_ids: list[int]
     logprobs: list[float]
+    # per token: the request's top_logprobs most likely (token id, logprob), best first
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +93,7 @@ class FinishEvent:
     logprobs: list[float] = field(default_factory=list)
     filtered: bool = False  # an output-policy rule matched (redact or stop)
     filter_rules: tuple[str, ...] = ()  # the rules' names, never the matched text
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # held back
 
 
 @dataclass
@@ -99,12 +120,12 @@ class RequestHandle:
     it ("pytorch" or "onnx") and a way to cancel it."""
 
     def __init__(self, request_id: str, adapter_id: str, adapter_version: str,
-                 engine_path: str) -> None:
+                 engine_path: str, events=None) -> None:
         self.request_id = request_id
         self.adapter_id = adapter_id
         self.adapter_version = adapter_version
         self.engine_path = engine_path
-        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue() if events is None else events
         self._cancel = lambda: None
 
     def bind_cancel(self, cancel) -> None:

@@ -10,6 +10,8 @@ For every call of a protected service, in this order:
 Bytes that do not parse as the method's request message are answered INVALID_ARGUMENT
 (gRPC's own answer would be INTERNAL, which would read as a server fault).
 Health and reflection pass through untouched (probes need no key).
+The policy itself (`SecurityInterceptor.admit`) takes no gRPC context: the HTTP API
+(server/api/http.py) calls it too, sharing the drain gate and the per-key slots.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ TEXT_GENERATION = "switchboard.v1.TextGeneration"
 ADAPTER_ADMIN = "switchboard.v1.AdapterAdmin"
 GENERATION_METHODS = {"Generate", "GenerateStream"}
 RETRY_AFTER_KEY = "retry-after-ms"
+
+
+class Denied(Exception):
+    """A call the security policy refuses: its status, message and retry hint."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
 
 
 class DrainGate:
@@ -130,57 +143,79 @@ class SecurityInterceptor(grpc.ServerInterceptor):
 
     def _admit(self, service: str, method: str, token: str | None, request,
                context) -> Callable[[], None]:
-        def refuse(code: grpc.StatusCode, message: str) -> None:
-            if self.metrics is not None:
-                adapter_id = (getattr(request, "adapter_id", "")
-                              if method in GENERATION_METHODS else None)
-                self.metrics.call_rejected(service.rsplit(".", 1)[-1], code.name, adapter_id)
-            context.abort(code, message)
+        try:
+            return self.admit(service, method, token, getattr(request, "adapter_id", ""))
+        except Denied as e:
+            if e.retry_after_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(e.retry_after_ms)),))
+            context.abort(e.code, e.message)
 
+    def admit(self, service: str, method: str, token: str | None,
+              adapter_id: str = "") -> Callable[[], None]:
+        """The whole policy, with no gRPC context: the gRPC calls and the HTTP API both
+        pass through here (one drain gate, one set of per-key slots). -> the release to
+        call once the call ends; raises Denied (counted in the metrics)."""
+        try:
+            return self._policy(service, method, token, adapter_id)
+        except Denied as e:
+            if self.metrics is not None:
+                self.metrics.call_rejected(service.rsplit(".", 1)[-1], e.code.name,
+                                           adapter_id if method in GENERATION_METHODS
+                                           else None)
+            raise
+
+    def _policy(self, service: str, method: str, token: str | None,
+                adapter_id: str) -> Callable[[], None]:
         if self.gate.draining:
-            refuse(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        key = self._authorize(service, method, token, request, refuse)
+            raise Denied(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        key = self._authorize(service, method, token, adapter_id)
         releases: list[Callable[[], None]] = []
         limit = self._limit(key)
         if key is not None and limit and method in GENERATION_METHODS:
             if not self._slots.take(key.name, limit):
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(self.retry_after_ms)),))
-                refuse(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       f"api key {key.name!r} has {limit} concurrent requests, "
-                       f"the limit is {limit} (max_concurrent)")
+                raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"api key {key.name!r} has {limit} concurrent requests, "
+                             f"the limit is {limit} (max_concurrent)",
+                             retry_after_ms=self.retry_after_ms)
             releases.append(lambda: self._slots.give(key.name))
         if not self.gate.enter():
             for r in releases:
                 r()
-            refuse(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            raise Denied(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         releases.append(self.gate.leave)
         return _once(releases)
+
+    def key_for(self, token: str | None) -> ApiKey | None:
+        """The key presented (None without a keys file); raises Denied UNAUTHENTICATED."""
+        if self.keys is None:
+            return None
+        if token is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         "missing API key: send metadata 'authorization: Bearer <key>'")
+        key = self.keys.authenticate(token)
+        if key is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "API key not recognised")
+        return key
 
     def _limit(self, key: ApiKey | None) -> int:
         if key is None:
             return 0
         return key.max_concurrent or self.max_concurrent_per_key
 
-    def _authorize(self, service: str, method: str, token: str | None, request,
-                   refuse: Callable[[grpc.StatusCode, str], None]) -> ApiKey | None:
-        if self.keys is None:
-            return None
-        if token is None:
-            refuse(grpc.StatusCode.UNAUTHENTICATED,
-                   "missing API key: send metadata 'authorization: Bearer <key>'")
-        key = self.keys.authenticate(token)
+    def _authorize(self, service: str, method: str, token: str | None,
+                   adapter_id: str) -> ApiKey | None:
+        key = self.key_for(token)
         if key is None:
-            refuse(grpc.StatusCode.UNAUTHENTICATED, "API key not recognised")
+            return None
         if service == ADAPTER_ADMIN:
             if not key.admin:
-                refuse(grpc.StatusCode.PERMISSION_DENIED,
-                       f"api key {key.name!r} may not call AdapterAdmin")
+                raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                             f"api key {key.name!r} may not call AdapterAdmin")
         elif method in GENERATION_METHODS:
-            adapter_id = getattr(request, "adapter_id", "")
             if not key.allows(adapter_id):
                 what = f"adapter {adapter_id!r}" if adapter_id else "the base model"
-                refuse(grpc.StatusCode.PERMISSION_DENIED,
-                       f"api key {key.name!r} may not use {what}")
+                raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                             f"api key {key.name!r} may not use {what}")
         return key
 
 

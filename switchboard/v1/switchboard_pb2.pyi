@@ -65,18 +65,22 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+    __slots__ = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
     repetition_penalty: float
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    presence_penalty: float
+    frequency_penalty: float
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ...) -> None: ...
 
 class StoppingCriteria(_message.Message):
     __slots__ = ("max_new_tokens", "stop_sequences", "ignore_eos")
@@ -89,12 +93,22 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class ResponseOptions(_message.Message):
+    __slots__ = ("token_ids", "logprobs", "top_logprobs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: bool
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, token_ids: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+
+class TopLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    token_ids: bool
-    logprobs: bool
-    def __init__(self, token_ids: _Optional[bool] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "adapter_id", "prompt", "messages", "token_ids", "sampling", "stopping", "response", "engine_path")
@@ -129,7 +143,7 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings", "engine_path", "filtered", "filter_rules")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings", "engine_path", "top_logprobs", "filtered", "filter_rules")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +155,7 @@ class GenerateResponse(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FILTERED_FIELD_NUMBER: _ClassVar[int]
     FILTER_RULES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -154,12 +169,13 @@ class GenerateResponse(_message.Message):
     adapter_version: str
     timings: Timings
     engine_path: EnginePath
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
     filtered: bool
     filter_rules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ..., filtered: _Optional[bool] = ..., filter_rules: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., filtered: _Optional[bool] = ..., filter_rules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings", "engine_path", "filtered", "filter_rules")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "completion_tokens", "adapter_id", "adapter_version", "timings", "engine_path", "top_logprobs", "filtered", "filter_rules")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +187,7 @@ class GenerateStreamResponse(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_PATH_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FILTERED_FIELD_NUMBER: _ClassVar[int]
     FILTER_RULES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -184,9 +201,10 @@ class GenerateStreamResponse(_message.Message):
     adapter_version: str
     timings: Timings
     engine_path: EnginePath
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
     filtered: bool
     filter_rules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ..., filtered: _Optional[bool] = ..., filter_rules: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., engine_path: _Optional[_Union[EnginePath, str]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., filtered: _Optional[bool] = ..., filter_rules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompt", "messages")

@@ -18,6 +18,8 @@ FLAGS: dict[str, list[str]] = {
     "port": ["--port", "5"],
     "metrics_host": ["--metrics-host", "127.0.0.3"],
     "metrics_port": ["--metrics-port", "7"],
+    "http_host": ["--http-host", "127.0.0.4"],
+    "http_port": ["--http-port", "8000"],
     "base_model": ["--base-model", "some-model"],
     "adapter_dir": ["--adapter-dir", "elsewhere"],
     "quantize": ["--quantize", "int8"],  # and engine.quantize: one flag, two readers
