@@ -313,6 +313,13 @@ class ServerMetrics:
             registry=r,
         )  # fmt: skip
 
+        # Structured output.
+        self.grammar_compiles_total = Counter(
+            "switchboard_grammar_compiles",
+            "Response formats asked for, by result: compiled, cached (the compile cache "
+            "had it) or invalid.", ["result"], registry=r,
+        )  # fmt: skip
+
         # Adapters.
         self.adapter_loads_total = Counter(
             "switchboard_adapter_loads", "Adapter loads into a tier.", ["tier"], registry=r
@@ -428,6 +435,9 @@ class ServerMetrics:
         self.kv_cache_usage.set(min(1.0, max(0.0, used_fraction)))
 
     # -- adapter tiers ---------------------------------------------------------------------
+
+    def grammar_compiled(self, result: str) -> None:
+        self.grammar_compiles_total.labels(result).inc()
 
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         """An adapter was loaded into `tier` ("device", "host" or "disk")."""

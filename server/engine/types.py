@@ -5,6 +5,10 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine.grammar import ResponseFormat
 
 
 class FinishReason(Enum):
@@ -43,6 +47,8 @@ class GenerationRequest:
     stopping: StoppingParams = field(default_factory=lambda: StoppingParams(16))
     logprobs: bool = False
     deadline: float | None = None  # time.monotonic() value
+    # structured output: a compiled format (server.engine.grammar); None = free text
+    response_format: ResponseFormat | None = None
 
 
 @dataclass
