@@ -162,9 +162,13 @@ class GrammarCompiler:
             raise GrammarError(str(e)) from None
         lltok = self._ll_tokenizer()
         matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        words = (self.vocab_size + 31) // 32
+        if not matcher.is_error():  # some problems show only when the first mask is made
+            first = torch.zeros(words, dtype=torch.int32)
+            matcher.unsafe_compute_mask_ptr(first.data_ptr(), words * 4)
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))
-        return ResponseFormat(kind, text, matcher, lltok.eos_token, (self.vocab_size + 31) // 32)
+        return ResponseFormat(kind, text, matcher, lltok.eos_token, words)
 
 
 def _first_line(message: str) -> str:
