@@ -7,7 +7,7 @@ import importlib
 import sys
 import time
 
-ALL = ("serving", "kernels", "adapters", "onnx", "trainer")
+ALL = ("serving", "kernels", "adapters", "onnx", "trainer", "structured")
 
 
 def main() -> int:
