@@ -1,7 +1,8 @@
-"""Structured output end to end: the default model (SmolLM2-135M-Instruct) with 8 LoRA
-adapters in a real server process, over gRPC. Constrained and free requests share
-batches and adapters; every constrained answer validates against its schema, and the
-free requests give the same tokens as when no constrained row is in their batches."""
+"""Structured output end to end, real server processes over gRPC. A tiny model with 8
+LoRA adapters carries the load: 200 constrained requests and free ones share batches and
+adapters; every constrained answer validates against its schema, and the free requests
+give the same tokens as when no constrained row is in their batches. The default model
+(SmolLM2-135M-Instruct) answers a schema, any JSON object and a regular expression."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import jsonschema
 import pytest
-from support import ServerProcess, default_model_dir, metric
+from support import ServerProcess, make_lora, metric
 
 from clients.client import SwitchboardClient
 from switchboard.v1 import switchboard_pb2 as pb
@@ -21,13 +22,13 @@ from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.e2e
 
 ADAPTERS = [f"lora{i}" for i in range(8)]
-WORD = {"type": "string", "pattern": "^[A-Za-z ]*$", "maxLength": 12}  # bounded: answers end
+WORD = {"type": "string", "pattern": "^[A-Za-z ]*$", "maxLength": 8}  # bounded: answers end
 SCHEMA = {
     "type": "object",
     "properties": {
         "city": WORD,
         "kind": {"enum": ["capital", "port", "town"]},
-        "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999},
         "location": {
             "type": "object",
             "properties": {"country": WORD, "coast": {"type": "boolean"}},
@@ -53,31 +54,24 @@ CONSTRAINED = 200
 MAX_NEW = 160  # more than the schema's longest answer (bounded strings, arrays, integer)
 
 
-def _lora_adapters(root) -> None:
-    """8 small LoRA adapters on the default model (q and v), each with its own weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir())
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
-                                            "v_proj"], init_lora_weights=False))
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
     for i, name in enumerate(ADAPTERS):
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn_like(p) * 0.05)
-        model.save_pretrained(root / name)
+        make_lora(tiny_model, root / name, r=4, targets=["q_proj", "v_proj"], seed=i)
+    s = ServerProcess(["--base-model", tiny_model, "--adapter-dir", root,
+                       "--preload", ",".join(ADAPTERS), "--max-batch-size", "32",
+                       "--max-seq-len", "256", "--metrics-port", "0",
+                       # one engine thread: on a shared 2-core machine two OpenMP threads
+                       # wait on each other at every op (a 49k-entry sort: 4 ms -> 26 ms)
+                       "--threads", "1"])
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    _lora_adapters(root)
-    s = ServerProcess(["--adapter-dir", root, "--preload", ",".join(ADAPTERS),
-                       "--max-batch-size", "32", "--max-seq-len", "256",
-                       "--kv-cache-memory", "400MiB", "--metrics-port", "0"])
+def default_server():
+    s = ServerProcess(["--max-seq-len", "512", "--kv-cache-memory", "128MiB", "--threads", "1"])
     yield s
     s.stop()
 
@@ -149,11 +143,19 @@ def _is_json(text: str) -> bool:
         return False
 
 
-def test_json_object_and_regex(server):
-    client = SwitchboardClient(server.target)
-    msgs = [{"role": "user", "content": "Is Paris the capital of France? Answer as JSON."}]
-    r = client.chat(msgs, json_object=True, max_new_tokens=96, adapter_id="lora3")
+def test_the_default_model_answers_a_schema_any_json_object_and_a_regex(default_server):
+    client = SwitchboardClient(default_server.target)
+    msgs = [{"role": "user", "content": "Describe the city of Paris as JSON."}]
+    for temperature in (0.0, 0.9):
+        r = client.chat(msgs, json_schema=SCHEMA, max_new_tokens=MAX_NEW,
+                        temperature=temperature, seed=3)
+        assert r.finish_reason == "eos", r.text
+        jsonschema.validate(json.loads(r.text), SCHEMA)
+    ask = 'Give the capital of France as a JSON object with the key "capital".'
+    r = client.chat([{"role": "user", "content": ask}], json_object=True, max_new_tokens=96)
     assert r.finish_reason == "eos" and isinstance(json.loads(r.text), dict), r.text
+    assert "Paris" in r.text
+    msgs = [{"role": "user", "content": "Is Paris the capital of France?"}]
     pattern = r"(yes|no), because [a-z ]{1,40}\."
     for temperature in (0.0, 1.0):
         r = client.chat(msgs, regex=pattern, max_new_tokens=64, temperature=temperature,
