@@ -253,7 +253,8 @@ class RequestLoop:
             state: RequestState = sampled[i].seq.payload
             self._fail(sampled[i].seq, "INTERNAL", "structured output: the grammar allows no "
                        f"next token ({state.matcher.error or 'no token of the vocabulary fits'})")
-        keep = [i for i in range(len(sampled)) if i not in set(failed)]
+        gone = set(failed)
+        keep = [i for i in range(len(sampled)) if i not in gone]
         return [sampled[i] for i in keep], logits[keep]
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
