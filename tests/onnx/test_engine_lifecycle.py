@@ -163,3 +163,30 @@ def test_structured_output_on_the_onnx_path(engine, poisoned_export):
         assert re.fullmatch(pattern, tok.decode(ids)), tok.decode(ids)
     for h, p in zip(free, GOOD, strict=True):
         assert _outcome(h)[0] == _solo(poisoned_export, p, 12)
+
+
+def test_a_row_whose_grammar_fails_fails_alone(engine, poisoned_export):
+    """A matcher in its error state (a real one, driven there by a token its grammar
+    refuses) fails its own request with INTERNAL; the rows beside it finish as alone."""
+    from transformers import AutoTokenizer
+
+    from server.engine.grammar import GrammarCompiler
+
+    tok = AutoTokenizer.from_pretrained(str(poisoned_export[0]))
+    fmt = GrammarCompiler(tok, len(tok)).compile("regex", "(yes|no)")
+
+    class Broken(type(fmt)):
+        def matcher(self):
+            m = super().matcher()
+            assert not m.consume(tok.encode("x", add_special_tokens=False)[0])
+            return m
+
+    broken = Broken(fmt.kind, fmt.text, fmt._template, fmt.eos_id, fmt.words)
+    free = [engine.submit(_request(f"f{i}", p, 8)) for i, p in enumerate(GOOD)]
+    bad = engine.submit(_request("bad", GOOD[0], 8, response_format=broken))
+    ids, ev = _outcome(bad)
+    assert isinstance(ev, ErrorEvent) and ev.code == "INTERNAL", ev
+    assert "structured output" in ev.message and ids == []
+    for h, p in zip(free, GOOD, strict=True):
+        assert _outcome(h)[0] == _solo(poisoned_export, p, 8)
+    assert engine.idle()
