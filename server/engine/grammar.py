@@ -22,6 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,8 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         words = (self.vocab_size + 31) // 32
         if not matcher.is_error():  # some problems show only when the first mask is made
-            first = torch.zeros(words, dtype=torch.int32)
-            matcher.unsafe_compute_mask_ptr(first.data_ptr(), words * 4)
+            first = np.zeros(words, np.int32)
+            matcher.unsafe_compute_mask_ptr(first.ctypes.data, words * 4)
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))
         return ResponseFormat(kind, text, matcher, lltok.eos_token, words)
@@ -200,33 +201,39 @@ def _ll_executor():
 
 
 def mask_logits(logits: torch.Tensor, rows: list[tuple[int, GrammarMatcher]]) -> list[int]:
-    """In place on logits [R, V]: each constrained row i gets -inf wherever its grammar
-    forbids the next token (before any temperature, top-k or top-p, so that no filter can
-    bring a forbidden token back). Rows not named are untouched. -> the rows whose matcher
-    is in its error state or allows no token (fail those requests)."""
+    """In place on float32 CPU logits [R, V]: each constrained row i gets -inf wherever
+    its grammar forbids the next token (before any temperature, top-k or top-p, so that
+    no filter can bring a forbidden token back). Rows not named are untouched. -> the rows
+    whose matcher is in its error state or allows no token (fail those requests).
+
+    The masking runs in numpy, one thread: on a CPU whose cores the engine's OpenMP team
+    already uses, a few full-width torch ops per step cost more waiting than work."""
     if not rows:
         return []
     words = rows[0][1].words
-    bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
+    bitmask = np.zeros((len(rows), words), np.int32)
     _ll_executor().unsafe_compute_mask_ptr(
-        [(m._m, k) for k, (_, m) in enumerate(rows)], bitmask.data_ptr(), words * 4, len(rows))
-    allowed = unpack_bitmask(bitmask, logits.shape[-1])
-    idx = torch.tensor([i for i, _ in rows])
-    with torch.inference_mode():  # the PyTorch engine's logits are inference tensors
-        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
-    empty = (~allowed.any(-1)).tolist()
-    return [i for k, (i, m) in enumerate(rows) if empty[k] or m.error is not None]
+        [(m._m, k) for k, (_, m) in enumerate(rows)], bitmask.ctypes.data, words * 4,
+        len(rows))
+    width = logits.shape[-1]
+    allowed = unpack_bitmask(bitmask, width)
+    out = logits.numpy()  # shares memory with the tensor
+    failed = []
+    for k, (i, m) in enumerate(rows):
+        np.putmask(out[i], ~allowed[k], -np.inf)
+        if m.error is not None or not allowed[k].any():
+            failed.append(i)
+    return failed
 
 
-_BITS = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32)  # bit j
-
-
-def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
+def unpack_bitmask(bitmask: np.ndarray, width: int) -> np.ndarray:
     """[n, words] int32 (bit t % 32 of word t // 32 set: token t allowed) -> [n, width]
     bool; tokens at or past words * 32 (logits wider than the grammar's vocabulary) are
-    forbidden."""
+    forbidden. (A little-endian int32 holds its bits 0-7, 8-15, ... in byte order; every
+    platform torch ships for is little-endian.)"""
     n, words = bitmask.shape
-    bits = (bitmask.unsqueeze(-1).bitwise_and(_BITS) != 0).view(n, words * 32)
+    bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1,
+                         bitorder="little").view(bool)
     if width <= words * 32:
         return bits[:, :width]
-    return torch.cat([bits, bits.new_zeros(n, width - words * 32)], dim=1)
+    return np.concatenate([bits, np.zeros((n, width - words * 32), bool)], axis=1)

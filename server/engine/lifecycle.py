@@ -194,7 +194,7 @@ class RequestLoop:
         self.metrics.observe_step(len(plan.entries), num_tokens, time.perf_counter() - t0)
 
     def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
-        logits = logits.cpu()
+        logits = logits.cpu().float()  # as select_tokens would (a no-op for float32)
         sampled, logits = self._constrain(sampled, logits)
         if not sampled:
             return
