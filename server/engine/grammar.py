@@ -21,9 +21,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # compiling needs no torch (the API layer imports this module)
+    import torch
 
 log = logging.getLogger(__name__)
 
