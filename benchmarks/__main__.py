@@ -7,7 +7,8 @@ import importlib
 import sys
 import time
 
-ALL = ("serving", "http", "kernels", "adapters", "onnx", "trainer", "methods", "safety")
+ALL = ("serving", "http", "kernels", "adapters", "onnx", "trainer", "methods", "safety",
+       "structured")
 
 
 def main() -> int:

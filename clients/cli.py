@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import convert
@@ -66,6 +67,14 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logprobs", action="store_true", help="return token logprobs")
     p.add_argument("--request-id", default=None)
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                     help="structured output: the answer follows this JSON schema (JSON "
+                     "text, or @FILE)")
+    fmt.add_argument("--json-object", action="store_true",
+                     help="structured output: the answer is a JSON object")
+    fmt.add_argument("--regex", default=None, help="structured output: the answer matches "
+                     "this regular expression")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +176,15 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
         max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
         token_ids_out=args.token_ids, logprobs=args.logprobs, request_id=args.request_id,
+        json_schema=_schema_arg(args.json_schema), json_object=args.json_object,
+        regex=args.regex,
     )
+
+
+def _schema_arg(text: str | None) -> str | None:
+    if text is not None and text.startswith("@"):
+        return Path(text[1:]).read_text()
+    return text
 
 
 def chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:

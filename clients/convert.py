@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
@@ -85,8 +86,14 @@ def generate_request(
     logprobs: bool = False,
     request_id: str | None = None,
     add_generation_prompt: bool | None = None,
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
 ) -> pb.GenerateRequest:
     """Build a GenerateRequest; exactly one of prompt, messages and token_ids is required.
+
+    Structured output, at most one of: `json_schema` (a dict or JSON text), `json_object`
+    (any JSON object), `regex` (the whole answer matches it).
 
     Unset optional parameters are sent as the proto's zero value (server default). Values
     are validated by the server, which names the field and the limit on INVALID_ARGUMENT.
@@ -122,6 +129,17 @@ def generate_request(
     req.stopping.ignore_eos = bool(ignore_eos)
     req.response.token_ids = bool(token_ids_out)
     req.response.logprobs = bool(logprobs)
+    formats = [n for n, v in (("json_schema", json_schema), ("json_object", json_object or None),
+                              ("regex", regex)) if v is not None]
+    if len(formats) > 1:
+        raise ValueError(f"at most one of json_schema, json_object, regex, got {formats}")
+    if json_schema is not None:
+        req.response_format.json_schema = (
+            json_schema if isinstance(json_schema, str) else json.dumps(json_schema))
+    elif json_object:
+        req.response_format.json_object = True
+    elif regex is not None:
+        req.response_format.regex = regex
     return req
 
 

@@ -18,6 +18,7 @@ from server.api.convert import RequestConverter
 from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
 from server.engine.engine import Engine, helper_thread_init, load_engine_adapters
+from server.engine.grammar import GrammarCompiler
 from server.engine.model import ModelLoadError
 from server.metrics import ServerMetrics
 from server.model_store import ModelNotFoundError, resolve_base_model
@@ -79,8 +80,10 @@ class App:
                      *_connection_age_options(cfg)],
             maximum_concurrent_rpcs=cfg.grpc_workers,
         )
+        grammars = GrammarCompiler(self.engine.tokenizer, self.engine.spec.vocab_size,
+                                   on_compile=self.metrics.grammar_compiled)
         conv = RequestConverter(self.engine.tokenizer, self.engine.spec.vocab_size,
-                                self.engine.max_seq_len, cfg.limits)
+                                self.engine.max_seq_len, cfg.limits, grammars)
         pb_grpc.add_TextGenerationServicer_to_server(
             TextGenerationServicer(self.engine, conv, self.model_id, cfg.quantize, self.metrics),
             self.server)

@@ -57,6 +57,7 @@ class Limits:
     max_stop_sequence_chars: int = 128
     max_prompt_chars: int = 1 << 20
     max_prompt_tokens: int = 0  # 0 = only the context length limits the prompt
+    max_response_format_chars: int = 32768  # a JSON schema or regex of structured output
     max_message_bytes: int = 4 << 20
     max_concurrent_per_key: int = 0  # 0 = no limit; a key's max_concurrent overrides it
     retry_after_ms: int = 500  # hint sent with RESOURCE_EXHAUSTED
@@ -189,6 +190,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars)
     p.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens,
                    help="prompt token limit; 0 = the context length only")
+    p.add_argument("--max-response-format-chars", type=int,
+                   default=lim.max_response_format_chars,
+                   help="longest JSON schema or regular expression of structured output")
     p.add_argument("--max-message-size", type=parse_size, default=lim.max_message_bytes,
                    help="largest gRPC message received or sent (default 4MiB)")
     p.add_argument("--max-concurrent-per-key", type=int, default=lim.max_concurrent_per_key,
@@ -249,7 +253,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
     for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "max_seq_len",
                  "grpc_workers", "max_active_adapters", "max_lora_rank", "max_new_tokens",
-                 "default_max_new_tokens", "max_stop_sequence_chars", "max_prompt_chars"):
+                 "default_max_new_tokens", "max_stop_sequence_chars", "max_prompt_chars",
+                 "max_response_format_chars"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if a.http_port < -1:
@@ -270,6 +275,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                     max_stop_sequences=a.max_stop_sequences,
                     max_stop_sequence_chars=a.max_stop_sequence_chars,
                     max_prompt_chars=a.max_prompt_chars, max_prompt_tokens=a.max_prompt_tokens,
+                    max_response_format_chars=a.max_response_format_chars,
                     max_message_bytes=a.max_message_size,
                     max_concurrent_per_key=a.max_concurrent_per_key,
                     retry_after_ms=a.retry_after_ms,

@@ -370,6 +370,13 @@ class ServerMetrics:
             registry=r,
         )  # fmt: skip
 
+        # Structured output.
+        self.grammar_compiles_total = Counter(
+            "switchboard_grammar_compiles",
+            "Response formats asked for, by result: compiled, cached (the compile cache "
+            "had it) or invalid.", ["result"], registry=r,
+        )  # fmt: skip
+
         # Adapters.
         self.adapter_loads_total = Counter(
             "switchboard_adapter_loads", "Adapter loads into a tier.", ["tier"], registry=r
@@ -592,6 +599,9 @@ class ServerMetrics:
         self._lora_info_labels = labels
 
     # -- adapter tiers ---------------------------------------------------------------------
+
+    def grammar_compiled(self, result: str) -> None:
+        self.grammar_compiles_total.labels(result).inc()
 
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         """An adapter was loaded into `tier` ("device", "host" or "disk")."""

@@ -10,6 +10,7 @@ import grpc
 
 from server.api.errors import InvalidArgument
 from server.config import Limits
+from server.engine.grammar import KINDS, GrammarCompiler, GrammarError, ResponseFormat
 from server.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -31,11 +32,45 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit of top_logprobs
 
 
 class RequestConverter:
-    def __init__(self, tokenizer, vocab_size: int, max_seq_len: int, limits: Limits) -> None:
+    def __init__(self, tokenizer, vocab_size: int, max_seq_len: int, limits: Limits,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.limits = limits
+        # structured output: one compiler (and compile cache) for every API of the server
+        self.grammars = grammars or GrammarCompiler(tokenizer, vocab_size)
+
+    # ---- structured output --------------------------------------------------------
+    def response_format(self, kind: str, text: str = "") -> ResponseFormat:
+        """The compiled format for GenerationRequest.response_format; the one entry point
+        for every API. kind: json_schema (text: the schema as JSON), json_object (text
+        unused) or regex (text: the expression). Raises InvalidArgument naming
+        response_format and the problem; compiled formats are cached per (kind, text)."""
+        field = f"response_format.{kind}"
+        if kind not in KINDS:
+            raise InvalidArgument(
+                f"response_format kind {kind!r} is not one of {', '.join(KINDS)}")
+        if kind == "json_object":
+            text = ""
+        elif not text:
+            raise InvalidArgument(f"{field} is empty")
+        limit = self.limits.max_response_format_chars
+        if len(text) > limit:
+            raise InvalidArgument(f"{field} has {len(text)} characters; the limit is {limit}")
+        try:
+            return self.grammars.compile(kind, text)
+        except GrammarError as e:
+            raise InvalidArgument(f"{field} cannot be compiled: {e}") from None
+
+    def _proto_response_format(self, msg: pb.GenerateRequest) -> ResponseFormat | None:
+        if not msg.HasField("response_format"):
+            return None
+        rf = msg.response_format
+        kind = rf.WhichOneof("format")
+        if kind is None or (kind == "json_object" and not rf.json_object):
+            return None  # unset, or json_object false: free text
+        return self.response_format(kind, getattr(rf, kind) if kind != "json_object" else "")
 
     # ---- inputs -------------------------------------------------------------------
     def prompt_ids(self, msg) -> list[int]:
@@ -132,6 +167,7 @@ class RequestConverter:
                     f"stopping.stop_sequences[{i}] has {len(seq)} characters; "
                     f"the limit is {lim.max_stop_sequence_chars}"
                 )
+        response_format = self._proto_response_format(msg)
         ids = self.prompt_ids(msg)
         if lim.max_prompt_tokens and len(ids) > lim.max_prompt_tokens:
             raise InvalidArgument(
@@ -160,6 +196,7 @@ class RequestConverter:
             logprobs=msg.response.logprobs,
             top_logprobs=msg.response.top_logprobs,
             deadline=deadline,
+            response_format=response_format,
         )
 
 

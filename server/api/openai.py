@@ -199,9 +199,7 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
     if best_of is not None and best_of != n:
         raise bad_field("best_of", "best_of is not supported by this server (other than "
                         "best_of = n)")
-    if response_format_spec(body) is not None:
-        raise bad_field("response_format", "response_format (structured output) is not "
-                        "supported yet by this server; omit it or use {\"type\": \"text\"}")
+    fmt = response_format_spec(body)  # compiled by the converter, as for gRPC
 
     if body.get("top_p") is not None and _number(body, "top_p", 1.0) <= 0:
         raise bad_field("top_p", f"top_p must be in (0, 1] (got {body['top_p']})")
@@ -277,6 +275,10 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
         for j in range(n):
             req = pb.GenerateRequest(request_id=uuid.uuid4().hex, sampling=sampling,
                                      stopping=stopping, response=response)
+            if fmt is not None and fmt[0] == "json_object":
+                req.response_format.json_object = True
+            elif fmt is not None:
+                req.response_format.json_schema = fmt[1]
             if seed is not None:  # choice j samples with seed + j: n different samples
                 req.sampling.seed = (seed + j) % (1 << 64)
             if isinstance(inp, pb.ChatMessages):
@@ -294,6 +296,8 @@ def parse_request(body: Any, *, chat: bool, max_choices: int) -> Parsed:
         "sampling.frequency_penalty": "frequency_penalty",
         "stopping.max_new_tokens": max_name, "stopping.stop_sequences": "stop",
         "response.top_logprobs": "top_logprobs" if chat else "logprobs",
+        "response_format.json_schema": "response_format.json_schema.schema",
+        "response_format.json_object": "response_format",
         "input.messages": "messages", "input.prompt": "prompt", "input.token_ids": "prompt",
     }
     names = [(k, v, v.split("[")[0]) for k, v in renames.items()]

@@ -18,6 +18,7 @@ import time
 import torch
 
 from server.engine.detokenizer import TextStream
+from server.engine.grammar import mask_logits
 from server.engine.sampling import select_tokens
 from server.engine.types import (
     EngineError,
@@ -53,6 +54,9 @@ class RequestState:
         self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
         self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
         self.guard = None  # textguard PolicyStream: the output policy, when there is one
+        # structured output: the request's position in its grammar (None = free text)
+        fmt = req.response_format
+        self.matcher = fmt.matcher() if fmt is not None else None
 
 
 class RequestLoop:
@@ -205,6 +209,10 @@ class RequestLoop:
         self.metrics.observe_step(len(plan.entries), num_tokens, time.perf_counter() - t0)
 
     def _sample(self, sampled: list[Entry], logits: torch.Tensor) -> None:
+        logits = logits.cpu().float()  # as select_tokens would (a no-op for float32)
+        sampled, logits = self._constrain(sampled, logits)
+        if not sampled:
+            return
         states: list[RequestState] = [e.seq.payload for e in sampled]
         params = [s.req.sampling for s in states]
         histories = [(e.seq.prompt_ids[s.virtual:] + e.seq.output_ids)
@@ -213,12 +221,19 @@ class RequestLoop:
         outputs = [e.seq.output_ids if p.presence_penalty or p.frequency_penalty else None
                    for e, p in zip(sampled, params, strict=True)]
         tokens, logprobs, tops = select_tokens(
-            logits.cpu(), params, histories, [s.generator for s in states],
+            logits, params, histories, [s.generator for s in states],
             [s.req.logprobs for s in states], outputs=outputs,
             top_logprobs=[s.req.top_logprobs for s in states])
         now = time.monotonic()
         for e, state, tok, lp, top in zip(sampled, states, tokens, logprobs, tops, strict=True):
             seq = e.seq
+            grammar_done = False
+            if state.matcher is not None:
+                if not state.matcher.consume(tok):  # the mask allowed it: should not happen
+                    self._fail(seq, "INTERNAL", f"structured output: the grammar rejected "
+                               f"token {tok}: {state.matcher.error}")
+                    continue
+                grammar_done = state.matcher.done
             seq.output_ids.append(tok)
             if state.first_token is None:
                 state.first_token = now
@@ -227,12 +242,15 @@ class RequestLoop:
             state.last_token = now
             stop = state.req.stopping
             reason, text = None, ""
-            if tok in self.eos_ids and not stop.ignore_eos:
+            if (tok in self.eos_ids and not stop.ignore_eos) or (
+                    grammar_done and tok == state.matcher.eos_id):
                 reason = FinishReason.EOS
             else:
                 text = state.stream.push(tok)
                 if state.stream.stopped:
                     reason = FinishReason.STOP_SEQUENCE
+                elif grammar_done:  # the answer is complete: end it as EOS would
+                    reason = FinishReason.EOS
             ids, lps = [tok], [lp] if lp is not None else []
             tops = [top] if top is not None else []
             if state.guard is not None:  # after detokenization, before the text leaves
@@ -246,6 +264,23 @@ class RequestLoop:
             state.handle.events.put(TokenEvent(text, ids, lps, tops))
             if reason is not None:
                 self._finish(seq, reason)
+
+    def _constrain(self, sampled: list[Entry], logits: torch.Tensor
+                   ) -> tuple[list[Entry], torch.Tensor]:
+        """Structured output: mask the constrained rows' logits to their grammars (in
+        place; free rows untouched); a row whose matcher fails fails alone."""
+        rows = [(i, e.seq.payload.matcher) for i, e in enumerate(sampled)
+                if e.seq.payload.matcher is not None]
+        failed = mask_logits(logits, rows) if rows else []
+        if not failed:
+            return sampled, logits
+        for i in failed:
+            state: RequestState = sampled[i].seq.payload
+            self._fail(sampled[i].seq, "INTERNAL", "structured output: the grammar allows no "
+                       f"next token ({state.matcher.error or 'no token of the vocabulary fits'})")
+        gone = set(failed)
+        keep = [i for i in range(len(sampled)) if i not in gone]
+        return [sampled[i] for i in keep], logits[keep]
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         state: RequestState = seq.payload

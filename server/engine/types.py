@@ -5,7 +5,10 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.grammar import ResponseFormat
 
 
 class FinishReason(Enum):
@@ -62,6 +65,8 @@ class GenerationRequest:
     # same prompt and adapter (another choice of one HTTP request with n > 1): the PyTorch
     # engine copies its prompt's keys and values instead of computing them again.
     prefill_from: str = ""
+    # structured output: a compiled format (server.engine.grammar); None = free text
+    response_format: ResponseFormat | None = None
 
 
 @dataclass

@@ -102,3 +102,24 @@ def test_call_metadata():
     assert call_metadata("a", None) == (("x-adapter-id", "a"),)
     assert call_metadata("", "k", "r") == (  # base model: no x-adapter-id to hash on
         ("authorization", "Bearer k"), ("x-request-id", "r"))
+
+
+def test_structured_output_options(tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}')
+    req = convert.generate_request("hi", **cli.generation_params(
+        parse("generate", "hi", "--json-schema", f"@{schema}")))
+    assert req.response_format.json_schema == '{"type": "object"}'
+    req = convert.generate_request("hi", **cli.generation_params(
+        parse("generate", "hi", "--regex", "[0-9]+")))
+    assert req.response_format.WhichOneof("format") == "regex"
+    req = convert.generate_request("hi", **cli.generation_params(parse("chat", "hi",
+                                                                       "--json-object")))
+    assert req.response_format.json_object
+    assert not convert.generate_request("hi").HasField("response_format")
+    assert convert.generate_request("hi", json_schema={"type": "string"}).response_format \
+        .json_schema == '{"type": "string"}'
+    with pytest.raises(SystemExit):  # one format at most
+        parse("generate", "hi", "--json-object", "--regex", "a")
+    with pytest.raises(ValueError, match="at most one of json_schema, json_object, regex"):
+        convert.generate_request("hi", json_object=True, regex="a")

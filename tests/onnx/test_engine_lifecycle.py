@@ -9,6 +9,7 @@ its own row; a token id past the vocabulary makes ONNX Runtime raise for the who
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -140,3 +141,52 @@ def test_steps_and_inter_token_latency_are_recorded(engine):
     assert _sample(engine, "switchboard_inter_token_latency_seconds_count") == 7
     assert _sample(engine, "switchboard_step_duration_seconds_count") >= 8
     assert _sample(engine, "switchboard_step_tokens_sum") == len(GOOD[2]) + 7
+
+
+def test_structured_output_on_the_onnx_path(engine, poisoned_export):
+    """The shared lifecycle masks constrained rows for ONNX Runtime too (EOS when the
+    grammar is complete, ignore_eos or not); free rows in the same steps keep their solo
+    greedy tokens."""
+    from transformers import AutoTokenizer
+
+    from server.engine.grammar import GrammarCompiler
+
+    tok = AutoTokenizer.from_pretrained(str(poisoned_export[0]))
+    pattern = r"(yes|no)-[a-z]{2,6}!"
+    fmt = GrammarCompiler(tok, len(tok)).compile("regex", pattern)
+    constrained = [engine.submit(_request(f"c{i}", p, 40, response_format=fmt))
+                   for i, p in enumerate(GOOD)]
+    free = [engine.submit(_request(f"f{i}", p, 12)) for i, p in enumerate(GOOD)]
+    for h in constrained:
+        ids, ev = _outcome(h)
+        assert isinstance(ev, FinishEvent) and ev.reason == FinishReason.EOS
+        assert re.fullmatch(pattern, tok.decode(ids)), tok.decode(ids)
+    for h, p in zip(free, GOOD, strict=True):
+        assert _outcome(h)[0] == _solo(poisoned_export, p, 12)
+
+
+def test_a_row_whose_grammar_fails_fails_alone(engine, poisoned_export):
+    """A matcher in its error state (a real one, driven there by a token its grammar
+    refuses) fails its own request with INTERNAL; the rows beside it finish as alone."""
+    from transformers import AutoTokenizer
+
+    from server.engine.grammar import GrammarCompiler
+
+    tok = AutoTokenizer.from_pretrained(str(poisoned_export[0]))
+    fmt = GrammarCompiler(tok, len(tok)).compile("regex", "(yes|no)")
+
+    class Broken(type(fmt)):
+        def matcher(self):
+            m = super().matcher()
+            assert not m.consume(tok.encode("x", add_special_tokens=False)[0])
+            return m
+
+    broken = Broken(fmt.kind, fmt.text, fmt._template, fmt.eos_id, fmt.words)
+    free = [engine.submit(_request(f"f{i}", p, 8)) for i, p in enumerate(GOOD)]
+    bad = engine.submit(_request("bad", GOOD[0], 8, response_format=broken))
+    ids, ev = _outcome(bad)
+    assert isinstance(ev, ErrorEvent) and ev.code == "INTERNAL", ev
+    assert "structured output" in ev.message and ids == []
+    for h, p in zip(free, GOOD, strict=True):
+        assert _outcome(h)[0] == _solo(poisoned_export, p, 8)
+    assert engine.idle()

@@ -44,6 +44,7 @@ FLAGS: dict[str, list[str]] = {
     "limits.max_stop_sequence_chars": ["--max-stop-sequence-chars", "9"],
     "limits.max_prompt_chars": ["--max-prompt-chars", "99"],
     "limits.max_prompt_tokens": ["--max-prompt-tokens", "16"],
+    "limits.max_response_format_chars": ["--max-response-format-chars", "1000"],
     "limits.max_message_bytes": ["--max-message-size", "64KiB"],
     "limits.max_concurrent_per_key": ["--max-concurrent-per-key", "2"],
     "limits.retry_after_ms": ["--retry-after-ms", "250"],

@@ -74,7 +74,8 @@ def test_token_id_prompts():
     ({"logit_bias": {"5": 1}}, "logit_bias"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "x"}, "suffix"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
 ])
 def test_bad_fields_name_themselves(body, param):
     with pytest.raises(HttpError) as err:
