@@ -142,7 +142,7 @@ def test_masked_rows_sample_only_allowed_tokens_and_free_rows_are_untouched(toke
                  [SamplingParams(temperature=1.0)] * 4
         gens = [torch.Generator().manual_seed(step * 4 + i) if not p.greedy else None
                 for i, p in enumerate(params)]
-        tokens, _ = select_tokens(logits, params, [None] * 4, gens, [False] * 4)
+        tokens, _, _ = select_tokens(logits, params, [None] * 4, gens, [False] * 4)
         assert tokens[1] in allowed1 and tokens[3] in allowed3
         assert all(m.consume(t) for m, t in zip(matchers, [tokens[1], tokens[3]], strict=True))
 
