@@ -30,3 +30,17 @@ def promtool() -> str:
 @pytest.fixture
 def prometheus_bin() -> str:
     return require_binary("prometheus")
+
+
+def manifest_documents(directory: Path) -> dict[tuple[str, str], dict]:
+    """(kind, name) -> document of every YAML manifest in `directory` (not kustomization)."""
+    import yaml
+
+    docs = {}
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs

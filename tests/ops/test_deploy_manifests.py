@@ -21,7 +21,7 @@ import yaml
 from server.config import DRAIN_MARGIN_S
 from server.metrics import ServerMetrics
 
-from .conftest import DEPLOY, REPO
+from .conftest import DEPLOY, REPO, manifest_documents
 
 K8S = DEPLOY / "kubernetes"
 KUBERNETES_VERSION = "1.30"  # oldest version the manifests promise to work with
@@ -30,14 +30,7 @@ GRPC_PORT, METRICS_PORT = 50051, 9400
 
 
 def k8s_documents() -> dict[tuple[str, str], dict]:
-    docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs[(doc["kind"], doc["metadata"]["name"])] = doc
-    return docs
+    return manifest_documents(K8S)
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -11,21 +11,14 @@ import re
 import pytest
 import yaml
 
-from .conftest import DEPLOY
+from .conftest import DEPLOY, manifest_documents
 
 TRAINING = DEPLOY / "kubernetes" / "training"
 SERVING_PVC = DEPLOY / "kubernetes" / "pvc.yaml"
 
 
 def documents() -> dict[tuple[str, str], dict]:
-    docs = {}
-    for path in sorted(TRAINING.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs[(doc["kind"], doc["metadata"]["name"])] = doc
-    return docs
+    return manifest_documents(TRAINING)
 
 
 def _job_parts():

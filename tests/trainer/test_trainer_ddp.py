@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import base_overrides, same_adapter_tolerance
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _run(cmd: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+from trainer_fixtures import base_overrides, run_trainer, same_adapter_tolerance
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("adapter", marks=pytest.mark.slow)])
@@ -35,7 +23,7 @@ def test_two_processes_match_one(method, tiny_base, tmp_path):
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                    "--standalone", "-m", "trainer.cli", "train", *args]
-        _run(cmd, tmp_path)
+        run_trainer(cmd, tmp_path, 180)
         out = tmp_path / f"p{nproc}" / "adapters" / "out"
         results[nproc] = load_file(str(out / "adapter_model.safetensors"))
         metrics = __import__("json").loads((out / "switchboard.json").read_text())["metrics"]

@@ -4,20 +4,16 @@ one process with the same global batch: the same loss curve, each rank holding h
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import base_overrides, same_adapter_tolerance
+from trainer_fixtures import base_overrides, run_trainer, same_adapter_tolerance
 
 from trainer.config import ConfigError, load_config
 from trainer.monitor import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 # Both runs sum the same fp32 terms in another order (per rank, then across ranks), so
 # each step's loss and gradient norm differ by rounding: a few fp32 ulps (1.2e-7) of the
 # partial sums, carried through 3 Adam steps (the weights stay within
@@ -27,12 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 # next steps by more than 1e-3.
 RTOL = 1e-5
 
-
-def _run(cmd: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow)])
@@ -50,7 +40,7 @@ def test_fsdp_two_processes_match_one(method, tiny_base, tmp_path):
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                    "--standalone", "-m", "trainer.cli", "train", *args, "parallelism=fsdp"]
-        _run(cmd, tmp_path)
+        run_trainer(cmd, tmp_path, 300)
         out = tmp_path / f"p{nproc}" / "adapters" / "out"
         runs[nproc] = {
             "metrics": json.loads((out / "switchboard.json").read_text())["metrics"],

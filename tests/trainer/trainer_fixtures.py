@@ -6,6 +6,8 @@ text, so encoded examples are short.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -76,3 +78,15 @@ def same_adapter_tolerance(lr: float, steps: int) -> float:
     of the batches (tokens weighted wrongly, a batch seen twice) moves weights by a fair part
     of `lr` a step; this allows a thousandth of the most Adam can move a weight."""
     return 1e-3 * lr * steps
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_trainer(cmd: list[str], cwd: Path, timeout: float) -> None:
+    """Run a trainer (or torchrun) command line from the repository's code, one OpenMP
+    thread per process; fail the test with its stderr tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
