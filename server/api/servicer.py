@@ -180,7 +180,7 @@ def report_finished(metrics: ServerMetrics, req, ev, code: str = "OK",
     if isinstance(ev, ErrorEvent):
         metrics.request_finished(adapter_id, ev.code,
                                  None if t0 is None else time.monotonic() - t0, None, None,
-                                 len(req.prompt_ids), 0, cause=getattr(ev, "cause", ""))
+                                 len(req.prompt_ids), 0, cause=ev.cause)
         return
     t = ev.timings
     if ev.reason == FinishReason.CANCELLED or code == "CANCELLED":
