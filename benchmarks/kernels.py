@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step(rows: int, ctx: int, native_path: bool, adapters: bool):
         def run():
             model.kernels = kernels if native_path else None
-            hooks = (AdapterHooks(lora_hooks(native_path), [], tables[None].groups)
+            hooks = (AdapterHooks([lora_hooks(native_path)], [], tables[None].groups)
                      if adapters else None)
             model(_decode_inputs(rows, ctx), kv, hooks)
         return run

@@ -115,7 +115,7 @@ class App:
                                   str(self.engine.dtype).removeprefix("torch."),
                                   str(self.engine.device), cfg.quantize)
             self.metrics.set_memory_source(self.engine.memory)  # read at each scrape
-            self.metrics.set_adapter_slots(self.engine.table.num_slots)
+            self.metrics.set_adapter_slots(self.engine.table.max_active)
             self.metrics_port = self.metrics.start_http_server(
                 cfg.metrics_host or self.bind_host, cfg.metrics_port)
         print(f"switchboard: listening on {self.bind_host}:{self.port}"

@@ -23,7 +23,10 @@ class EngineConfig:
     max_seq_len: int = 2048
     kv_cache_bytes: int = 3 << 30
     max_active_adapters: int = 16
-    max_lora_rank: int = 16
+    max_lora_rank: int = 128
+    # LoRA slots per rank bucket, ((rank, slots), ...) ascending; empty = derived from
+    # max_lora_rank and max_active_adapters (server.adapters.slot_buckets.default_buckets)
+    lora_slots: tuple[tuple[int, int], ...] = ()
     max_host_adapter_bytes: int = 4 << 30
     allow_pickle: bool = False
     quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
@@ -125,6 +128,22 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_lora_slots(text: str) -> tuple[tuple[int, int], ...]:
+    """'8:16,32:4' -> ((8, 16), (32, 4)); ranks distinct and ascending, counts >= 1."""
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise argparse.ArgumentTypeError(
+                f"--lora-slots {text!r}: {part!r} is not RANK:SLOTS with both at least 1")
+        out.append((int(m.group(1)), int(m.group(2))))
+    ranks = [r for r, _ in out]
+    if ranks != sorted(set(ranks)):
+        raise argparse.ArgumentTypeError(
+            f"--lora-slots {text!r}: ranks must be distinct and in ascending order")
+    return tuple(out)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d, e, lim = ServerConfig(), EngineConfig(), Limits()
     p.add_argument("--host", default=d.host, help="address to bind (default %(default)s)")
@@ -173,8 +192,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=parse_size, default=e.kv_cache_bytes,
                    help="KV cache budget, e.g. 3GiB; rows = min(max batch, budget / row size)")
     p.add_argument("--max-active-adapters", type=int, default=e.max_active_adapters,
-                   help="LoRA slots on the device")
-    p.add_argument("--max-lora-rank", type=int, default=e.max_lora_rank)
+                   help="adapters on the device at once, any type and rank (default "
+                   "%(default)s)")
+    p.add_argument("--max-lora-rank", type=int, default=e.max_lora_rank,
+                   help="largest LoRA rank served (default %(default)s); slots come in rank "
+                   "buckets 8, 16, 32, ... up to it")
+    p.add_argument("--lora-slots", type=parse_lora_slots, default=e.lora_slots,
+                   metavar="RANK:SLOTS,...",
+                   help="LoRA slots per rank bucket, e.g. 8:16,16:16,32:8,64:4,128:2 (an "
+                   "adapter takes a slot of the smallest bucket of at least its rank; a "
+                   "bucket's memory is allocated on first use). Default: buckets 8, 16, "
+                   "32, ... up to --max-lora-rank with min(N, 16 N / rank) slots each, N = "
+                   "--max-active-adapters")
     p.add_argument("--cpu-kernels", choices=["auto", "native", "torch"], default=e.cpu_kernels,
                    help="on the CPU in float32: C kernels built for this CPU on first start "
                    "for decode-time LoRA and decode steps (native; needs a C compiler), "
@@ -266,6 +295,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         max_tokens_per_step=a.max_tokens_per_step, max_queue=a.max_queue,
         max_seq_len=a.max_seq_len, kv_cache_bytes=a.kv_cache_memory,
         max_active_adapters=a.max_active_adapters, max_lora_rank=a.max_lora_rank,
+        lora_slots=a.lora_slots,
         allow_pickle=a.allow_pickle, quantize=a.quantize,
         max_host_adapter_bytes=a.max_host_adapter_memory, threads=a.threads,
         cpu_kernels=a.cpu_kernels,
@@ -280,6 +310,9 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                     max_concurrent_per_key=a.max_concurrent_per_key,
                     retry_after_ms=a.retry_after_ms,
                     max_request_seconds=a.max_request_time)
+    if a.lora_slots and a.lora_slots[-1][0] > a.max_lora_rank:
+        raise SystemExit(f"error: --lora-slots has a bucket of rank {a.lora_slots[-1][0]}, "
+                         f"greater than --max-lora-rank {a.max_lora_rank}")
     if a.max_request_time <= 0:
         raise SystemExit("error: --max-request-time must be more than 0")
     if a.grace_period is not None and a.grace_period < 0:

@@ -1,8 +1,9 @@
 """The model's adapter hooks for one step: every adapter type in one batch.
 
 Tokens of a step are ordered by adapter slot, so the rows of one adapter are one
-contiguous token range. LoRA goes through `LoraHooks` (segments and/or batched over the
-slot table); IA3 and bottleneck adapters are applied per token range:
+contiguous token range. LoRA goes through one `LoraHooks` per rank bucket in use
+(segments and/or batched over that bucket's slot table; the buckets' rows are disjoint);
+IA3 and bottleneck adapters are applied per token range:
 
     IA3:        y[rows, cols(m)] *= l_m          (output scaling, e.g. k_proj, v_proj)
                 x[rows] *= l_m  before m          (input scaling: o_proj, down_proj)
@@ -26,7 +27,7 @@ _INPUT_MODULE = {"o": "o_proj", "down": "down_proj"}
 
 
 class AdapterHooks:
-    def __init__(self, lora: LoraHooks | None,
+    def __init__(self, lora: Sequence[LoraHooks],
                  ranges: Sequence[tuple[int, int, IA3Weights | BottleneckWeights]],
                  group_modules: dict[str, list[tuple[str, int, int, int]]]) -> None:
         self.lora = lora
@@ -47,8 +48,8 @@ class AdapterHooks:
         return x if scaled is None else scaled
 
     def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self.lora is not None:
-            self.lora.linear(layer, group, x, out)
+        for lora in self.lora:
+            lora.linear(layer, group, x, out)
         for start, end, w in self.ia3:
             for name, _, off, size in self.group_modules[group]:
                 vec = w.out_scale.get((layer, name))

@@ -2,9 +2,12 @@
 
 Tiers: every adapter under the root is known on disk; a loaded adapter is in host memory
 (an LRU bounded in bytes); an adapter used by a running request holds a device slot,
-pinned while any request uses it and otherwise evicted least recently used. Adapters of
-every type share the slot space (`--max-active-adapters`); LoRA slots also hold weights
-in the engine's stacked slot table, other types keep small device tensors of their own.
+pinned while any request uses it and otherwise evicted least recently used. Slots come in
+buckets (`SlotBuckets`): a LoRA adapter takes one of the bucket for its rank, whose
+table holds its weights; other types take one of their own range and keep small device
+tensors of their own. A full bucket evicts its least recently used unpinned adapter; at
+`--max-active-adapters` adapters on the device, the least recently used unpinned one of
+any bucket makes room. A pinned slot is never taken: a request waits instead.
 
 A request for an adapter that is only on disk loads it just in time on a loader thread,
 never on the engine's step loop. Replacing an adapter (LoadAdapter on an existing id, or
@@ -33,7 +36,7 @@ from adapter_format.manifest import MANIFEST_NAME, ArtifactError, read_manifest
 from server.adapters.buffers import HostBuffers
 from server.adapters.formats import AdapterWeights, method_of, read_adapter
 from server.adapters.lora import AdapterError, LoraWeights
-from server.adapters.slots import LoraSlotTable
+from server.adapters.slot_buckets import Bucket, SlotBuckets
 from server.engine.model import ModelSpec
 from server.metrics import ServerMetrics
 from textguard import Policy, PolicyError
@@ -80,7 +83,7 @@ class AdapterEntry:
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path, spec: ModelSpec, table: LoraSlotTable,
+    def __init__(self, root: Path, spec: ModelSpec, table: SlotBuckets,
                  base_fingerprint: str, *, allow_pickle: bool = False,
                  host_bytes: int = 4 << 30, dtype=torch.float32, device="cpu") -> None:
         self.root = root.resolve()
@@ -311,7 +314,7 @@ class AdapterRegistry:
                 return entry.slot
             if entry.weights is None:
                 return None
-            slot = self._free_slot()
+            slot = self._free_slot(self.table.bucket_for(entry.weights))
             if slot is None:
                 return None
             self._slots[slot] = entry  # reserved: neither free nor in the LRU
@@ -354,6 +357,21 @@ class AdapterRegistry:
     def busy_slots(self) -> int:
         with self._lock:
             return sum(1 for e in self._slots if e is not None and e.refs > 0)
+
+    def slot_pressure(self, entry: AdapterEntry) -> str:
+        """Why the entry waits for a slot, with the numbers (for the deadline error)."""
+        with self._lock:
+            try:
+                bucket = self.table.bucket_for(entry.weights)
+            except AdapterError:
+                bucket = None
+            pinned = [s for s, e in enumerate(self._slots) if e is not None and e.refs > 0]
+            out = (f"{len(pinned)} of {self.table.max_active} device adapters are pinned by "
+                   "running requests (--max-active-adapters)")
+            if bucket is not None:
+                out += (f"; {sum(s in bucket for s in pinned)} of {bucket.count} "
+                        f"{bucket.name} slots (--lora-slots)")
+            return out
 
     # ---- internals (lock held) --------------------------------------------------
     def _new_entry(self, adapter_id, path, method, rank, targets) -> AdapterEntry:
@@ -405,16 +423,26 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {adapter_id!r} needs {weights.nbytes} bytes, more "
                                f"than the host adapter memory {self.host_bytes}")
 
-    def _free_slot(self) -> int | None:
-        for slot, owner in enumerate(self._slots):
-            if owner is None:
-                return slot
-        if self._lru:
-            slot, _ = self._lru.popitem(last=False)
-            self._free(self._slots[slot])
-            self.metrics.adapter_evicted("device")
-            return slot
-        return None
+    def _free_slot(self, bucket: Bucket) -> int | None:
+        """A free slot of the bucket, evicting the least recently used unpinned adapter of
+        the bucket when it is full, or of any bucket when the device holds max_active
+        adapters; None when that would take a pinned slot."""
+        free = next((s for s in bucket.slots if self._slots[s] is None), None)
+        if free is None:
+            victim = next((s for s in self._lru if s in bucket), None)
+            if victim is None:
+                return None
+            self._evict(victim)
+            return victim
+        if sum(e is not None for e in self._slots) >= self.table.max_active:
+            if not self._lru:
+                return None
+            self._evict(next(iter(self._lru)))
+        return free
+
+    def _evict(self, slot: int) -> None:
+        self._free(self._slots[slot])
+        self.metrics.adapter_evicted("device")
 
     def _unpinned(self, entry: AdapterEntry) -> None:
         """An entry on the device that no request uses: freed if retired, else in the

@@ -157,7 +157,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             device=str(e.device),
             quantization=self.quantize,
             max_batch_size=e.max_batch_size,
-            max_active_adapters=e.table.num_slots,
+            max_active_adapters=e.table.max_active,
             max_lora_rank=e.table.max_rank,
             memory=[pb.MemoryUsage(part=k, bytes=v) for k, v in e.memory().items()],
             version=__version__,

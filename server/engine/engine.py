@@ -12,7 +12,7 @@ import torch
 from server import native
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterEntry, AdapterNotFoundError, AdapterRegistry
-from server.adapters.slots import LoraSlotTable
+from server.adapters.slot_buckets import SlotBuckets, default_buckets
 from server.config import EngineConfig
 from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.model import KVCache, load_model
@@ -98,8 +98,14 @@ class Engine(RequestLoop):
         if self.kernels is not None and self.model.native_fallbacks():
             log.info("cpu kernels: decode steps run %s with PyTorch ops, the rest of the step "
                      "with the native kernels", " and ".join(self.model.native_fallbacks()))
-        self.table = LoraSlotTable(self.spec, config.max_active_adapters, config.max_lora_rank,
-                                   self.dtype, self.device, self.kernels)
+        buckets = config.lora_slots or default_buckets(config.max_lora_rank,
+                                                       config.max_active_adapters)
+        self.table = SlotBuckets(self.spec, buckets, config.max_active_adapters, self.dtype,
+                                 self.device, self.kernels)
+        log.info("adapter slots: up to %d adapters on the device; LoRA slots by rank %s "
+                 "(%.0f MiB when every bucket is in use; a bucket is allocated on first use)",
+                 config.max_active_adapters, self.table.describe(),
+                 self.table.capacity_bytes / (1 << 20))
         self.fingerprint = model_fingerprint(model_dir)
         self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
                                         allow_pickle=config.allow_pickle,
@@ -254,9 +260,8 @@ class Engine(RequestLoop):
         if seq.payload.waiting_for_slot:
             return ErrorEvent(
                 "RESOURCE_EXHAUSTED",
-                f"no adapter slot became free before the deadline: "
-                f"{self.registry.busy_slots()} of {self.table.num_slots} slots are pinned by "
-                "running requests (--max-active-adapters)", cause="adapter_slots")
+                "no adapter slot became free before the deadline: "
+                + self.registry.slot_pressure(seq.payload.entry), cause="adapter_slots")
         return super()._deadline_error(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -2,8 +2,10 @@
 
 Decode tokens come first, then prefill chunks, each ordered by adapter slot (base model
 first). So every adapter's tokens are contiguous (one LoRA segment, one IA3/bottleneck
-range), and when every slot has the same number of decode rows the batched LoRA op
-works on views of the activations instead of gathering them.
+range), the rows of each LoRA rank bucket come together (slots are numbered bucket after
+bucket), and when every slot of a bucket has the same number of decode rows the batched
+LoRA op works on views of the activations instead of gathering them. Each bucket in use
+gets its own `LoraHooks` over its table, with the slots' indices inside that table.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from server.adapters.formats import BottleneckWeights, IA3Weights
 from server.adapters.hooks import AdapterHooks
+from server.adapters.slot_buckets import SlotBuckets
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
 from server.engine.model import StepInputs
 from server.scheduler.scheduler import Entry
@@ -27,17 +30,18 @@ class PackedStep:
     num_tokens: int
 
 
-def pack_step(entries: list[Entry], table: LoraSlotTable, device,
+def pack_step(entries: list[Entry], slots: SlotBuckets, device,
               rope_long_from: int = 0) -> PackedStep:
     """`entries[i].seq.payload` is the engine's request state (slot, entry, virtual);
     rope_long_from: ModelSpec.rope_long_from (longrope), 0 otherwise."""
     entries = sorted(entries, key=lambda e: (e.n != 1, _slot(e)))
-    batched_decode = _batch_decode(entries, table)
+    batched_decode = _batch_decode(entries, slots)
     ids, pos, rows, rope_long = [], [], [], []
     dec_tok, dec_rows, dec_lens, prefill, sample_idx, sampled = [], [], [], [], [], []
     overrides: list[tuple[int, torch.Tensor]] = []  # (token index, virtual token embedding)
-    segments: list[list[int]] = []  # [slot, start, end] LoRA rows on the segment path
-    decode_slots: list[tuple[int, int]] = []  # (token index, slot) on the batched path
+    # per LoRA table: [slot, start, end] rows on the segment path and (token index, slot)
+    # on the batched path, slots as indices in that table
+    lora: dict[int, tuple[LoraSlotTable, list[list[int]], list[tuple[int, int]]]] = {}
     ranges: list[list] = []  # [start, end, device weights] of IA3 / bottleneck rows
     for e in entries:
         seq, start, state = e.seq, len(ids), e.seq.payload
@@ -66,12 +70,14 @@ def pack_step(entries: list[Entry], table: LoraSlotTable, device,
             else:
                 ranges.append([start, start + e.n, weights])
         elif state.slot is not None and weights is None:  # a LoRA row
-            if e.n == 1 and batched_decode:
-                decode_slots.append((start, state.slot))
-            elif segments and segments[-1][0] == state.slot and segments[-1][2] == start:
+            table, slot = slots.locate(state.slot)
+            _, segments, decode_slots = lora.setdefault(id(table), (table, [], []))
+            if e.n == 1 and id(table) in batched_decode:
+                decode_slots.append((start, slot))
+            elif segments and segments[-1][0] == slot and segments[-1][2] == start:
                 segments[-1][2] = start + e.n
             else:
-                segments.append([state.slot, start, start + e.n])
+                segments.append([slot, start, start + e.n])
 
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
@@ -87,13 +93,13 @@ def pack_step(entries: list[Entry], table: LoraSlotTable, device,
         rope_long=tensor(rope_long) if rope_long else None,
     )
     hooks = None
-    if segments or decode_slots or ranges:
-        lora = None
-        if segments or decode_slots:
-            batched = (BatchedRows.build(table, decode_slots, len(ids), device)
-                       if decode_slots else None)
-            lora = LoraHooks(table, [tuple(s) for s in segments], batched)
-        hooks = AdapterHooks(lora, [tuple(r) for r in ranges], table.groups)
+    if lora or ranges:
+        lora_hooks = [
+            LoraHooks(table, [tuple(s) for s in segments],
+                      BatchedRows.build(table, decode_slots, len(ids), device)
+                      if decode_slots else None)
+            for table, segments, decode_slots in lora.values()]
+        hooks = AdapterHooks(lora_hooks, [tuple(r) for r in ranges], slots.groups)
     return PackedStep(inputs, hooks, sampled, len(ids))
 
 
@@ -102,13 +108,19 @@ def _slot(e: Entry) -> int:
     return -1 if slot is None else slot
 
 
-def _batch_decode(entries: list[Entry], table: LoraSlotTable) -> bool:
-    """Batched LoRA over the whole slot table reads every slot's weights: worth it when at
-    least half of the slots have decode rows in this step (and there is no native kernel,
-    which reads just the slots in use)."""
-    if table.kernel is not None:
-        return False
-    slots = {e.seq.payload.slot for e in entries
-             if e.n == 1 and e.seq.payload.entry is not None
-             and e.seq.payload.entry.device_weights is None} - {None}
-    return len(slots) >= 2 and 2 * len(slots) >= table.num_slots
+def _batch_decode(entries: list[Entry], slots: SlotBuckets) -> set[int]:
+    """The tables (ids) whose decode rows take the batched op. Batched LoRA over a whole
+    slot table reads every slot's weights: worth it when at least half of the table's
+    slots have decode rows in this step (and there is no native kernel, which reads just
+    the slots in use)."""
+    if slots.kernel is not None:
+        return set()
+    used: dict[int, tuple[LoraSlotTable, set[int]]] = {}
+    for e in entries:
+        state = e.seq.payload
+        if (e.n == 1 and state.slot is not None and state.entry is not None
+                and state.entry.device_weights is None):
+            table, slot = slots.locate(state.slot)
+            used.setdefault(id(table), (table, set()))[1].add(slot)
+    return {key for key, (table, s) in used.items()
+            if len(s) >= 2 and 2 * len(s) >= table.num_slots}

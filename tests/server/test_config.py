@@ -34,6 +34,7 @@ FLAGS: dict[str, list[str]] = {
     "engine.kv_cache_bytes": ["--kv-cache-memory", "1GiB"],
     "engine.max_active_adapters": ["--max-active-adapters", "4"],
     "engine.max_lora_rank": ["--max-lora-rank", "32"],
+    "engine.lora_slots": ["--lora-slots", "8:4,32:1"],
     "engine.max_host_adapter_bytes": ["--max-host-adapter-memory", "1GiB"],
     "engine.allow_pickle": ["--allow-pickle"],
     "engine.threads": ["--threads", "1"],
@@ -130,3 +131,16 @@ def test_the_drain_follows_the_longest_request_unless_set():
     assert _server_config(["--max-request-time", "120", "--grace-period", "3"]).drain_seconds == 3
     with pytest.raises(SystemExit, match="--max-request-time must be more than 0"):
         _server_config(["--max-request-time", "0"])
+
+
+def test_lora_slots_are_parsed_and_checked_against_the_rank_cap(capsys):
+    assert _server_config(["--lora-slots", "8:16, 32:2,128:1"]).engine.lora_slots == (
+        (8, 16), (32, 2), (128, 1))
+    for bad, why in [("8:16,8:2", "distinct and in ascending order"),
+                     ("32:2,8:16", "distinct and in ascending order"),
+                     ("8:0", "'8:0' is not RANK:SLOTS"), ("8", "'8' is not RANK:SLOTS")]:
+        with pytest.raises(SystemExit):
+            _server_config(["--lora-slots", bad])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="rank 64, greater than --max-lora-rank 32"):
+        _server_config(["--lora-slots", "8:4,64:1", "--max-lora-rank", "32"])

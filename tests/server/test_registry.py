@@ -14,7 +14,7 @@ from support import make_lora
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterNotFoundError, AdapterRegistry
-from server.adapters.slots import LoraSlotTable
+from server.adapters.slot_buckets import SlotBuckets
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,15 @@ def root(tiny_model, tmp_path_factory):
 
 
 def registry(root, slots=2, **kw) -> AdapterRegistry:
-    table = LoraSlotTable(SPEC, num_slots=slots, max_rank=8, dtype=torch.float32, device="cpu")
+    """One rank-8 bucket of `slots` slots, as many adapters on the device at most."""
+    table = SlotBuckets(SPEC, [(8, slots)], max_active=slots, dtype=torch.float32,
+                        device="cpu")
     return AdapterRegistry(root, SPEC, table, "fp", **kw)
+
+
+def lora_slots(reg: AdapterRegistry) -> list:
+    """The registry's slot table, LoRA buckets only (the non-LoRA range left out)."""
+    return reg.slot_table()[: reg.table.other.first]
 
 
 def pin(reg: AdapterRegistry, entry) -> int | None:
@@ -49,37 +56,37 @@ def test_load_activate_evict_pin_swap(root):
     b, _ = reg.load("b")
     c, _ = reg.load("c")
     assert (a.tier, b.tier, c.tier) == ("host", "host", "host")
-    assert reg.slot_table() == [None, None]
+    assert lora_slots(reg) == [None, None]
 
     assert pin(reg, a) == 0  # activate: a free slot, pinned
-    assert reg.slot_table() == [("a", "2", 1), None]
+    assert lora_slots(reg) == [("a", "2", 1), None]
     assert pin(reg, b) == 1
-    assert reg.slot_table() == [("a", "2", 1), ("b", "2", 1)]
+    assert lora_slots(reg) == [("a", "2", 1), ("b", "2", 1)]
     assert pin(reg, c) is None  # every slot pinned: c waits
     assert pin(reg, a) == 0  # a second request shares a's slot
-    assert reg.slot_table() == [("a", "2", 2), ("b", "2", 1)]
+    assert lora_slots(reg) == [("a", "2", 2), ("b", "2", 1)]
 
     reg.release(b)  # b unpinned, still resident
-    assert reg.slot_table() == [("a", "2", 2), ("b", "2", 0)] and b.tier == "device"
+    assert lora_slots(reg) == [("a", "2", 2), ("b", "2", 0)] and b.tier == "device"
     assert pin(reg, c) == 1  # evicts b, the least recently used unpinned slot
-    assert reg.slot_table() == [("a", "2", 2), ("c", "2", 1)] and b.tier == "host"
+    assert lora_slots(reg) == [("a", "2", 2), ("c", "2", 1)] and b.tier == "host"
 
     # Swap a while two requests run on it: the old version keeps its slot until they end.
     a2, replaced = reg.load("a")
     assert replaced and a2.version == "3" and reg.get("a") is a2
-    assert reg.slot_table() == [("a", "2", 2), ("c", "2", 1)]
+    assert lora_slots(reg) == [("a", "2", 2), ("c", "2", 1)]
     reg.release(a)
     reg.release(a)  # the old version's last request ends: its slot is freed
-    assert reg.slot_table() == [None, ("c", "2", 1)] and a.slot is None
+    assert lora_slots(reg) == [None, ("c", "2", 1)] and a.slot is None
     assert pin(reg, a2) == 0
-    assert reg.slot_table() == [("a", "3", 1), ("c", "2", 1)]
+    assert lora_slots(reg) == [("a", "3", 1), ("c", "2", 1)]
 
     reg.unload("c")  # unloaded while running: gone from the list, slot kept until release
     with pytest.raises(AdapterNotFoundError):
         reg.get("c")
-    assert reg.slot_table() == [("a", "3", 1), ("c", "2", 1)]
+    assert lora_slots(reg) == [("a", "3", 1), ("c", "2", 1)]
     reg.release(c)
-    assert reg.slot_table() == [("a", "3", 1), None]
+    assert lora_slots(reg) == [("a", "3", 1), None]
 
 
 def test_host_lru_is_bounded_in_bytes(root):
@@ -178,12 +185,12 @@ def test_a_slot_written_for_a_waiting_request_stays_its_own(root):
     assert reg.acquire(a) == 0  # reserved and pinned from now on, written meanwhile
     assert reg.acquire(b) is None
     assert pin(reg, a) == 0 and not a.staging  # a second request on a shares the slot
-    assert reg.slot_table() == [("a", "2", 2)]
+    assert lora_slots(reg) == [("a", "2", 2)]
     assert reg.acquire(b) is None  # written, but still pinned for its requests
     reg.release(a)
     reg.release(a)
-    assert reg.slot_table() == [("a", "2", 0)]
-    assert pin(reg, b) == 0 and reg.slot_table() == [("b", "2", 1)]
+    assert lora_slots(reg) == [("a", "2", 0)]
+    assert pin(reg, b) == 0 and lora_slots(reg) == [("b", "2", 1)]
 
     # A request that ends (deadline, cancel) while its slot is written unpins it: once
     # written, the slot can be evicted like any unused one.
@@ -194,5 +201,5 @@ def test_a_slot_written_for_a_waiting_request_stays_its_own(root):
     deadline = time.monotonic() + 30
     while c.staging and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert reg.slot_table() == [("c", "2", 0)] and c.tier == "device"
-    assert pin(reg, a) == 0 and reg.slot_table() == [("a", "2", 1)]
+    assert lora_slots(reg) == [("c", "2", 0)] and c.tier == "device"
+    assert pin(reg, a) == 0 and lora_slots(reg) == [("a", "2", 1)]
