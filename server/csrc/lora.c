@@ -103,12 +103,24 @@ static void shrink_rows(const float *x, int64_t xs, const float *a, int64_t in_f
         int nb = (int)((vcols - c0) / W < NB ? (vcols - c0) / W : NB);
         DISPATCH(shrink_block, n, nb, x, xs, a, in_f, ncols, c0, t, ts)
     }
-    for (int64_t c = vcols; c < ncols; c++)
-        for (int k = 0; k < n; k++) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < in_f; i++) acc += x[k * xs + i] * a[i * ncols + c];
-            t[k * ts + c] = acc;
+    /* The last ncols % W columns (all of a rank-8 bucket's o and down columns with
+       AVX-512): i outermost, so a's rows are read once, contiguously, and the compiler
+       can vectorize over the columns; each column still sums over i in order. */
+    const int64_t tail = ncols - vcols;
+    if (tail) {
+        float acc[NR][W];
+        for (int k = 0; k < n; k++)
+            for (int64_t c = 0; c < tail; c++) acc[k][c] = 0.0f;
+        for (int64_t i = 0; i < in_f; i++) {
+            const float *ai = a + i * ncols + vcols;
+            for (int k = 0; k < n; k++) {
+                const float xv = x[k * xs + i];
+                for (int64_t c = 0; c < tail; c++) acc[k][c] += xv * ai[c];
+            }
         }
+        for (int k = 0; k < n; k++)
+            for (int64_t c = 0; c < tail; c++) t[k * ts + vcols + c] = acc[k][c];
+    }
 }
 
 static void expand_rows(const float *t, int64_t ts, const float *bm, int64_t r, int64_t sz,
