@@ -6,7 +6,9 @@ One engine step of the default model (fp32, this machine's threads), timed direc
     (C LoRA kernel + native decode) vs PyTorch ops (batched bmm over the slot table);
     the in-process adapter overhead ratio (base step / adapter step) of each;
   * decode step of 1 row (context 100): native vs PyTorch ops;
-  * the LoRA op alone over the 30 layers (all four projection groups), native vs torch.
+  * the LoRA op alone over the 30 layers (all four projection groups), native vs torch;
+    and the same 16 adapters spread over 4 tables of 4 slots (a step whose rows span 4
+    rank buckets: one LoraHooks, so one kernel call or one batched op, per table).
 Kinds are alternated, 3 steps each, --rounds times; medians are reported, and ratios
 between kinds measured in the same rounds (this VM's speed drifts over minutes).
 
@@ -82,6 +84,24 @@ def main(argv: list[str] | None = None) -> dict:
             table.write(slot, weights)
     token_slots = [(i, i // ROWS_PER_SLOT) for i in range(batch)]
     segments = [(s, s * ROWS_PER_SLOT, (s + 1) * ROWS_PER_SLOT) for s in range(SLOTS)]
+    # The same adapters in 4 tables of 4 slots (tokens in slot order as before).
+    per, quarters = SLOTS // 4, {k: [] for k in (kernels, None)}
+    for q in range(4):
+        for k in (kernels, None):
+            table = LoraSlotTable(spec, per, RANK, torch.float32, "cpu", k)
+            for i in range(per):
+                table.write(i, _adapter(spec, q * per + i))
+            quarters[k].append(table)
+
+    def split_hooks(native_path: bool) -> list[LoraHooks]:
+        rows = per * ROWS_PER_SLOT
+        if native_path:
+            return [LoraHooks(t, [(i, q * rows + i * ROWS_PER_SLOT,
+                                   q * rows + (i + 1) * ROWS_PER_SLOT) for i in range(per)])
+                    for q, t in enumerate(quarters[kernels])]
+        return [LoraHooks(t, [], BatchedRows.build(
+            t, [(q * rows + j, j // ROWS_PER_SLOT) for j in range(rows)], batch, "cpu"))
+            for q, t in enumerate(quarters[None])]
 
     def lora_hooks(native_path: bool) -> LoraHooks:
         if native_path:
@@ -101,13 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     xs = {g: torch.randn(batch, shapes[g][0]) for g in GROUPS}
     outs = {g: torch.zeros(batch, sum(shapes[g][1])) for g in GROUPS}
 
-    def lora_op(native_path: bool):
-        hooks = lora_hooks(native_path)
+    def lora_op(native_path: bool, tables: int = 1):
+        hooks = [lora_hooks(native_path)] if tables == 1 else split_hooks(native_path)
 
         def run():
             for layer in range(spec.num_layers):
                 for g in GROUPS:
-                    hooks.linear(layer, g, xs[g], outs[g])
+                    for h in hooks:
+                        h.linear(layer, g, xs[g], outs[g])
         return run
 
     kinds = {
@@ -119,7 +140,18 @@ def main(argv: list[str] | None = None) -> dict:
         "step1_torch": step(1, 100, False, False),
         "lora_op_native": lora_op(True),
         "lora_op_torch": lora_op(False),
+        "lora_op_native_4_tables": lora_op(True, 4),
+        "lora_op_torch_4_tables": lora_op(False, 4),
     }
+    for native_path in (True, False):  # the split tables compute the same deltas
+        got = []
+        for tables in (1, 4):
+            for o in outs.values():
+                o.zero_()
+            lora_op(native_path, tables)()
+            got.append({g: o.clone() for g, o in outs.items()})
+        for g in GROUPS:
+            torch.testing.assert_close(got[1][g], got[0][g], rtol=1e-5, atol=1e-5)
     for fn in kinds.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -137,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         "step32_lora_speedup": ratio("step32_lora_torch", "step32_lora_native"),
         "step1_speedup": ratio("step1_torch", "step1_native"),
         "lora_op_speedup": ratio("lora_op_torch", "lora_op_native"),
+        "lora_op_4_tables_vs_1_native": ratio("lora_op_native_4_tables", "lora_op_native"),
+        "lora_op_4_tables_vs_1_torch": ratio("lora_op_torch_4_tables", "lora_op_torch"),
         "overhead_ratio_native": ratio("step32_base_native", "step32_lora_native"),
         "overhead_ratio_torch": ratio("step32_base_torch", "step32_lora_torch"),
         "lora_table_mb": tables[None].nbytes / 1e6,
