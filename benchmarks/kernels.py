@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     xs = {g: torch.randn(batch, shapes[g][0]) for g in GROUPS}
     outs = {g: torch.zeros(batch, sum(shapes[g][1])) for g in GROUPS}
 
-    def lora_op(native_path: bool, tables: int = 1):
-        hooks = [lora_hooks(native_path)] if tables == 1 else split_hooks(native_path)
+    def lora_op(native_path: bool, n_tables: int = 1):
+        hooks = [lora_hooks(native_path)] if n_tables == 1 else split_hooks(native_path)
 
         def run():
             for layer in range(spec.num_layers):
@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for native_path in (True, False):  # the split tables compute the same deltas
         got = []
-        for tables in (1, 4):
+        for n_tables in (1, 4):
             for o in outs.values():
                 o.zero_()
-            lora_op(native_path, tables)()
+            lora_op(native_path, n_tables)()
             got.append({g: o.clone() for g, o in outs.items()})
         for g in GROUPS:
             torch.testing.assert_close(got[1][g], got[0][g], rtol=1e-5, atol=1e-5)
