@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.quant import MODES as QUANT_MODES
+from server.engine.quant import QuantizeError, quantize_model
+
 # model_type: (its causal-LM architecture, the switches of ModelSpec its config implies).
 # One decoder serves them all; what sets a family apart is a named switch read here.
 FAMILIES = {
@@ -284,8 +287,10 @@ class Projection(nn.Module):
 
 
 class QuantProjection(nn.Module):
-    """A Projection whose weight lives in bitsandbytes' int8 or nf4 format; the compute
-    (and any adapter on top) stays in the model's dtype."""
+    """A Projection whose weight lives in bitsandbytes' nf4 format (`--quantize nf4`: what
+    QLoRA trains against, and fast on CUDA); the compute (and any adapter on top) stays
+    in the model's dtype. Its int8 mode is kept for callers that ask for bitsandbytes'
+    int8; `--quantize int8|int4` use server.engine.quant, several times faster on a CPU."""
 
     def __init__(self, proj: Projection, mode: str, dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -306,7 +311,7 @@ class QuantProjection(nn.Module):
             inner.weight = bnb.nn.Int8Params(weight, requires_grad=False,
                                              has_fp16_weights=False)
         else:
-            raise ModelLoadError(f"quantize {mode!r} is not one of none, int8, nf4")
+            raise ModelLoadError(f"quantize {mode!r} is not one of nf4, int8 (bitsandbytes)")
         if has_bias:
             inner.bias = nn.Parameter(proj.bias.detach().clone(), requires_grad=False)
         self.inner = inner.to(device)
@@ -357,6 +362,10 @@ class DecoderModel(nn.Module):
         # CPU only: a [hidden, vocab] copy for steps with one row, where x @ W^T reads the
         # weights at 1.7x the speed of W @ x^T (and the opposite holds from 2 rows up).
         self.register_buffer("lm_head_t", None, persistent=False)
+        # --quantize int8/int4 on the CPU: the output projection in int8
+        # (server.engine.quant.QuantizedProjection), lm_head then holding its dequantized
+        # weight; or None
+        self.lm_head_q: nn.Module | None = None
         self.inv_freqs = [inv_freq.float() for inv_freq, _ in ropes]  # kept fp32 on the CPU
         self.rope_scalings = [scaling for _, scaling in ropes]
         self.long_inv_freq = None if long_inv_freq is None else long_inv_freq.float()
@@ -409,7 +418,9 @@ class DecoderModel(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, hidden] after the final norm -> [R, vocab]."""
-        if x.shape[0] == 1 and self.lm_head_t is not None:
+        if self.lm_head_q is not None:
+            logits = self.lm_head_q.forward(x)
+        elif x.shape[0] == 1 and self.lm_head_t is not None:
             logits = x @ self.lm_head_t
         else:
             logits = torch.mm(self.lm_head, x.T).T
@@ -611,7 +622,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> torch.Te
 def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
                quantize: str = "none") -> DecoderModel:
     """Build a DecoderModel from a Hugging Face model directory (or hub id); with
-    quantize int8 or nf4 the projections become bitsandbytes layers."""
+    quantize int8 or int4 the layers' projections become weight-only quantized ones
+    (server.engine.quant), with nf4 bitsandbytes layers."""
+    if quantize not in ("none", "nf4", *QUANT_MODES):
+        raise ModelLoadError(f"quantize {quantize!r} is not one of none, int8, int4, nf4")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -650,7 +664,12 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
         m.weight = nn.Parameter(w.to(device))
     if device.type == "cpu" and quantize == "none":  # a quantized base is about memory
         model.lm_head_t = model.lm_head.detach().T.contiguous()
-    if quantize != "none":
+    if quantize in QUANT_MODES:  # weight-only int8/int4 (server.engine.quant)
+        try:
+            quantize_model(model, quantize, device, dtype)
+        except QuantizeError as e:
+            raise ModelLoadError(f"--quantize {quantize}: {e}") from e
+    elif quantize == "nf4":
         for layer in model.layers:
             for name in ("qkv", "o", "gate_up", "down"):
                 setattr(layer, name, QuantProjection(getattr(layer, name), quantize, dtype,
