@@ -3,7 +3,9 @@
 One projection y = x @ W^T (W [out, in]) at the default model's shapes (SmolLM2-135M:
 hidden 576, intermediate 1536; fused qkv 576->960, o 576->576, gate_up 576->3072,
 down 1536->576) and a 2048x2048 one, for M = 1 row (a decode step of one stream) and
-M = 32 rows (a batch), each candidate timed in the same rounds (alternated, this VM's
+M = 32 rows (a batch), each call on the next of several copies of the weights (128 MB of
+them in fp32: read from memory, not the cache, as in a decode step), each candidate timed
+in the same rounds (alternated, this VM's
 speed drifts), the median of --rounds rounds of up to --reps calls (fewer for
 the slow ones: about 20 ms a round):
   * fp32: `x @ W^T` with W stored [in, out] (server.engine.model.Projection) and
@@ -13,7 +15,7 @@ the slow ones: about 20 ms a round):
   * int4: `torch._weight_int4pack_mm_for_cpu` (asymmetric 4-bit per group of 32, 64, 128
     input channels, x in fp32 and bf16);
   * this project's C kernels (server/csrc/quant.c): int8 per channel, int4 per group of
-    32 and 64 (what won, see docs/performance.md);
+    32 and 64, on 1 thread and on all (what won, see docs/performance.md);
   * bitsandbytes int8 and nf4 (the engine's quantized projections before this benchmark).
 Reported: microseconds a call, the weight bytes read a second (GB/s), and each one's
 speed-up over fp32 `x @ W^T` at the same shape and M.
@@ -24,6 +26,7 @@ speed-up over fp32 `x @ W^T` at the same shape and M.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import print_table, write_results
 from server import native
-from server.engine.quant import QuantizedProjection, quantize_int4
+from server.engine.quant import quantize_int4, quantize_int8
 
 SHAPES = {  # name: (in_features, out_features)
     "qkv 576->960": (576, 960),
@@ -43,13 +46,7 @@ SHAPES = {  # name: (in_features, out_features)
     "2048->2048": (2048, 2048),
 }
 GROUPS = (32, 64, 128)
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: w ~= q * scale[:, None]."""
-    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+COPIES_BYTES = 128 << 20
 
 
 def quantize_int4_torch(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +62,10 @@ def quantize_int4_torch(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
 
-def candidates(w: torch.Tensor, m: int) -> dict[str, tuple[Callable[[], object], int]]:
-    """name: (a call computing one projection of m rows, weight bytes it reads)."""
+def candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
+    """name: (a call computing one projection of x's rows, weight bytes it reads)."""
     out_f, in_f = w.shape
-    x = torch.randn(m, in_f)
+    m = x.shape[0]
     xb = x.to(torch.bfloat16)
     w_t = w.T.contiguous()
     q8, s8 = quantize_int8(w)
@@ -95,16 +92,20 @@ def candidates(w: torch.Tensor, m: int) -> dict[str, tuple[Callable[[], object],
     except native.NativeError:
         nk = None
     if nk is not None:
-        p8 = QuantizedProjection(w, None, "int8", nk)
-        found["int8 native server/csrc/quant.c"] = (lambda: p8(x), w.numel() + out_f * 4)
-        for g in (32, 64):
-            packed, scale, lo = quantize_int4(w, g)
-            y = torch.empty(m, out_f)
-            nbytes = w.numel() // 2 + scale.numel() * 8
-            found[f"int4 g{g} native server/csrc/quant.c"] = (
-                lambda p=packed, s=scale, lo=lo, g=g, y=y: nk.q4_matmul(
-                    x.data_ptr(), in_f, m, p.data_ptr(), s.data_ptr(), lo.data_ptr(), None,
-                    out_f, in_f, g, y.data_ptr(), out_f, torch.get_num_threads()), nbytes)
+        q8, s8 = quantize_int8(w)
+        y = torch.empty(m, out_f)
+        for th in sorted({1, torch.get_num_threads()}):
+            found[f"int8 native server/csrc/quant.c {th}t"] = (
+                lambda th=th: nk.q8_matmul(x.data_ptr(), in_f, m, q8.data_ptr(), s8.data_ptr(),
+                                           None, out_f, in_f, y.data_ptr(), out_f, th),
+                w.numel() + out_f * 4)
+            for g in (32, 64):
+                packed, scale, lo = quantize_int4(w, g)
+                nbytes = w.numel() // 2 + scale.numel() * 8
+                found[f"int4 g{g} native server/csrc/quant.c {th}t"] = (
+                    lambda p=packed, s=scale, lo=lo, g=g, th=th: nk.q4_matmul(
+                        x.data_ptr(), in_f, m, p.data_ptr(), s.data_ptr(), lo.data_ptr(),
+                        None, out_f, in_f, g, y.data_ptr(), out_f, th), nbytes)
     try:
         import bitsandbytes as bnb
 
@@ -130,14 +131,29 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def rotating(w: torch.Tensor, m: int) -> dict[str, tuple[Callable[[], object], int]]:
+    """candidates() over enough copies of w (COPIES_BYTES of fp32 weights, far over the
+    L3 cache) that each call reads its weights from memory, as a decode step does (the
+    model's fp32 weights are 540 MB, int4's about 90)."""
+    copies = max(2, -(-COPIES_BYTES // (w.numel() * 4)))
+    x = torch.randn(m, w.shape[1])
+    sets = [candidates(w + 1e-4 * i, x) for i in range(copies)]
+    found = {}
+    for name, (_, nbytes) in sets[0].items():
+        fns = [s[name][0] for s in sets]
+        it = itertools.cycle(fns)
+        found[name] = (lambda it=it: next(it)(), nbytes)
+    return found
+
+
 @torch.inference_mode()
 def measure(rounds: int, reps: int) -> dict:
     results: dict = {}
     for shape, (in_f, out_f) in SHAPES.items():
         w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.05
         for m in (1, 32):
-            cands = candidates(w, m)
-            # warm up (packing, threads, caches); the slow ones get fewer calls a round
+            cands = rotating(w, m)
+            # warm up (packing, threads); the slow ones get fewer calls a round
             n_calls = {name: max(1, min(reps, int(0.02 / _time(fn, 3))))
                        for name, (fn, _) in cands.items()}
             times: dict[str, list[float]] = {name: [] for name in cands}
@@ -151,6 +167,7 @@ def measure(rounds: int, reps: int) -> dict:
                 rows[name] = {"us": round(t * 1e6, 2), "weight_gb_s": round(nbytes / t / 1e9, 2),
                               "speedup_vs_fp32": round(base / t, 3)}
             results[f"{shape} M={m}"] = rows
+            del cands
     return results
 
 

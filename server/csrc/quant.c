@@ -12,12 +12,13 @@
          w[n, k] = lo[n, g] + s[n, g] * u[n, k], u in 0..15; a group's 32 inputs i < 16 and
          16 + i share byte i of each 16-byte block (low nibble, high nibble). G = 32 * b.
    Rows are done NR at a time so each weight is unpacked once per NR rows; output channels
-   are split over the OpenMP team. A row's result never depends on the other rows. */
+   are split over the OpenMP team. A row alone (a decode step of one stream) is summed in
+   4 chains, rows in a batch in one chain each: the two agree to fp32 rounding. */
 #include <stdint.h>
 #include <stdlib.h>
 #include "simd.h"
 
-#define NR 4 /* rows (tokens) done together */
+#define NR 8 /* rows (tokens) done together */
 
 #if W == 8 || W == 16
 /* 8 int8 weights -> 8 floats */
@@ -41,22 +42,31 @@ static inline float hsum8(__m256 v)
 }
 #endif
 
-/* acc[r] = x[r] . q (K int8), r < nr */
+/* acc[r] = x[r] . q (K int8), r < nr. One row: 4 chains of FMAs in flight (their
+   latency bounds it); several rows: one chain a row, each weight vector unpacked once. */
 static inline __attribute__((always_inline)) void
 dot_i8(const float *x, int64_t xs, const int8_t *q, int64_t k_len, int nr, float *acc)
 {
     int64_t k = 0;
 #if W == 8 || W == 16
-    __m256 a[NR][2];
-    for (int r = 0; r < nr; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-    for (; k + 16 <= k_len; k += 16) {
-        __m256 w0 = load_i8x8(q + k), w1 = load_i8x8(q + k + 8);
-        for (int r = 0; r < nr; r++) {
-            a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), w0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k + 8), w1, a[r][1]);
+    __m256 a[NR];
+    for (int r = 0; r < nr; r++) a[r] = _mm256_setzero_ps();
+    if (nr == 1) {
+        __m256 c1 = a[0], c2 = a[0], c3 = a[0];
+        for (; k + 32 <= k_len; k += 32) {
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_i8x8(q + k), a[0]);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_i8x8(q + k + 8), c1);
+            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_i8x8(q + k + 16), c2);
+            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_i8x8(q + k + 24), c3);
         }
+        a[0] = _mm256_add_ps(_mm256_add_ps(a[0], c1), _mm256_add_ps(c2, c3));
     }
-    for (int r = 0; r < nr; r++) acc[r] = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
+    for (; k + 8 <= k_len; k += 8) {
+        __m256 w = load_i8x8(q + k);
+        for (int r = 0; r < nr; r++)
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), w, a[r]);
+    }
+    for (int r = 0; r < nr; r++) acc[r] = hsum8(a[r]);
 #else
     for (int r = 0; r < nr; r++) acc[r] = 0.0f;
 #endif
@@ -78,6 +88,10 @@ void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const flo
             int nr = m - r0 < NR ? (int)(m - r0) : NR;
             const float *xr = x + r0 * xs;
             switch (nr) { /* constant nr: the row loops unroll */
+            case 8: dot_i8(xr, xs, qn, k_len, 8, acc); break;
+            case 7: dot_i8(xr, xs, qn, k_len, 7, acc); break;
+            case 6: dot_i8(xr, xs, qn, k_len, 6, acc); break;
+            case 5: dot_i8(xr, xs, qn, k_len, 5, acc); break;
             case 4: dot_i8(xr, xs, qn, k_len, 4, acc); break;
             case 3: dot_i8(xr, xs, qn, k_len, 3, acc); break;
             case 2: dot_i8(xr, xs, qn, k_len, 2, acc); break;
@@ -95,37 +109,42 @@ dot_i4(const float *x, int64_t xs, const float *xsum, int64_t ng, const uint8_t 
        const float *s, const float *lo, int64_t k_len, int64_t group, int nr, float *acc)
 {
 #if W == 8 || W == 16
-    __m256 yacc[NR];
-    float offs[NR];
-    for (int r = 0; r < nr; r++) {
-        yacc[r] = _mm256_setzero_ps();
-        offs[r] = 0.0f;
-    }
+    /* the group's scale is folded into the unpacked weights (shared by the rows); one
+       row keeps 4 chains of FMAs in flight, several rows one chain each */
+    __m256 yacc[NR], c1 = _mm256_setzero_ps(), c2 = c1, c3 = c1;
+    for (int r = 0; r < nr; r++) yacc[r] = _mm256_setzero_ps();
     const __m128i mask = _mm_set1_epi8(0x0f);
     for (int64_t g = 0; g < ng; g++) {
-        __m256 gacc[NR];
-        for (int r = 0; r < nr; r++) gacc[r] = _mm256_setzero_ps();
+        const __m256 sg = _mm256_set1_ps(s[g]);
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
             __m128i lo4 = _mm_and_si128(b, mask), hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-            __m256 w0 = load_u8x8(lo4), w1 = load_u8x8(_mm_srli_si128(lo4, 8));
-            __m256 w2 = load_u8x8(hi4), w3 = load_u8x8(_mm_srli_si128(hi4, 8));
+            __m256 w0 = _mm256_mul_ps(load_u8x8(lo4), sg);
+            __m256 w1 = _mm256_mul_ps(load_u8x8(_mm_srli_si128(lo4, 8)), sg);
+            __m256 w2 = _mm256_mul_ps(load_u8x8(hi4), sg);
+            __m256 w3 = _mm256_mul_ps(load_u8x8(_mm_srli_si128(hi4, 8)), sg);
+            if (nr == 1) {
+                yacc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w0, yacc[0]);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), w1, c1);
+                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), w2, c2);
+                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), w3, c3);
+                continue;
+            }
             for (int r = 0; r < nr; r++) {
                 const float *xk = x + r * xs + k;
-                __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xk), w0);
+                __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(xk), w0, yacc[r]);
                 t = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 8), w1, t);
                 t = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 16), w2, t);
-                t = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 24), w3, t);
-                gacc[r] = _mm256_add_ps(gacc[r], t);
+                yacc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 24), w3, t);
             }
         }
-        const __m256 sg = _mm256_set1_ps(s[g]);
-        for (int r = 0; r < nr; r++) {
-            yacc[r] = _mm256_fmadd_ps(sg, gacc[r], yacc[r]);
-            offs[r] += lo[g] * xsum[r * ng + g];
-        }
     }
-    for (int r = 0; r < nr; r++) acc[r] = hsum8(yacc[r]) + offs[r];
+    if (nr == 1) yacc[0] = _mm256_add_ps(_mm256_add_ps(yacc[0], c1), _mm256_add_ps(c2, c3));
+    for (int r = 0; r < nr; r++) {
+        float off = 0.0f;
+        for (int64_t g = 0; g < ng; g++) off += lo[g] * xsum[r * ng + g];
+        acc[r] = hsum8(yacc[r]) + off;
+    }
 #else
     const int64_t ng2 = ng;
     for (int r = 0; r < nr; r++) {
@@ -170,6 +189,10 @@ int q4_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const flo
             int nr = m - r0 < NR ? (int)(m - r0) : NR;
             const float *xr = x + r0 * xs, *xsr = xsum + r0 * ng;
             switch (nr) {
+            case 8: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 8, acc); break;
+            case 7: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 7, acc); break;
+            case 6: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 6, acc); break;
+            case 5: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 5, acc); break;
             case 4: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 4, acc); break;
             case 3: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 3, acc); break;
             case 2: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 2, acc); break;

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 MODES = ("int8", "int4")
 GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
+# matmuls of fewer multiply-adds than this run on one thread
+SMALL_MATMUL = 1 << 22
 
 
 class QuantizeError(ValueError):
@@ -118,7 +120,11 @@ class QuantizedProjection(nn.Module):
         m = x.shape[0]
         y = x.new_empty(m, self.out_features)
         bias = self.bias.data_ptr() if self.bias is not None else None
-        threads = torch.get_num_threads()
+        # A small matmul (one decode row) on one thread: an OpenMP team's join waits for
+        # every thread to be scheduled, which on a busy 2-core machine cost 10-50x the
+        # work (benchmarks/quant_kernels.py, "1t" against "2t")
+        macs = m * self.in_features * self.out_features
+        threads = 1 if macs < SMALL_MATMUL else torch.get_num_threads()
         nk = self.kernels
         if self.mode == "int8":
             nk.q8_matmul(x.data_ptr(), x.stride(0), m, self.q.data_ptr(),

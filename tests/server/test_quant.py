@@ -106,8 +106,9 @@ def test_native_kernel_matches_the_reference(march, mode):
                 assert y.shape == (m, n_out)
                 torch.testing.assert_close(y, ref, rtol=1e-4,
                                            atol=1e-5 * float(ref.abs().max()) + 1e-6)
-                # a row's result does not depend on the other rows
-                torch.testing.assert_close(proj(x[-1:]), y[-1:], rtol=1e-6, atol=1e-6)
+                # a row alone (its own summation order: 4 chains) agrees with it in a batch
+                torch.testing.assert_close(proj(x[-1:]), y[-1:], rtol=1e-5,
+                                           atol=1e-5 * float(ref.abs().max()) + 1e-6)
 
 
 def test_load_model_rejects_an_unknown_mode(tiny_model):
