@@ -1,13 +1,14 @@
-"""Serving speed of the quantized base (`--quantize int8|int4`) against fp32, in one run.
+"""Serving speed of the quantized base (`--quantize int8|int4`) and bf16 against fp32, in one run.
 
-The default model, one `switchboard serve` per variant (fp32 = `--quantize none`, int8,
-int4; all in --dtype float32), started together and measured in turn, round by round
-(this VM's speed drifts over minutes, so each round's three figures are taken back to
-back and the ratios are per round): a single stream (one client, --single-requests
+The default model, one `switchboard serve` per variant (none = fp32, int8, int4, all in
+--dtype float32; bf16 = --dtype bfloat16, unquantized), started together and measured in
+turn, round by round (this VM's speed drifts over minutes, so each round's figures are
+taken back to back and the ratios are per round): a single stream (one client, --single-requests
 requests), the base model with 32 clients, and 16 rank-16 all-projection LoRA adapters
 (benchmarks.serving.make_adapters) with 32 clients, --new-tokens each (EOS ignored),
 through the project's load generator. Medians over --rounds of the tokens/s and of the
-per-round ratios to fp32.
+per-round ratios to fp32, and each variant's adapter overhead ratio (16 adapters' tokens/s
+over the base model's, per round).
 
     python -m benchmarks.quantization_speed [--rounds 3] [--new-tokens 64]
 """
@@ -22,7 +23,12 @@ from benchmarks.common import Server, median, print_table, write_results
 from benchmarks.serving import load, make_adapters
 from server.model_store import provision_default_model
 
-VARIANTS = ("none", "int8", "int4")
+VARIANTS = ("none", "int8", "int4", "bf16")
+# variant: its switchboard serve flags
+FLAGS = {"none": ["--quantize", "none", "--dtype", "float32"],
+         "int8": ["--quantize", "int8", "--dtype", "float32"],
+         "int4": ["--quantize", "int4", "--dtype", "float32"],
+         "bf16": ["--quantize", "none", "--dtype", "bfloat16"]}
 MEASURES = ("single_stream", "base_32_clients", "adapters_32_clients")
 
 
@@ -46,8 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
         names = tuple(make_adapters(model_dir, Path(tmp), a.adapters, a.rank))
         args = ["--adapter-dir", tmp, "--max-batch-size", a.clients, "--max-active-adapters",
                 a.adapters, "--max-lora-rank", a.rank, "--max-seq-len", 512,
-                "--kv-cache-memory", "1GiB", "--dtype", "float32", *a.server_arg]
-        servers = {v: Server([*args, "--quantize", v]) for v in variants}
+                "--kv-cache-memory", "1GiB", *a.server_arg]
+        servers = {v: Server([*args, *FLAGS[v]]) for v in variants}
         try:
             for s in servers.values():  # warm-up: kernels, allocator, adapter loading
                 load(s.target, names, a.clients, a.clients, 4)
@@ -70,12 +76,18 @@ def main(argv: list[str] | None = None) -> dict:
                for v in variants}
     ratios = {v: {m: median([rd[v][m] / rd["none"][m] for rd in rounds]) for m in MEASURES}
               for v in variants if v != "none" and "none" in variants}
+    # tokens/s with 16 adapters over tokens/s of the base model alone, per round
+    overhead = {v: median([rd[v]["adapters_32_clients"] / rd[v]["base_32_clients"]
+                           for rd in rounds]) for v in variants}
     rows = [(f"{v} {m} tok/s", summary[v][m]) for v in variants for m in MEASURES]
     rows += [(f"{v}/fp32 {m}", ratios[v][m]) for v in ratios for m in MEASURES]
+    rows += [(f"{v} adapter overhead ratio", overhead[v]) for v in variants]
     print_table(f"quantized base vs fp32 (median of {len(rounds)} rounds; {a.clients} "
                 f"clients, {a.adapters} adapters rank {a.rank}, {a.new_tokens} new tokens)",
                 rows)
-    result = {"tokens_per_s": summary, "ratio_vs_fp32": ratios, "rounds": rounds,
+    result = {"tokens_per_s": summary, "ratio_vs_fp32": ratios,
+              "adapter_overhead_ratio": overhead, "flags": {v: FLAGS[v] for v in variants},
+              "rounds": rounds,
               "settings": vars(a) | {"model": "smollm2-135m-instruct"}}
     path = write_results("quantization-speed", result)
     print(f"wrote {path}")

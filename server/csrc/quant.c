@@ -109,12 +109,27 @@ dot_i4(const float *x, int64_t xs, const float *xsum, int64_t ng, const uint8_t 
        const float *s, const float *lo, int64_t k_len, int64_t group, int nr, float *acc)
 {
 #if W == 8 || W == 16
-    /* the group's scale is folded into the unpacked weights (shared by the rows); one
-       row keeps 4 chains of FMAs in flight, several rows one chain each */
-    __m256 yacc[NR], c1 = _mm256_setzero_ps(), c2 = c1, c3 = c1;
+    /* several rows: the group's scale is folded into the unpacked weights (shared by the
+       rows), one chain of FMAs a row */
+    __m256 yacc[NR], c1 = _mm256_setzero_ps();
     for (int r = 0; r < nr; r++) yacc[r] = _mm256_setzero_ps();
     const __m128i mask = _mm_set1_epi8(0x0f);
-    for (int64_t g = 0; g < ng; g++) {
+    for (int64_t g = 0; g < ng && nr == 1; g++) {
+        /* one row: the group's sum in 2 chains, then scaled once (no multiply a weight) */
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
+            __m128i lo4 = _mm_and_si128(b, mask), hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+            t0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_u8x8(lo4), t0);
+            t1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_u8x8(_mm_srli_si128(lo4, 8)), t1);
+            t0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_u8x8(hi4), t0);
+            t1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_u8x8(_mm_srli_si128(hi4, 8)), t1);
+        }
+        const __m256 sg = _mm256_set1_ps(s[g]);
+        if (g & 1) c1 = _mm256_fmadd_ps(sg, _mm256_add_ps(t0, t1), c1);
+        else yacc[0] = _mm256_fmadd_ps(sg, _mm256_add_ps(t0, t1), yacc[0]);
+    }
+    for (int64_t g = 0; g < ng && nr > 1; g++) {
         const __m256 sg = _mm256_set1_ps(s[g]);
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
@@ -123,13 +138,6 @@ dot_i4(const float *x, int64_t xs, const float *xsum, int64_t ng, const uint8_t 
             __m256 w1 = _mm256_mul_ps(load_u8x8(_mm_srli_si128(lo4, 8)), sg);
             __m256 w2 = _mm256_mul_ps(load_u8x8(hi4), sg);
             __m256 w3 = _mm256_mul_ps(load_u8x8(_mm_srli_si128(hi4, 8)), sg);
-            if (nr == 1) {
-                yacc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w0, yacc[0]);
-                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), w1, c1);
-                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), w2, c2);
-                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), w3, c3);
-                continue;
-            }
             for (int r = 0; r < nr; r++) {
                 const float *xk = x + r * xs + k;
                 __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(xk), w0, yacc[r]);
@@ -139,7 +147,7 @@ dot_i4(const float *x, int64_t xs, const float *xsum, int64_t ng, const uint8_t 
             }
         }
     }
-    if (nr == 1) yacc[0] = _mm256_add_ps(_mm256_add_ps(yacc[0], c1), _mm256_add_ps(c2, c3));
+    if (nr == 1) yacc[0] = _mm256_add_ps(yacc[0], c1);
     for (int r = 0; r < nr; r++) {
         float off = 0.0f;
         for (int64_t g = 0; g < ng; g++) off += lo[g] * xsum[r * ng + g];

@@ -96,6 +96,7 @@ class QuantizedProjection(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.kernels = kernels
+        self._bind()
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [out, in] this projection computes with."""
@@ -104,8 +105,8 @@ class QuantizedProjection(nn.Module):
         return dequantize_int4(self.q, self.scale, self.lo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.dim() == 2):
+        if self._call is not None and x.dtype == torch.float32 and x.dim() == 2 \
+                and not x.is_cuda:
             return self._native(x)
         return self.reference(x)
 
@@ -114,25 +115,42 @@ class QuantizedProjection(nn.Module):
         y = x @ self.dequantized().to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def _apply(self, fn, recurse=True):  # .to() and friends move the buffers: re-bind
+        out = super()._apply(fn, recurse)
+        self._bind()
+        return out
+
+    def _bind(self) -> None:
+        """The kernel and its weight arguments, looked up once (a decode step makes over a
+        hundred of these calls: Module attribute lookups and ctypes conversions were most
+        of a small projection's time)."""
+        self._call, self._weight_args = None, ()
+        nk, q = self.kernels, self.q
+        if nk is None or q.device.type != "cpu" or self.scale.dtype != torch.float32:
+            return
+        bias = self.bias.data_ptr() if self.bias is not None else None
+        if self.mode == "int8":
+            self._call = nk.q8_matmul
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), bias,
+                                 self.out_features, self.in_features)
+        else:
+            self._call = nk.q4_matmul
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self.lo.data_ptr(), bias,
+                                 self.out_features, self.in_features, GROUP)
+        self._macs = self.in_features * self.out_features
+
     def _native(self, x: torch.Tensor) -> torch.Tensor:
-        if x.stride(-1) != 1:
+        if x.stride(1) != 1:
             x = x.contiguous()
         m = x.shape[0]
-        y = x.new_empty(m, self.out_features)
-        bias = self.bias.data_ptr() if self.bias is not None else None
+        n_out = self.out_features
+        y = torch.empty((m, n_out))
         # A small matmul (one decode row) on one thread: an OpenMP team's join waits for
         # every thread to be scheduled, which on a busy 2-core machine cost 10-50x the
         # work (benchmarks/quant_kernels.py, "1t" against "2t")
-        macs = m * self.in_features * self.out_features
-        threads = 1 if macs < SMALL_MATMUL else torch.get_num_threads()
-        nk = self.kernels
-        if self.mode == "int8":
-            nk.q8_matmul(x.data_ptr(), x.stride(0), m, self.q.data_ptr(),
-                         self.scale.data_ptr(), bias, self.out_features, self.in_features,
-                         y.data_ptr(), y.stride(0), threads)
-        elif nk.q4_matmul(x.data_ptr(), x.stride(0), m, self.q.data_ptr(),
-                          self.scale.data_ptr(), self.lo.data_ptr(), bias, self.out_features,
-                          self.in_features, GROUP, y.data_ptr(), y.stride(0), threads):
+        threads = 1 if m * self._macs < SMALL_MATMUL else torch.get_num_threads()
+        if self._call(x.data_ptr(), x.stride(0), m, *self._weight_args, y.data_ptr(), n_out,
+                      threads):
             raise MemoryError("int4 matmul: no memory for its row sums")
         return y
 
