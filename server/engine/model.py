@@ -374,6 +374,7 @@ class DecoderModel(nn.Module):
         self.sin_rot: list[torch.Tensor] = []
         # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
         self.kernels = None
+        self._decode_cache: tuple | None = None  # (key, _decode_layers' list)
 
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
         """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]
@@ -503,6 +504,30 @@ class DecoderModel(nn.Module):
             x += down if layer.mlp_out_norm is None else layer.mlp_out_norm.forward(down)
         return self._logits(self.norm(x[step.sample_idx]))
 
+    def _decode_layers(self, kv: KVCache) -> list[tuple]:
+        """Per layer, what `_forward_decode` passes to the kernels and never changes between
+        steps: (layer, its norms' weight pointers (input, attention output or 0, MLP input,
+        MLP output or 0, the next layer's input or the final norm), its cache layers'
+        pointers, window, RoPE table pointers). Built once per KV cache: the Module
+        attribute lookups and pointer reads were a third of a step's time outside the
+        matmuls (benchmarks/profile_decode.py)."""
+        key = (id(kv), kv.k[0].data_ptr(), self.norm.weight.data_ptr(), self.cos[0].data_ptr())
+        if self._decode_cache is not None and self._decode_cache[0] == key:
+            return self._decode_cache[1]
+        spec, layers = self.spec, []
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            t = spec.rope_table(i)
+            layers.append((
+                layer, layer.input_norm.weight.data_ptr(),
+                layer.attn_out_norm.weight.data_ptr() if layer.attn_out_norm is not None else 0,
+                layer.post_norm.weight.data_ptr(),
+                layer.mlp_out_norm.weight.data_ptr() if layer.mlp_out_norm is not None else 0,
+                nxt.weight.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(), spec.window(i),
+                self.cos[t].data_ptr(), self.sin_rot[t].data_ptr()))
+        self._decode_cache = (key, layers)
+        return layers
+
     def _forward_decode(self, x: torch.Tensor, step: StepInputs, kv: KVCache,
                         hooks: AdapterHooks | None) -> torch.Tensor:
         """`forward` for a step of decode tokens only (one a row), with the native kernels
@@ -516,48 +541,47 @@ class DecoderModel(nn.Module):
         h = torch.empty_like(x)
         act = x.new_empty(n, spec.intermediate_size)
         attn = x.new_empty(n, spec.q_size)
-        nk.rms_norm_rows(x.data_ptr(), self.layers[0].input_norm.weight.data_ptr(),
-                         h.data_ptr(), n, h_size, eps)
-        for i, layer in enumerate(self.layers):
+        x_p, h_p, act_p, attn_p = x.data_ptr(), h.data_ptr(), act.data_ptr(), attn.data_ptr()
+        pos_p, rows_p = pos.data_ptr(), rows.data_ptr()
+        heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        max_len, scale, inter = kv.max_len, spec.attn_scale, spec.intermediate_size
+        silu, qk_norm = spec.activation == "silu", spec.qk_norm
+        plan = self._decode_layers(kv)
+        nk.rms_norm_rows(x_p, plan[0][1], h_p, n, h_size, eps)
+        for i, (layer, _, attn_out_w, post_w, mlp_out_w, next_w, k_p, v_p, window, cos_p,
+                sin_p) in enumerate(plan):
             qkv = layer.qkv.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
-            if spec.qk_norm:
+            if qk_norm:
                 self.norm_qk(layer, qkv)
-            t = spec.rope_table(i)
             if nk.decode_attention_rows(
-                    qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n,
-                    self.cos[t].data_ptr(), self.sin_rot[t].data_ptr(), kv.k[i].data_ptr(),
-                    kv.v[i].data_ptr(), spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                    kv.max_len, spec.window(i), spec.attn_scale, attn.data_ptr(), threads):
+                    qkv.data_ptr(), pos_p, rows_p, n, cos_p, sin_p, k_p, v_p, heads, kv_heads,
+                    head_dim, max_len, window, scale, attn_p, threads):
                 raise MemoryError("decode attention: head_dim over 512 or no memory")
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
             o = layer.o.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
-            if layer.attn_out_norm is not None:  # in place (the kernel reads, then writes)
-                nk.rms_norm_rows(o.data_ptr(), layer.attn_out_norm.weight.data_ptr(),
-                                 o.data_ptr(), n, h_size, eps)
-            nk.add_rms_norm_rows(x.data_ptr(), o.data_ptr(),
-                                 layer.post_norm.weight.data_ptr(), h.data_ptr(), n, h_size,
-                                 eps)
+            o_p = o.data_ptr()
+            if attn_out_w:  # in place (the kernel reads, then writes)
+                nk.rms_norm_rows(o_p, attn_out_w, o_p, n, h_size, eps)
+            nk.add_rms_norm_rows(x_p, o_p, post_w, h_p, n, h_size, eps)
             gu = layer.gate_up.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
-            if spec.activation == "silu":
-                nk.silu_mul_rows(gu.data_ptr(), act.data_ptr(), n, spec.intermediate_size)
+            if silu:
+                nk.silu_mul_rows(gu.data_ptr(), act_p, n, inter)
             else:
                 act.copy_(self._mlp_act(gu))
             a = hooks.pre(i, "down", act) if hooks is not None else act
             down = layer.down.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
-            if layer.mlp_out_norm is not None:
-                nk.rms_norm_rows(down.data_ptr(), layer.mlp_out_norm.weight.data_ptr(),
-                                 down.data_ptr(), n, h_size, eps)
-            norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            nk.add_rms_norm_rows(x.data_ptr(), down.data_ptr(), norm.weight.data_ptr(),
-                                 h.data_ptr(), n, h_size, eps)
+            d_p = down.data_ptr()
+            if mlp_out_w:
+                nk.rms_norm_rows(d_p, mlp_out_w, d_p, n, h_size, eps)
+            nk.add_rms_norm_rows(x_p, d_p, next_w, h_p, n, h_size, eps)
         return self._logits(h[step.sample_idx])
 
     def _attention(self, q, kc, vc, step: StepInputs, pad, window: int) -> torch.Tensor:
