@@ -20,7 +20,11 @@ the slow ones: about 20 ms a round):
 Reported: microseconds a call, the weight bytes read a second (GB/s), and each one's
 speed-up over fp32 `x @ W^T` at the same shape and M.
 
-    python -m benchmarks.quant_kernels [--rounds 7] [--reps 50]
+With --clock cpu every candidate runs on one thread and is timed by this thread's CPU
+time: the work a core does, robust to other processes on a shared machine (wall-clock
+medians there land on multiples of the scheduler's time slice).
+
+    python -m benchmarks.quant_kernels [--rounds 7] [--reps 50] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -124,11 +128,14 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[],
     return found
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
+
+
 def _time(fn: Callable[[], object], reps: int) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps
+    return (CLOCK() - t0) / reps
 
 
 def rotating(w: torch.Tensor, m: int) -> dict[str, tuple[Callable[[], object], int]]:
@@ -175,13 +182,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this thread's CPU time, every candidate on one thread (torch's "
+                   "included): the work a core does, whatever else the machine runs "
+                   "(results in quant_kernels-cpu.json)")
     a = p.parse_args(argv)
+    if a.clock == "cpu":
+        global CLOCK
+        CLOCK = time.thread_time
+        torch.set_num_threads(1)
     results = measure(a.rounds, a.reps)
     for key, rows in results.items():
         print_table(f"{key}: us a call (speed-up over fp32 x @ W^T)",
                     [(name, f"{r['us']:9.1f} ({r['speedup_vs_fp32']:.2f}x)")
                      for name, r in rows.items()])
-    write_results("quant_kernels", {"rounds": a.rounds, "reps": a.reps, "results": results})
+    write_results("quant_kernels" + ("-cpu" if a.clock == "cpu" else ""),
+                  {"rounds": a.rounds, "reps": a.reps, "clock": a.clock, "results": results})
 
 
 if __name__ == "__main__":
