@@ -7,8 +7,8 @@ import importlib
 import sys
 import time
 
-ALL = ("serving", "http", "kernels", "adapters", "onnx", "trainer", "methods", "safety",
-       "structured")
+ALL = ("serving", "http", "kernels", "quant_kernels", "quantization_speed", "profile_decode",
+       "adapters", "onnx", "trainer", "methods", "safety", "structured")
 
 
 def main() -> int:
