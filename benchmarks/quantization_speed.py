@@ -32,6 +32,30 @@ FLAGS = {"none": ["--quantize", "none", "--dtype", "float32"],
 MEASURES = ("single_stream", "base_32_clients", "adapters_32_clients")
 
 
+def summarize(rounds: list[dict], variants: list[str], a) -> dict:
+    """Medians over the rounds so far (a round may lack the variants not yet measured)."""
+    variants = [v for v in variants if any(v in rd for rd in rounds)]
+    summary = {v: {m: median([rd[v][m] for rd in rounds if v in rd]) for m in MEASURES}
+               for v in variants}
+    ratios = {v: {m: median([rd[v][m] / rd["none"][m] for rd in rounds
+                             if v in rd and "none" in rd]) for m in MEASURES}
+              for v in variants if v != "none" and "none" in variants}
+    # tokens/s with 16 adapters over tokens/s of the base model alone, per round
+    overhead = {v: median([rd[v]["adapters_32_clients"] / rd[v]["base_32_clients"]
+                           for rd in rounds if v in rd]) for v in variants}
+    rows = [(f"{v} {m} tok/s", summary[v][m]) for v in variants for m in MEASURES]
+    rows += [(f"{v}/fp32 {m}", ratios[v][m]) for v in ratios for m in MEASURES]
+    rows += [(f"{v} adapter overhead ratio", overhead[v]) for v in variants]
+    print_table(f"quantized base vs fp32 (median of {len(rounds)} rounds; {a.clients} "
+                f"clients, {a.adapters} adapters rank {a.rank}, {a.new_tokens} new tokens)",
+                rows)
+    result = {"tokens_per_s": summary, "ratio_vs_fp32": ratios,
+              "adapter_overhead_ratio": overhead, "flags": {v: FLAGS[v] for v in variants},
+              "rounds": rounds,
+              "settings": vars(a) | {"model": "smollm2-135m-instruct"}}
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -68,28 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
                                   "adapters_32_clients": mixed.output_tokens_per_s}
                     print(f"round {r + 1} {v}: " + ", ".join(
                         f"{k} {x:.1f}" for k, x in figures[v].items()), flush=True)
+                    # written after every measurement: a run cut short keeps its figures
+                    result = summarize([*rounds, figures], variants, a)
+                    path = write_results("quantization-speed", result)
                 rounds.append(figures)
         finally:
             for s in servers.values():
                 s.stop()
-    summary = {v: {m: median([rd[v][m] for rd in rounds]) for m in MEASURES}
-               for v in variants}
-    ratios = {v: {m: median([rd[v][m] / rd["none"][m] for rd in rounds]) for m in MEASURES}
-              for v in variants if v != "none" and "none" in variants}
-    # tokens/s with 16 adapters over tokens/s of the base model alone, per round
-    overhead = {v: median([rd[v]["adapters_32_clients"] / rd[v]["base_32_clients"]
-                           for rd in rounds]) for v in variants}
-    rows = [(f"{v} {m} tok/s", summary[v][m]) for v in variants for m in MEASURES]
-    rows += [(f"{v}/fp32 {m}", ratios[v][m]) for v in ratios for m in MEASURES]
-    rows += [(f"{v} adapter overhead ratio", overhead[v]) for v in variants]
-    print_table(f"quantized base vs fp32 (median of {len(rounds)} rounds; {a.clients} "
-                f"clients, {a.adapters} adapters rank {a.rank}, {a.new_tokens} new tokens)",
-                rows)
-    result = {"tokens_per_s": summary, "ratio_vs_fp32": ratios,
-              "adapter_overhead_ratio": overhead, "flags": {v: FLAGS[v] for v in variants},
-              "rounds": rounds,
-              "settings": vars(a) | {"model": "smollm2-135m-instruct"}}
-    path = write_results("quantization-speed", result)
     print(f"wrote {path}")
     return result
 
