@@ -23,7 +23,7 @@ from benchmarks.common import Server, median, print_table, write_results
 from benchmarks.serving import load, make_adapters
 from server.model_store import provision_default_model
 
-VARIANTS = ("none", "int8", "int4", "bf16")
+VARIANTS = ("none", "int8", "int4")  # bf16 too with --variants none,int8,int4,bf16
 # variant: its switchboard serve flags
 FLAGS = {"none": ["--quantize", "none", "--dtype", "float32"],
          "int8": ["--quantize", "int8", "--dtype", "float32"],
