@@ -8,8 +8,7 @@ import sys
 import time
 
 ALL = ("serving", "http", "kernels", "quant_kernels", "quantization_speed", "profile_decode",
-       "bf16_adapters",
-       "adapters", "onnx", "trainer", "methods", "safety", "structured")
+       "bf16_adapters", "adapters", "onnx", "trainer", "methods", "safety", "structured")
 
 
 def main() -> int:
