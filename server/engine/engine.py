@@ -44,9 +44,34 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# CPU flags (/proc/cpuinfo) of native bf16 matmuls: AVX-512 BF16 (Zen 4+, Cooper Lake+)
+# and AMX (Sapphire Rapids+); elsewhere bf16 is emulated and slower than fp32
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def auto_dtype(device_type: str, flags: frozenset[str] | set[str]) -> torch.dtype:
+    """`--dtype auto`: bf16 on CUDA and on CPUs with native bf16 (BF16_CPU_FLAGS among
+    `flags`), fp32 elsewhere."""
+    if device_type == "cuda" or (device_type == "cpu" and BF16_CPU_FLAGS & set(flags)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device.type, cpu_flags() if device.type == "cpu" else frozenset())
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.quant import MODES as QUANT_MODES
+from server.engine.quant import QuantizeError, quantize_model
+
 # model_type: (its causal-LM architecture, the switches of ModelSpec its config implies).
 # One decoder serves them all; what sets a family apart is a named switch read here.
 FAMILIES = {
@@ -284,8 +287,10 @@ class Projection(nn.Module):
 
 
 class QuantProjection(nn.Module):
-    """A Projection whose weight lives in bitsandbytes' int8 or nf4 format; the compute
-    (and any adapter on top) stays in the model's dtype."""
+    """A Projection whose weight lives in bitsandbytes' nf4 format (`--quantize nf4`: what
+    QLoRA trains against, and fast on CUDA); the compute (and any adapter on top) stays
+    in the model's dtype. Its int8 mode is kept for callers that ask for bitsandbytes'
+    int8; `--quantize int8|int4` use server.engine.quant, several times faster on a CPU."""
 
     def __init__(self, proj: Projection, mode: str, dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -306,7 +311,7 @@ class QuantProjection(nn.Module):
             inner.weight = bnb.nn.Int8Params(weight, requires_grad=False,
                                              has_fp16_weights=False)
         else:
-            raise ModelLoadError(f"quantize {mode!r} is not one of none, int8, nf4")
+            raise ModelLoadError(f"quantize {mode!r} is not one of nf4, int8 (bitsandbytes)")
         if has_bias:
             inner.bias = nn.Parameter(proj.bias.detach().clone(), requires_grad=False)
         self.inner = inner.to(device)
@@ -357,6 +362,10 @@ class DecoderModel(nn.Module):
         # CPU only: a [hidden, vocab] copy for steps with one row, where x @ W^T reads the
         # weights at 1.7x the speed of W @ x^T (and the opposite holds from 2 rows up).
         self.register_buffer("lm_head_t", None, persistent=False)
+        # --quantize int8/int4 on the CPU: the output projection in int8
+        # (server.engine.quant.QuantizedProjection), lm_head then holding its dequantized
+        # weight; or None
+        self.lm_head_q: nn.Module | None = None
         self.inv_freqs = [inv_freq.float() for inv_freq, _ in ropes]  # kept fp32 on the CPU
         self.rope_scalings = [scaling for _, scaling in ropes]
         self.long_inv_freq = None if long_inv_freq is None else long_inv_freq.float()
@@ -365,6 +374,7 @@ class DecoderModel(nn.Module):
         self.sin_rot: list[torch.Tensor] = []
         # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
         self.kernels = None
+        self._decode_cache: tuple | None = None  # (key, _decode_layers' list)
 
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
         """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]
@@ -409,7 +419,9 @@ class DecoderModel(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, hidden] after the final norm -> [R, vocab]."""
-        if x.shape[0] == 1 and self.lm_head_t is not None:
+        if self.lm_head_q is not None:
+            logits = self.lm_head_q.forward(x)
+        elif x.shape[0] == 1 and self.lm_head_t is not None:
             logits = x @ self.lm_head_t
         else:
             logits = torch.mm(self.lm_head, x.T).T
@@ -492,6 +504,30 @@ class DecoderModel(nn.Module):
             x += down if layer.mlp_out_norm is None else layer.mlp_out_norm.forward(down)
         return self._logits(self.norm(x[step.sample_idx]))
 
+    def _decode_layers(self, kv: KVCache) -> list[tuple]:
+        """Per layer, what `_forward_decode` passes to the kernels and never changes between
+        steps: (layer, its norms' weight pointers (input, attention output or 0, MLP input,
+        MLP output or 0, the next layer's input or the final norm), its cache layers'
+        pointers, window, RoPE table pointers). Built once per KV cache: the Module
+        attribute lookups and pointer reads were a third of a step's time outside the
+        matmuls (benchmarks/profile_decode.py)."""
+        key = (id(kv), kv.k[0].data_ptr(), self.norm.weight.data_ptr(), self.cos[0].data_ptr())
+        if self._decode_cache is not None and self._decode_cache[0] == key:
+            return self._decode_cache[1]
+        spec, layers = self.spec, []
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            t = spec.rope_table(i)
+            layers.append((
+                layer, layer.input_norm.weight.data_ptr(),
+                layer.attn_out_norm.weight.data_ptr() if layer.attn_out_norm is not None else 0,
+                layer.post_norm.weight.data_ptr(),
+                layer.mlp_out_norm.weight.data_ptr() if layer.mlp_out_norm is not None else 0,
+                nxt.weight.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(), spec.window(i),
+                self.cos[t].data_ptr(), self.sin_rot[t].data_ptr()))
+        self._decode_cache = (key, layers)
+        return layers
+
     def _forward_decode(self, x: torch.Tensor, step: StepInputs, kv: KVCache,
                         hooks: AdapterHooks | None) -> torch.Tensor:
         """`forward` for a step of decode tokens only (one a row), with the native kernels
@@ -505,48 +541,47 @@ class DecoderModel(nn.Module):
         h = torch.empty_like(x)
         act = x.new_empty(n, spec.intermediate_size)
         attn = x.new_empty(n, spec.q_size)
-        nk.rms_norm_rows(x.data_ptr(), self.layers[0].input_norm.weight.data_ptr(),
-                         h.data_ptr(), n, h_size, eps)
-        for i, layer in enumerate(self.layers):
+        x_p, h_p, act_p, attn_p = x.data_ptr(), h.data_ptr(), act.data_ptr(), attn.data_ptr()
+        pos_p, rows_p = pos.data_ptr(), rows.data_ptr()
+        heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        max_len, scale, inter = kv.max_len, spec.attn_scale, spec.intermediate_size
+        silu, qk_norm = spec.activation == "silu", spec.qk_norm
+        plan = self._decode_layers(kv)
+        nk.rms_norm_rows(x_p, plan[0][1], h_p, n, h_size, eps)
+        for i, (layer, _, attn_out_w, post_w, mlp_out_w, next_w, k_p, v_p, window, cos_p,
+                sin_p) in enumerate(plan):
             qkv = layer.qkv.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
-            if spec.qk_norm:
+            if qk_norm:
                 self.norm_qk(layer, qkv)
-            t = spec.rope_table(i)
             if nk.decode_attention_rows(
-                    qkv.data_ptr(), pos.data_ptr(), rows.data_ptr(), n,
-                    self.cos[t].data_ptr(), self.sin_rot[t].data_ptr(), kv.k[i].data_ptr(),
-                    kv.v[i].data_ptr(), spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                    kv.max_len, spec.window(i), spec.attn_scale, attn.data_ptr(), threads):
+                    qkv.data_ptr(), pos_p, rows_p, n, cos_p, sin_p, k_p, v_p, heads, kv_heads,
+                    head_dim, max_len, window, scale, attn_p, threads):
                 raise MemoryError("decode attention: head_dim over 512 or no memory")
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
             o = layer.o.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
-            if layer.attn_out_norm is not None:  # in place (the kernel reads, then writes)
-                nk.rms_norm_rows(o.data_ptr(), layer.attn_out_norm.weight.data_ptr(),
-                                 o.data_ptr(), n, h_size, eps)
-            nk.add_rms_norm_rows(x.data_ptr(), o.data_ptr(),
-                                 layer.post_norm.weight.data_ptr(), h.data_ptr(), n, h_size,
-                                 eps)
+            o_p = o.data_ptr()
+            if attn_out_w:  # in place (the kernel reads, then writes)
+                nk.rms_norm_rows(o_p, attn_out_w, o_p, n, h_size, eps)
+            nk.add_rms_norm_rows(x_p, o_p, post_w, h_p, n, h_size, eps)
             gu = layer.gate_up.forward(h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
-            if spec.activation == "silu":
-                nk.silu_mul_rows(gu.data_ptr(), act.data_ptr(), n, spec.intermediate_size)
+            if silu:
+                nk.silu_mul_rows(gu.data_ptr(), act_p, n, inter)
             else:
                 act.copy_(self._mlp_act(gu))
             a = hooks.pre(i, "down", act) if hooks is not None else act
             down = layer.down.forward(a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
-            if layer.mlp_out_norm is not None:
-                nk.rms_norm_rows(down.data_ptr(), layer.mlp_out_norm.weight.data_ptr(),
-                                 down.data_ptr(), n, h_size, eps)
-            norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            nk.add_rms_norm_rows(x.data_ptr(), down.data_ptr(), norm.weight.data_ptr(),
-                                 h.data_ptr(), n, h_size, eps)
+            d_p = down.data_ptr()
+            if mlp_out_w:
+                nk.rms_norm_rows(d_p, mlp_out_w, d_p, n, h_size, eps)
+            nk.add_rms_norm_rows(x_p, d_p, next_w, h_p, n, h_size, eps)
         return self._logits(h[step.sample_idx])
 
     def _attention(self, q, kc, vc, step: StepInputs, pad, window: int) -> torch.Tensor:
@@ -611,7 +646,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> torch.Te
 def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
                quantize: str = "none") -> DecoderModel:
     """Build a DecoderModel from a Hugging Face model directory (or hub id); with
-    quantize int8 or nf4 the projections become bitsandbytes layers."""
+    quantize int8 or int4 the layers' projections become weight-only quantized ones
+    (server.engine.quant), with nf4 bitsandbytes layers."""
+    if quantize not in ("none", "nf4", *QUANT_MODES):
+        raise ModelLoadError(f"quantize {quantize!r} is not one of none, int8, int4, nf4")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -650,7 +688,12 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
         m.weight = nn.Parameter(w.to(device))
     if device.type == "cpu" and quantize == "none":  # a quantized base is about memory
         model.lm_head_t = model.lm_head.detach().T.contiguous()
-    if quantize != "none":
+    if quantize in QUANT_MODES:  # weight-only int8/int4 (server.engine.quant)
+        try:
+            quantize_model(model, quantize, device, dtype)
+        except QuantizeError as e:
+            raise ModelLoadError(f"--quantize {quantize}: {e}") from e
+    elif quantize == "nf4":
         for layer in model.layers:
             for name in ("qkv", "o", "gate_up", "down"):
                 setattr(layer, name, QuantProjection(getattr(layer, name), quantize, dtype,

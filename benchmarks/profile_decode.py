@@ -1,0 +1,154 @@
+"""Where one stream's per-token time goes: the engine's decode loop, profiled in-process.
+
+The default model in an in-process Engine (fp32 on the CPU, `--quantize` each of
+--variants), one request at a time of --new-tokens greedy tokens after a short chat
+prompt. The engine's loop runs on this thread so that cProfile sees it. Two passes per
+variant: unprofiled (wall time a token, from the first token event to the last, median
+of --runs requests), then one request under cProfile, whose time is split into:
+  * matmuls: the layers' projections (Projection / QuantizedProjection .forward, BLAS
+    or server/csrc/quant.c) and the output head (DecoderModel._logits);
+  * between the matmuls: the rest of `_forward_decode` (server/csrc/decode.c through ctypes:
+    norms, RoPE, attention, SiLU) and its Python;
+  * model, other: the embedding lookup and `forward`'s own work;
+  * engine outside the model: step packing, sampling, stop checks, detokenizing, events,
+    the scheduler.
+cProfile's own overhead inflates the Python-heavy parts, so the shares are reported beside
+the unprofiled time a token.
+
+    python -m benchmarks.profile_decode [--variants none,int8,int4] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import median, print_table, write_results
+from server.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.types import ErrorEvent, FinishEvent, GenerationRequest, StoppingParams
+from server.model_store import provision_default_model
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+def _generate(engine: Engine, ids: list[int], new_tokens: int) -> float:
+    """Seconds a token between the first token event and the last."""
+    handle = engine.submit(GenerationRequest(f"p{time.monotonic_ns()}", ids,
+                                             stopping=StoppingParams(new_tokens,
+                                                                     ignore_eos=True)))
+    stamps = []
+    while True:
+        ev = handle.events.get(timeout=600)
+        if isinstance(ev, ErrorEvent):
+            raise RuntimeError(ev.message)
+        stamps.append(time.perf_counter())
+        if isinstance(ev, FinishEvent):
+            return (stamps[-1] - stamps[0]) / max(1, new_tokens - 1)
+
+
+def _drive(engine: Engine, fn) -> None:
+    """Run the engine's loop on this thread while `fn` runs on another, then stop it."""
+    out: dict = {}
+
+    def client() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # surfaced below
+            out["error"] = e
+        engine._stopping.set()
+        engine.scheduler.has_work.set()
+
+    engine._stopping.clear()
+    t = threading.Thread(target=client)
+    t.start()
+    engine._loop()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _split(stats: pstats.Stats) -> dict[str, float]:
+    """Seconds of each part (see the module docstring) from a cProfile run."""
+    cum: dict[str, float] = {}
+    own: dict[str, float] = {}
+    for (path, _, name), (_, _, tt, ct, _) in stats.stats.items():
+        key = f"{Path(path).name}:{name}"
+        cum[key] = cum.get(key, 0.0) + ct
+        own[key] = own.get(key, 0.0) + tt
+    loop, model = cum.get("lifecycle.py:_run", 0.0), cum.get("model.py:forward", 0.0)
+    decode = cum.get("model.py:_forward_decode", 0.0)
+    # BLAS (x @ W, addmm: the fp32 projections and the head) and the quantized kernel
+    # (a ctypes call: its time is its caller's own); Projection.forward and
+    # DecoderModel.forward share a name, so the torch ops are counted, not the callers
+    blas = sum(v for k, v in own.items()
+               if "'__matmul__'" in k or "method addmm " in k or "method mm " in k)
+    matmuls = blas + own.get("quant.py:_native", 0.0)
+    return {"engine_step_s": loop, "model_forward_s": model, "matmuls_s": matmuls,
+            "output_head_s": cum.get("model.py:_logits", 0.0),
+            "between_matmuls_s": max(0.0, decode - matmuls),
+            "model_other_s": max(0.0, model - decode),
+            "engine_outside_model_s": max(0.0, loop - model)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default="none,int8,int4")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--top", type=int, default=25, help="functions listed per profile")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    model_dir = provision_default_model()
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        for variant in a.variants.split(","):
+            cfg = EngineConfig(dtype="float32", quantize=variant, max_batch_size=4,
+                               max_seq_len=512, kv_cache_bytes=256 << 20)
+            engine = Engine(model_dir, Path(tmp), cfg)
+            ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
+                                                       tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            _drive(engine, lambda e=engine, i=ids: _generate(e, i, 8))  # warm-up
+            per_token = _drive(engine, lambda e=engine, i=ids: [
+                _generate(e, i, a.new_tokens) for _ in range(a.runs)])
+            prof = cProfile.Profile()
+            prof.enable()
+            _drive(engine, lambda e=engine, i=ids: _generate(e, i, a.new_tokens))
+            prof.disable()
+            stats = pstats.Stats(prof)
+            split = _split(stats)
+            steps = a.new_tokens
+            shares = {k.removesuffix("_s"): v / split["engine_step_s"]
+                      for k, v in split.items() if k != "engine_step_s"}
+            top = sorted(((f"{Path(f).name}:{n}", s[3]) for (f, _, n), s in stats.stats.items()),
+                         key=lambda kv: -kv[1])[: a.top]
+            results[variant] = {
+                "ms_per_token": 1e3 * median(per_token),
+                "tokens_per_s": 1 / median(per_token),
+                "profiled_ms_per_step": {k.removesuffix("_s"): 1e3 * v / steps
+                                         for k, v in split.items()},
+                "share_of_engine_step": shares,
+                "top_cumulative_ms_per_step": {k: 1e3 * v / steps for k, v in top},
+            }
+            rows = [("unprofiled ms/token", results[variant]["ms_per_token"])]
+            rows += [(f"{k} ms/step (profiled)", v)
+                     for k, v in results[variant]["profiled_ms_per_step"].items()]
+            rows += [(f"{k} share", v) for k, v in shares.items()]
+            print_table(f"one stream, --quantize {variant}", rows)
+            del engine
+    path = write_results("profile-decode", {"variants": results,
+                                            "settings": vars(a) | {"out": a.out and str(a.out)}},
+                         a.out)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

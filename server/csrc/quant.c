@@ -1,0 +1,214 @@
+/* Weight-only quantized projections for the CPU: y[m, n] = x[m] . w[n] (+ bias[n]), with
+   x and y fp32 and w stored in 8 or 4 bits, dequantized in registers (the activations are
+   never quantized, so y is the fp32 matmul with the dequantized weights up to rounding).
+
+   Decode reads every weight once per step, so its time is the bytes read: 1 byte a weight
+   (int8) or about 0.6 (int4 with group 32) instead of fp32's 4. PyTorch's own weight-only
+   ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have vectorized paths for AVX-512
+   only and were 10-100x slower than fp32 BLAS on an AVX2 CPU (benchmarks/quant_kernels.py).
+
+   int8: q [N, K] int8, per output channel scale s [N]:   w[n, k] = s[n] * q[n, k].
+   int4: q [N, K/2] bytes, per (n, group of G inputs) scale s and minimum lo [N, K/G]:
+         w[n, k] = lo[n, g] + s[n, g] * u[n, k], u in 0..15; a group's 32 inputs i < 16 and
+         16 + i share byte i of each 16-byte block (low nibble, high nibble). G = 32 * b.
+   Rows are done NR at a time so each weight is unpacked once per NR rows; output channels
+   are split over the OpenMP team. A row alone (a decode step of one stream) is summed in
+   4 chains, rows in a batch in one chain each: the two agree to fp32 rounding. */
+#include <stdint.h>
+#include <stdlib.h>
+#include "simd.h"
+
+#define NR 8 /* rows (tokens) done together */
+
+#if W == 8 || W == 16
+/* 8 int8 weights -> 8 floats */
+static inline __m256 load_i8x8(const int8_t *p)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* 8 unsigned bytes -> 8 floats */
+static inline __m256 load_u8x8(__m128i b)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+
+static inline float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* acc[r] = x[r] . q (K int8), r < nr. One row: 4 chains of FMAs in flight (their
+   latency bounds it); several rows: one chain a row, each weight vector unpacked once. */
+static inline __attribute__((always_inline)) void
+dot_i8(const float *x, int64_t xs, const int8_t *q, int64_t k_len, int nr, float *acc)
+{
+    int64_t k = 0;
+#if W == 8 || W == 16
+    __m256 a[NR];
+    for (int r = 0; r < nr; r++) a[r] = _mm256_setzero_ps();
+    if (nr == 1) {
+        __m256 c1 = a[0], c2 = a[0], c3 = a[0];
+        for (; k + 32 <= k_len; k += 32) {
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_i8x8(q + k), a[0]);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_i8x8(q + k + 8), c1);
+            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_i8x8(q + k + 16), c2);
+            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_i8x8(q + k + 24), c3);
+        }
+        a[0] = _mm256_add_ps(_mm256_add_ps(a[0], c1), _mm256_add_ps(c2, c3));
+    }
+    for (; k + 8 <= k_len; k += 8) {
+        __m256 w = load_i8x8(q + k);
+        for (int r = 0; r < nr; r++)
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), w, a[r]);
+    }
+    for (int r = 0; r < nr; r++) acc[r] = hsum8(a[r]);
+#else
+    for (int r = 0; r < nr; r++) acc[r] = 0.0f;
+#endif
+    for (; k < k_len; k++)
+        for (int r = 0; r < nr; r++) acc[r] += x[r * xs + k] * (float)q[k];
+}
+
+/* y[r, n] = s[n] * (x[r] . q[n]) + bias[n] for r < m, n in [0, N). */
+void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const float *s,
+               const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
+               int64_t threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_out; n++) {
+        const int8_t *qn = q + n * k_len;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t r0 = 0; r0 < m; r0 += NR) {
+            float acc[NR];
+            int nr = m - r0 < NR ? (int)(m - r0) : NR;
+            const float *xr = x + r0 * xs;
+            switch (nr) { /* constant nr: the row loops unroll */
+            case 8: dot_i8(xr, xs, qn, k_len, 8, acc); break;
+            case 7: dot_i8(xr, xs, qn, k_len, 7, acc); break;
+            case 6: dot_i8(xr, xs, qn, k_len, 6, acc); break;
+            case 5: dot_i8(xr, xs, qn, k_len, 5, acc); break;
+            case 4: dot_i8(xr, xs, qn, k_len, 4, acc); break;
+            case 3: dot_i8(xr, xs, qn, k_len, 3, acc); break;
+            case 2: dot_i8(xr, xs, qn, k_len, 2, acc); break;
+            default: dot_i8(xr, xs, qn, k_len, 1, acc); break;
+            }
+            for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = s[n] * acc[r] + b;
+        }
+    }
+}
+
+/* acc[r] = x[r] . w_n for the int4 row (q, s, lo) of K inputs in groups of G; xsum[r, g]
+   holds the sum of x[r] over group g. */
+static inline __attribute__((always_inline)) void
+dot_i4(const float *x, int64_t xs, const float *xsum, int64_t ng, const uint8_t *q,
+       const float *s, const float *lo, int64_t k_len, int64_t group, int nr, float *acc)
+{
+#if W == 8 || W == 16
+    /* several rows: the group's scale is folded into the unpacked weights (shared by the
+       rows), one chain of FMAs a row */
+    __m256 yacc[NR], c1 = _mm256_setzero_ps();
+    for (int r = 0; r < nr; r++) yacc[r] = _mm256_setzero_ps();
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    for (int64_t g = 0; g < ng && nr == 1; g++) {
+        /* one row: the group's sum in 2 chains, then scaled once (no multiply a weight) */
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
+            __m128i lo4 = _mm_and_si128(b, mask), hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+            t0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_u8x8(lo4), t0);
+            t1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_u8x8(_mm_srli_si128(lo4, 8)), t1);
+            t0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_u8x8(hi4), t0);
+            t1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_u8x8(_mm_srli_si128(hi4, 8)), t1);
+        }
+        const __m256 sg = _mm256_set1_ps(s[g]);
+        if (g & 1) c1 = _mm256_fmadd_ps(sg, _mm256_add_ps(t0, t1), c1);
+        else yacc[0] = _mm256_fmadd_ps(sg, _mm256_add_ps(t0, t1), yacc[0]);
+    }
+    for (int64_t g = 0; g < ng && nr > 1; g++) {
+        const __m256 sg = _mm256_set1_ps(s[g]);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
+            __m128i lo4 = _mm_and_si128(b, mask), hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+            __m256 w0 = _mm256_mul_ps(load_u8x8(lo4), sg);
+            __m256 w1 = _mm256_mul_ps(load_u8x8(_mm_srli_si128(lo4, 8)), sg);
+            __m256 w2 = _mm256_mul_ps(load_u8x8(hi4), sg);
+            __m256 w3 = _mm256_mul_ps(load_u8x8(_mm_srli_si128(hi4, 8)), sg);
+            for (int r = 0; r < nr; r++) {
+                const float *xk = x + r * xs + k;
+                __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(xk), w0, yacc[r]);
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 8), w1, t);
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 16), w2, t);
+                yacc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xk + 24), w3, t);
+            }
+        }
+    }
+    if (nr == 1) yacc[0] = _mm256_add_ps(yacc[0], c1);
+    for (int r = 0; r < nr; r++) {
+        float off = 0.0f;
+        for (int64_t g = 0; g < ng; g++) off += lo[g] * xsum[r * ng + g];
+        acc[r] = hsum8(yacc[r]) + off;
+    }
+#else
+    const int64_t ng2 = ng;
+    for (int r = 0; r < nr; r++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < ng2; g++) {
+            float gs = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                const int64_t blk = k / 32 * 16, i = k % 32;
+                const int u = i < 16 ? q[blk + i] & 15 : q[blk + i - 16] >> 4;
+                gs += x[r * xs + k] * (float)u;
+            }
+            total += s[g] * gs + lo[g] * xsum[r * ng + g];
+        }
+        acc[r] = total;
+    }
+    (void)k_len;
+#endif
+}
+
+/* y[r, n] = x[r] . w[n] + bias[n] for the int4 weight (q [N, K/2], s and lo [N, K/G]).
+   K and G multiples of 32. Returns -1 with no memory for the row sums. */
+int q4_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const float *s,
+              const float *lo, const float *bias, int64_t n_out, int64_t k_len,
+              int64_t group, float *y, int64_t ys, int64_t threads)
+{
+    const int64_t ng = k_len / group;
+    float *xsum = malloc(sizeof(float) * (size_t)(m * ng));
+    if (!xsum) return -1;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < ng; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[r * xs + k];
+            xsum[r * ng + g] = t;
+        }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_out; n++) {
+        const uint8_t *qn = q + n * (k_len / 2);
+        const float *sn = s + n * ng, *lon = lo + n * ng;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t r0 = 0; r0 < m; r0 += NR) {
+            float acc[NR];
+            int nr = m - r0 < NR ? (int)(m - r0) : NR;
+            const float *xr = x + r0 * xs, *xsr = xsum + r0 * ng;
+            switch (nr) {
+            case 8: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 8, acc); break;
+            case 7: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 7, acc); break;
+            case 6: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 6, acc); break;
+            case 5: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 5, acc); break;
+            case 4: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 4, acc); break;
+            case 3: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 3, acc); break;
+            case 2: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 2, acc); break;
+            default: dot_i4(xr, xs, xsr, ng, qn, sn, lon, k_len, group, 1, acc); break;
+            }
+            for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = acc[r] + b;
+        }
+    }
+    free(xsum);
+    return 0;
+}

@@ -1,0 +1,191 @@
+"""Weight-only int8 and int4 projections of the base model (`--quantize int8|int4`).
+
+Model surgery, not model code: `quantize_model` walks a loaded DecoderModel and swaps each
+layer's Projection (qkv, o, gate_up, down) for a QuantizedProjection; the forward paths
+call `.forward(x)` on whatever they hold. Activations and adapters stay in the model's
+dtype; only the stored weights shrink:
+
+  int8: per output channel, symmetric:   w[n, k] = scale[n] * q[n, k],  q in -127..127
+  int4: per output channel and group of GROUP inputs, asymmetric:
+        w[n, k] = lo[n, g] + scale[n, g] * u[n, k],  u in 0..15,  g = k // GROUP
+
+On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
+registers: decode reads 1 or about 0.6 bytes a weight instead of 4); anywhere else
+(bf16, CUDA, no C compiler, `--cpu-kernels torch`) the reference below: the weight
+dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32 weight the model
+computes with, which the tests load into transformers as the oracle.
+(bitsandbytes' nf4 stays in model.QuantProjection, for QLoRA-trained adapters and CUDA.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "int4")
+GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
+_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+# matmuls of fewer multiply-adds than this run on one thread
+SMALL_MATMUL = 1 << 22
+
+
+class QuantizeError(ValueError):
+    """A weight that this format cannot hold; the message names the shape and the limit."""
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale fp32 [N])."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, K/2], scale [N, K/group], lo [N, K/group]); K and
+    group multiples of 32. In each 32-input block, byte i holds input i (low nibble) and
+    input 16 + i (high nibble)."""
+    n_out, k_in = w.shape
+    if group % 32 or k_in % group:
+        raise QuantizeError(f"int4 needs in_features ({k_in}) to be a multiple of the group "
+                            f"size {group} (itself a multiple of 32)")
+    wg = w.float().view(n_out, k_in // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    u = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    u = u.view(n_out, k_in // 32, 2, 16)
+    packed = u[:, :, 0] | (u[:, :, 1] << 4)
+    return packed.reshape(n_out, k_in // 2).contiguous(), scale.contiguous(), lo.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
+                    ) -> torch.Tensor:
+    n_out, half = packed.shape
+    blocks = packed.view(n_out, half // 16, 1, 16)
+    u = torch.cat([blocks & 15, blocks >> 4], dim=2).view(n_out, scale.shape[1], -1).float()
+    return (lo[..., None] + scale[..., None] * u).view(n_out, 2 * half)
+
+
+class QuantizedProjection(nn.Module):
+    """y = x @ W^T + b with W in int8 or int4 (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str,
+                 kernels=None) -> None:
+        """weight [out, in] (nn.Linear's layout); kernels: server.native.Kernels or None."""
+        super().__init__()
+        if mode not in MODES:
+            raise QuantizeError(f"quantize {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
+        self.out_features, self.in_features = weight.shape
+        if mode == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("lo", None)
+        else:
+            q, scale, lo = quantize_int4(weight)
+            self.register_buffer("lo", lo)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.kernels = kernels
+        self._bind()
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight [out, in] this projection computes with."""
+        if self.mode == "int8":
+            return dequantize_int8(self.q, self.scale)
+        return dequantize_int4(self.q, self.scale, self.lo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._call is not None and x.dtype == torch.float32 and x.dim() == 2 \
+                and not x.is_cuda:
+            return self._native(x)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain implementation: dequantize, then one matmul in x's dtype."""
+        y = x @ self.dequantized().to(x.dtype).T
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):  # .to() and friends move the buffers: re-bind
+        out = super()._apply(fn, recurse)
+        self._bind()
+        return out
+
+    def _bind(self) -> None:
+        """The kernel and its weight arguments, looked up once (a decode step makes over a
+        hundred of these calls: Module attribute lookups and ctypes conversions were most
+        of a small projection's time)."""
+        self._call, self._weight_args = None, ()
+        nk, q = self.kernels, self.q
+        if nk is None or q.device.type != "cpu" or self.scale.dtype != torch.float32:
+            return
+        bias = self.bias.data_ptr() if self.bias is not None else None
+        if self.mode == "int8":
+            self._call = nk.q8_matmul
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), bias,
+                                 self.out_features, self.in_features)
+        else:
+            self._call = nk.q4_matmul
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self.lo.data_ptr(), bias,
+                                 self.out_features, self.in_features, GROUP)
+        self._macs = self.in_features * self.out_features
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        n_out = self.out_features
+        y = torch.empty((m, n_out))
+        # A small matmul (one decode row) on one thread: an OpenMP team's join waits for
+        # every thread to be scheduled, which on a busy 2-core machine cost 10-50x the
+        # work (benchmarks/quant_kernels.py, "1t" against "2t")
+        threads = 1 if m * self._macs < SMALL_MATMUL else torch.get_num_threads()
+        if self._call(x.data_ptr(), x.stride(0), m, *self._weight_args, y.data_ptr(), n_out,
+                      threads):
+            raise MemoryError("int4 matmul: no memory for its row sums")
+        return y
+
+
+def quantize_model(model: nn.Module, mode: str, device: torch.device,
+                   dtype: torch.dtype) -> None:
+    """Swap every layer's projections for QuantizedProjection (in place). The C kernels
+    are used on the CPU in fp32 when they build; otherwise the reference path (logged
+    once)."""
+    kernels = None
+    if device.type == "cpu" and dtype == torch.float32:
+        from server import native
+
+        try:
+            kernels = native.kernels()
+        except native.NativeError as e:
+            log.warning("--quantize %s computes with dequantized weights (slow): %s", mode, e)
+    else:
+        log.info("--quantize %s on %s in %s: the weights are dequantized for each matmul "
+                 "(the int8/int4 kernels are for the CPU in float32)", mode, device.type,
+                 str(dtype).removeprefix("torch."))
+    # The output projection (vocab x hidden: a fifth of the default model's weights) in
+    # int8 for both modes (4 bits there cost the most quality); the model's lm_head (and
+    # with tied embeddings the input embeddings, the same tensor) becomes its dequantized
+    # weight, so the model stays one set of weights (the tests' oracle loads it).
+    head = QuantizedProjection(model.lm_head.detach().float(), None, "int8", kernels)
+    with torch.no_grad():
+        model.lm_head.copy_(head.dequantized().to(model.lm_head.dtype))
+    model.lm_head_t = None
+    if kernels is not None:
+        model.lm_head_q = head.to(device)
+    for layer in model.layers:
+        for name in _PROJECTIONS:
+            proj = getattr(layer, name)
+            weight = proj.weight_t.detach().T.float()
+            bias = None if proj.bias is None else proj.bias.detach()
+            qp = QuantizedProjection(weight, bias, mode, kernels).to(device)
+            setattr(layer, name, qp)
