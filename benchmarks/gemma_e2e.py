@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapter", type=Path, default=None,
                    help="an artifact trained with --config already (skips training)")
     p.add_argument("--work", type=Path, default=None, help="work directory (default: temp)")
+    p.add_argument("--base-model", default=BASE,
+                   help="the base (short name or directory); the config's base_model is "
+                        "overridden when it differs")
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, default=64, help="prompts compared (at least 50)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -112,11 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
             a.adapter = work / "adapters" / ADAPTER_ID
             train_wall = trainer(["train", "--config", a.config, f"output_dir={a.adapter}",
                                   f"run_dir={work / 'run'}", "progress_bar=false",
-                                  *a.train_arg])
+                                  f"base_model={a.base_model}", *a.train_arg])
         adapter = a.adapter.resolve()
         manifest = json.loads((adapter / "switchboard.json").read_text())
         base_m, base_rows, base_wall = trainer_eval(
-            work, "base", ["--base-model", BASE], task, a.split, a.limit, a.max_new_tokens)
+            work, "base", ["--base-model", a.base_model], task, a.split, a.limit, a.max_new_tokens)
         ad_m, ad_rows, ad_wall = trainer_eval(
             work, "adapter", ["--adapter", adapter], task, a.split, a.limit, a.max_new_tokens)
         from trainer.tasks import task_split
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         users = [r["prompt"] for r in task_split(task, a.split)[:a.limit]]
         jobs = [("", u) for u in users] + [(adapter.name, u) for u in users]
         t0 = time.perf_counter()
-        with Server(["--base-model", BASE, "--adapter-dir", adapter.parent,
+        with Server(["--base-model", a.base_model, "--adapter-dir", adapter.parent,
                      "--max-batch-size", 32, "--max-seq-len", 256]) as server:
             answers = server_answers(server.target, jobs, a.max_new_tokens)
             server_log_tail = server.lines[-5:]
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(users)
     base_cmp, ad_cmp = compare(base_rows, answers[:n]), compare(ad_rows, answers[n:])
     result = {
-        "model": BASE, "task": task, "split": a.split, "prompts": n,
+        "model": a.base_model, "task": task, "split": a.split, "prompts": n,
         "max_new_tokens": a.max_new_tokens,
         "config": str(a.config.relative_to(REPO)) if a.config.is_relative_to(REPO)
         else str(a.config),
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train_loss", "eval_loss_before", "eval_loss", "steps", "train_tokens",
             "tokens_per_s", "train_wall_s", "trainable_parameters", "total_parameters",
             "reload_max_abs_diff")},
+        "trainer_config": manifest["trainer_config"],
         "stop_token_ids": manifest.get("stop_token_ids"),
         "base": {"exact_match": base_m["exact_match"], "eval_loss": base_m["eval_loss"],
                  "bleu": base_m["bleu"], "rouge_l": base_m["rouge_l"],
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "identical_server_vs_trainer_eval": base_cmp["identical"] + ad_cmp["identical"],
         "compared": 2 * n, "serve_wall_s": serve_wall, "server_log_tail": server_log_tail,
     }
-    print_table(f"Gemma 3 270M end to end ({task} {a.split}, first {n}, greedy, "
+    print_table(f"{a.base_model} end to end ({task} {a.split}, first {n}, greedy, "
                 f"{a.max_new_tokens} new tokens)", [
         ("base exact match (trainer eval)", base_m["exact_match"]),
         ("adapter exact match (trainer eval)", ad_m["exact_match"]),
