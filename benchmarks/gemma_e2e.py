@@ -49,12 +49,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def trainer_eval(work: Path, name: str, source: list[str], task: str, split: str, limit: int,
-                 max_new_tokens: int) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """(metrics, predictions rows, wall seconds) of `trainer eval`."""
+                 max_new_tokens: int, reuse: bool = False
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]], float | None]:
+    """(metrics, predictions rows, wall seconds) of `trainer eval`; with `reuse`, those of
+    an earlier run in `work` with the same arguments (wall None)."""
     out, preds = work / f"eval-{name}.json", work / f"predictions-{name}.jsonl"
+    args = work / f"eval-{name}.args"
+    key = json.dumps([*map(str, source), task, split, limit, max_new_tokens])
+    if reuse and out.is_file() and preds.is_file() and args.is_file() \
+            and args.read_text() == key:
+        print(f"reusing {out} and {preds}", flush=True)
+        return json.loads(out.read_text()), read_jsonl(preds), None
     wall = trainer(["eval", *source, "--task", task, "--split", split, "--limit", limit,
                     "--max-new-tokens", max_new_tokens, "--predictions", preds,
                     "--output", out])
+    args.write_text(key)
     return json.loads(out.read_text()), read_jsonl(preds), wall
 
 
@@ -99,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, default=64, help="prompts compared (at least 50)")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--reuse-evals", action="store_true",
+                   help="take trainer eval's results from an earlier run in --work (same "
+                        "adapter path, task, limit and tokens) instead of running it again")
     p.add_argument("--train-arg", action="append", default=[],
                    help="extra key=value for trainer train (repeatable)")
     p.add_argument("--out", type=Path, default=None,
@@ -119,9 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         adapter = a.adapter.resolve()
         manifest = json.loads((adapter / "switchboard.json").read_text())
         base_m, base_rows, base_wall = trainer_eval(
-            work, "base", ["--base-model", a.base_model], task, a.split, a.limit, a.max_new_tokens)
+            work, "base", ["--base-model", a.base_model], task, a.split, a.limit, a.max_new_tokens,
+            a.reuse_evals)
         ad_m, ad_rows, ad_wall = trainer_eval(
-            work, "adapter", ["--adapter", adapter], task, a.split, a.limit, a.max_new_tokens)
+            work, "adapter", ["--adapter", adapter], task, a.split, a.limit, a.max_new_tokens,
+            a.reuse_evals)
         from trainer.tasks import task_split
 
         users = [r["prompt"] for r in task_split(task, a.split)[:a.limit]]
