@@ -8,7 +8,7 @@ PORT ?= 50051
 METRICS_PORT ?= 9400
 SERVE_ARGS ?=
 
-.PHONY: setup model serve test test-slow lint format protos bench soak clean
+.PHONY: setup model model-gemma serve test test-slow lint format protos bench gemma-e2e soak clean
 
 $(STAMP): requirements/cpu.txt requirements/runtime.txt requirements/runtime-cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ setup: $(STAMP)
 
 model: setup
 	$(PY) -m server.model_store
+
+# the second bundled model (Gemma 3 270M), for the slow tests and benchmarks that use it
+model-gemma: setup
+	$(PY) -m server.model_store gemma-3-270m
 
 serve: model
 	$(VENV)/bin/switchboard serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
@@ -37,11 +41,15 @@ protos: setup
 test: model lint
 	$(PY) -m pytest -q
 
-test-slow: model
+test-slow: model model-gemma
 	$(PY) -m pytest -q -m slow
 
 bench: model
 	$(PY) -m benchmarks
+
+# train a LoRA on Gemma 3 270M, trainer eval it, serve it, compare (docs/trainer.md)
+gemma-e2e: model-gemma
+	$(PY) -m benchmarks.gemma_e2e $(GEMMA_E2E_ARGS)
 
 soak: model
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)

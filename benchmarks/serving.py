@@ -1,21 +1,25 @@
 """Serving throughput with many adapters in one batch, against PEFT in the same run.
 
-Default model on the server's device and in its dtype (--device, --dtype, passed to
+The default model (or --base-model: a bundled model's short name such as gemma-3-270m, or a
+model directory) on the server's device and in its dtype (--device, --dtype, passed to
 `switchboard serve`; auto = fp32 on the CPU, bf16 on CUDA); 16 LoRA adapters of rank 16 on
-all seven projections, non-zero, made here; 32 concurrent streaming clients through gRPC
-(the project's load generator), each request naming the next adapter in turn, 128 new
-tokens each (EOS ignored), the load generator's built-in chat prompts. Baselines in the
-same run: PEFT `generate(adapter_names=...)` in static batches of 32 on the same prompts
-and adapters, right after the server's mixed-adapter run, and HF `generate` for a single
-stream, alternated with the server's single stream (--single-pairs per run); the baselines
-run in this process while the server idles, on the device and in the dtype the server reports
-(GetModelInfo), LoRA weights included (PEFT's upcast of half-precision adapters to fp32 is
-turned off, as the server keeps its slot table in the model's dtype); the JSON records the
-dtypes each side really ran in. Each measurement is repeated --runs times and the medians
-of the per-run ratios are reported.
+all seven projections, non-zero, made here for the base's shapes; 32 concurrent streaming
+clients through gRPC (the project's load generator), each request naming the next adapter in
+turn, 128 new tokens each (EOS ignored), the load generator's built-in chat prompts.
+Baselines in the same run: PEFT `generate(adapter_names=...)` in static batches of 32 on the
+same prompts and adapters, right after the server's mixed-adapter run, and HF `generate` for
+a single stream, alternated with the server's single stream (--single-pairs per run); the
+baselines run in this process while the server idles, on the device and in the dtype the
+server reports (GetModelInfo), LoRA weights included (PEFT's upcast of half-precision
+adapters to fp32 is turned off, as the server keeps its slot table in the model's dtype);
+the JSON records the dtypes each side really ran in. Each measurement is repeated --runs
+times and the medians of the per-run ratios are reported.
 
-    python -m benchmarks.serving [--runs 3] [--requests 64] [--device auto] [--dtype auto]
-                                 [--quick]
+    python -m benchmarks.serving [--base-model NAME_OR_PATH] [--runs 3] [--requests 64]
+                                 [--new-tokens 128] [--device auto] [--dtype auto] [--quick]
+
+Results go to benchmarks/results/serving.json for the default model and to
+serving-<short name or directory name>.json for another base (or --out).
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from pathlib import Path
 import grpc
 import torch
 
-from benchmarks.common import Server, median, print_table, write_results
+from benchmarks.common import RESULTS, Server, median, print_table, write_results
 from clients.loadtest import LoadTestConfig, run_loadtest
 from clients.workload import builtin_prompts
-from server.model_store import provision_default_model
+from server.model_store import DEFAULT_MODEL_ID, bundled_model, resolve_base_model
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -166,6 +170,9 @@ def load(target: str, adapters: tuple[str, ...], concurrency: int, requests: int
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base-model", default="default",
+                   help="a bundled model's short name (gemma-3-270m) or a model directory; "
+                        "the adapters are made for its shapes")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--rank", type=int, default=16)
@@ -180,18 +187,27 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the server's --dtype; the baselines run in the dtype it reports")
     p.add_argument("--quick", action="store_true", help="one run, fewer requests (smoke test)")
     p.add_argument("--out", type=Path, default=None,
-                   help="results file (default benchmarks/results/serving.json)")
+                   help="results file (default benchmarks/results/serving.json, or "
+                        "serving-<model>.json for a base other than the default)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for switchboard serve (repeatable)")
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.requests, a.new_tokens = 1, a.clients, 32
-    model_dir = provision_default_model()
+    bundled = bundled_model(a.base_model)
+    model_dir = Path(resolve_base_model(a.base_model))
+    if not model_dir.is_dir():
+        p.error(f"--base-model {a.base_model!r}: a bundled model's short name or a model "
+                "directory (the adapters are made from its weights)")
+    model_name = bundled.model_id if bundled else model_dir.name
+    if a.out is None and model_name != DEFAULT_MODEL_ID:
+        a.out = RESULTS / f"serving-{model_name}.json"
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
         names = make_adapters(model_dir, root, a.adapters, a.rank)
-        server_args = ["--adapter-dir", root, "--max-batch-size", a.clients,
+        server_args = ["--base-model", model_dir, "--adapter-dir", root,
+                       "--max-batch-size", a.clients,
                        "--max-active-adapters", a.adapters, "--max-lora-rank", a.rank,
                        "--max-seq-len", 1024, "--kv-cache-memory", "2GiB",
                        "--device", a.device, "--dtype", a.dtype, *a.server_arg]
@@ -235,11 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
         run["adapter_overhead_ratio"] = run["tokens_per_s"] / run["base_only_tokens_per_s"]
     summary = {key: median([r[key] for r in runs]) for key in runs[0]}
     rows = [(k, v) for k, v in summary.items()]
-    print_table(f"serving (median of {len(runs)} runs; {a.adapters} adapters rank {a.rank}, "
-                f"{a.clients} clients, {a.new_tokens} new tokens)", rows)
+    print_table(f"serving {model_name} (median of {len(runs)} runs; {a.adapters} adapters "
+                f"rank {a.rank}, {a.clients} clients, {a.new_tokens} new tokens)", rows)
     result = {**summary, **real, "runs": runs,
               "settings": vars(a) | {"out": a.out and str(a.out),
-                                     "model": "smollm2-135m-instruct"}}
+                                     "model": model_name, "model_dir": str(model_dir)}}
     path = write_results("serving", result, a.out)
     print(f"wrote {path}")
     return result

@@ -203,6 +203,51 @@ def _ensure_parent(target: Path) -> Path:
     return target.parent
 
 
+def stop_token_ids(tokenizer, model_dir: Path | str | None = None) -> tuple[int, ...]:
+    """The tokens that end a generation, for the server and the trainer alike: the
+    tokenizer's EOS, the special token the chat template closes an assistant turn with
+    (Gemma's `<end_of_turn>`, which is not its EOS `<eos>`), and the `eos_token_id`(s) of
+    the model's `generation_config.json` (in `model_dir`, else the tokenizer's directory).
+
+    The trainer trains each answer up to the first of these and `trainer eval` stops at
+    them, so an adapter stops where a server serving it stops."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+
+    add(tokenizer.eos_token_id)
+    add(_turn_end_id(tokenizer))
+    folder = Path(model_dir or getattr(tokenizer, "name_or_path", "") or ".")
+    gen = folder / "generation_config.json"
+    if model_dir is not None or gen.is_file():
+        try:
+            add(json.loads(gen.read_text()).get("eos_token_id"))
+        except (OSError, ValueError):
+            pass
+    return tuple(ids)
+
+
+def _turn_end_id(tokenizer) -> int | None:
+    """The first special token after an assistant message's text in the chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template that wants other turns: no turn end known
+        return None
+    if not full.startswith(prompt):
+        return None
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    tail = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    return next((int(t) for t in tail if t in special), None)
+
+
 def model_fingerprint(model_dir: Path | str) -> str:
     """A short stable id of a base model: sha256 over its config and weight file headers."""
     path = Path(model_dir)

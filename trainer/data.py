@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,25 @@ def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> li
     return messages
 
 
+_STOP_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens a generation ends on (`server.model_store.stop_token_ids`, computed once
+    per tokenizer): EOS, the chat template's end-of-turn token, the generation config's."""
+    try:
+        return _STOP_IDS[tokenizer]
+    except (KeyError, TypeError):
+        from server.model_store import stop_token_ids
+
+        ids = stop_token_ids(tokenizer)
+        try:
+            _STOP_IDS[tokenizer] = ids
+        except TypeError:  # not weak-referenceable: recomputed each time
+            pass
+        return ids
+
+
 def encode_example(
     tokenizer: Any, ex: Example, train_on_prompt: bool = False, system_prompt: str | None = None
 ) -> Encoded:
@@ -180,10 +200,12 @@ def encode_example(
 
     Chats are tokenized piece by piece (prompt part, then response part), which is exactly
     how a server tokenizes a prompt rendered with the generation prompt and then generates.
-    Each assistant turn is trained up to and including EOS; template text after EOS (a
-    newline) is masked.
+    Each assistant turn is trained up to and including its end: the first stop token
+    (`stop_ids`: EOS or the template's end-of-turn token, as a server stops on them);
+    template text after it (a newline) is masked.
     """
     eos = tokenizer.eos_token_id
+    stops = set(stop_ids(tokenizer))
     if "text" in ex:
         ids = _ids(tokenizer, ex["text"]) + [eos]
         return Encoded(ids, list(ids))
@@ -200,8 +222,9 @@ def encode_example(
             raise DataError("the chat template does not render conversations incrementally")
         p_ids = _ids(tokenizer, prompt[len(done):])
         r_ids = _ids(tokenizer, full[len(prompt):])
-        if eos in r_ids:
-            cut = r_ids.index(eos) + 1
+        ends = [j for j, t in enumerate(r_ids) if t in stops]
+        if ends:
+            cut = ends[0] + 1
             trained, tail = r_ids[:cut], r_ids[cut:]
         else:  # template without an end-of-turn token: EOS is still always trained
             trained, tail = r_ids + [eos], []

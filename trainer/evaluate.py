@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.data import IGNORE, Encoded, Example, collate, prompt_and_reference
+from trainer.data import IGNORE, Encoded, Example, collate, prompt_and_reference, stop_ids
 
 
 def virtual_tokens(model: nn.Module) -> int:
@@ -61,11 +61,15 @@ def eval_loss(model: nn.Module, data: list[Encoded], pad_id: int, batch_size: in
 
 @torch.no_grad()
 def generate_greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], pad_id: int,
-                    max_new_tokens: int, batch_size: int = 16, device: str = "cpu") -> list[str]:
-    """Greedy completions (left-padded batches), decoded without special tokens."""
+                    max_new_tokens: int, batch_size: int = 16, device: str = "cpu",
+                    token_ids: list[list[int]] | None = None) -> list[str]:
+    """Greedy completions (left-padded batches), decoded without special tokens. They end
+    at the first stop token (`trainer.data.stop_ids`, the tokens a server stops on);
+    `token_ids`, when given, receives each completion's ids up to and including it."""
     was_training = model.training
     model.eval()
     out: list[str] = []
+    stops = list(stop_ids(tokenizer))
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         n = max(len(p) for p in chunk)
@@ -76,9 +80,13 @@ def generate_greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], 
             mask[j, n - len(p):] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        for row in gen[:, n:]:
-            out.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+                             pad_token_id=pad_id, eos_token_id=stops)
+        for row in gen[:, n:].tolist():
+            ends = [j for j, t in enumerate(row) if t in stops]
+            row = row[:ends[0] + 1] if ends else row  # what follows is padding
+            if token_ids is not None:
+                token_ids.append(row)
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
     return out
 
@@ -145,13 +153,15 @@ def task_metrics(predictions: list[str], references: list[str]) -> dict[str, Any
 def generation_eval(model: nn.Module, tokenizer: Any, examples: list[Example], pad_id: int,
                     max_new_tokens: int, system_prompt: str | None = None,
                     device: str = "cpu", batch_size: int = 16) -> tuple[dict[str, Any], list]:
-    """Task metrics on chat examples; returns (metrics, [(prompt ids, prediction, ref)])."""
+    """Task metrics on chat examples; returns (metrics, [(prompt ids, prediction, ref,
+    prediction ids)])."""
     chats = [ex for ex in examples if "messages" in ex]
     if not chats:
         return {}, []
     pairs = [prompt_and_reference(tokenizer, ex, system_prompt) for ex in chats]
     prompts = [p for p, _ in pairs]
     refs = [r for _, r in pairs]
+    ids: list[list[int]] = []
     preds = generate_greedy(model, tokenizer, prompts, pad_id, max_new_tokens,
-                            batch_size=batch_size, device=device)
-    return task_metrics(preds, refs), list(zip(prompts, preds, refs, strict=True))
+                            batch_size=batch_size, device=device, token_ids=ids)
+    return task_metrics(preds, refs), list(zip(prompts, preds, refs, ids, strict=True))

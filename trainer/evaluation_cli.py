@@ -88,8 +88,8 @@ def evaluate(adapter: str | None = None, base_model: str | None = None, data: st
     metrics["wall_s"] = time.perf_counter() - t0
     if predictions:
         with open(predictions, "w") as f:
-            for prompt_ids, pred, ref in rows:
+            for prompt_ids, pred, ref, pred_ids in rows:
                 row = {"prompt": tokenizer.decode(prompt_ids), "prompt_ids": prompt_ids,
-                       "prediction": pred, "reference": ref}
+                       "prediction": pred, "prediction_ids": pred_ids, "reference": ref}
                 f.write(json.dumps(row) + "\n")
     return metrics

@@ -193,6 +193,7 @@ def merge(adapter: str | Path, output: str | Path, base_model: str | None = None
         "base_model": {**manifest["base_model"], "merged_fingerprint": None},
         "mergeable": False, "exports": {}, "dtype": dtype,
         "pad_token_id": pad_id, "eos_token_id": manifest.get("eos_token_id"),
+        "stop_token_ids": manifest.get("stop_token_ids"),
         "metrics": {"merge_max_abs_diff": diff, "merge_check": merge_check},
     }
     path = write_atomic(output, fill, out_manifest)

@@ -37,6 +37,7 @@ from trainer.data import (
     preview,
     read_jsonl,
     split_train_val,
+    stop_ids,
 )
 from trainer.evaluate import eval_loss, generation_eval, loss_sum
 from trainer.fsdp import full_trainable_state
@@ -540,6 +541,7 @@ def build_manifest(cfg: TrainConfig, base_path, base_id: str, data: PreparedData
         "exports": {},
         "chat_template": "chat_template.jinja",
         "eos_token_id": tokenizer.eos_token_id,
+        "stop_token_ids": list(stop_ids(tokenizer)),
         "pad_token_id": pad_id,
     }
     if cfg.method in ("lora", "qlora"):

@@ -18,7 +18,7 @@ from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.model import KVCache, load_model
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
-from server.model_store import model_fingerprint
+from server.model_store import model_fingerprint, stop_token_ids
 from server.resources import usable_cpus
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
@@ -301,18 +301,7 @@ class Engine(RequestLoop):
         return len(running) / self.kv.rows, tokens / (self.kv.rows * self.kv.max_len)
 
     def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        try:
-            from transformers import GenerationConfig
-
-            gen = GenerationConfig.from_pretrained(str(self.model_dir))
-            eos = gen.eos_token_id
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except OSError:
-            pass
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return set(stop_token_ids(self.tokenizer, self.model_dir))
 
 
 def load_engine_adapters(engine: Engine, preload: tuple[str, ...] = ()) -> list[str]:

@@ -167,3 +167,40 @@ def test_preview_decodes_chinese_spans_whole(tok):
     # a cut by max_tokens never lands inside a character either
     for n in range(5, len(enc.input_ids)):
         assert "\ufffd" not in preview(tok, enc, max_tokens=n)
+
+
+GEMMA_STYLE = (  # turns end with <end_of_turn>, which is not the EOS token (as in Gemma 3)
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def test_answers_end_at_the_template_turn_end_the_server_stops_on(tok, tmp_path):
+    """A template that closes turns with a special token other than EOS (Gemma's
+    <end_of_turn>): the answer is trained up to it, not up to an EOS appended after the
+    template's newline, and the trainer stops on the same tokens as a server."""
+    from server.model_store import stop_token_ids
+    from trainer.data import stop_ids
+
+    tok.save_pretrained(tmp_path)
+    gemma = AutoTokenizer.from_pretrained(tmp_path)
+    gemma.add_special_tokens({"additional_special_tokens": ["<start_of_turn>",
+                                                            "<end_of_turn>"]})
+    gemma.chat_template = GEMMA_STYLE
+    gemma.save_pretrained(tmp_path)
+    gemma = AutoTokenizer.from_pretrained(tmp_path)
+    eos, eot = gemma.eos_token_id, gemma.convert_tokens_to_ids("<end_of_turn>")
+    assert eot != eos
+    assert stop_ids(gemma) == stop_token_ids(gemma) == (eos, eot)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, eos]}))
+    assert stop_token_ids(gemma, tmp_path) == (eos, eot, 7)  # what the server stops on
+    ex = normalize_record({"prompt": "What is 2+2?", "completion": "4"})
+    enc = encode_example(gemma, ex)
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE]
+    assert trained[-1] == eot and eos not in enc.input_ids
+    assert gemma.decode(trained) == "4<end_of_turn>"
+    assert gemma.decode(enc.input_ids) == gemma.apply_chat_template(ex["messages"],
+                                                                    tokenize=False)
+    # the SmolLM-style template ends its turns with EOS itself: nothing else stops
+    assert stop_ids(tok) == (tok.eos_token_id,)
