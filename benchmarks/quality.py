@@ -68,9 +68,9 @@ def score(model, ids: list[int], ctx: int, dtype) -> dict:
         logits = chunk_logits(model, chunk, dtype)
         if first_argmax is None:
             first_argmax = logits.argmax(-1)
-        half = ctx // 2
-        logp = torch.log_softmax(logits[half - 1 : ctx - 1], dim=-1)
-        target = torch.tensor(chunk[half:], dtype=torch.long, device=logp.device)
+        half = ctx // 2  # as llama-perplexity: logits half..ctx-2 against the next tokens
+        logp = torch.log_softmax(logits[half : ctx - 1], dim=-1)
+        target = torch.tensor(chunk[half + 1 :], dtype=torch.long, device=logp.device)
         nll -= float(logp.gather(1, target[:, None]).sum())
         count += len(target)
     return {"ppl": math.exp(nll / count), "scored_tokens": count, "argmax": first_argmax}
