@@ -127,15 +127,9 @@ def convert_adapters(model_dir: Path, count: int = 16, rank: int = 16) -> list[P
     """The serving benchmark's adapters (benchmarks.serving.make_adapters: seeded, so the
     same weights every time), saved as PEFT once and converted by convert_lora_to_gguf.py
     (f32)."""
-    from benchmarks.serving import make_adapters
-
     src = source_dir()
-    root = cache_root() / f"adapters-{count}x-r{rank}"
-    peft_dir = root / "peft"
-    if not (peft_dir / f"adapter-{count - 1}" / "adapter_model.safetensors").exists():
-        shutil.rmtree(peft_dir, ignore_errors=True)
-        peft_dir.mkdir(parents=True)
-        make_adapters(model_dir, peft_dir, count, rank)
+    peft_dir = peft_adapters(model_dir, count, rank)
+    root = peft_dir.parent
     paths = []
     for i in range(count):
         out = root / f"adapter-{i}.gguf"
@@ -149,9 +143,17 @@ def convert_adapters(model_dir: Path, count: int = 16, rank: int = 16) -> list[P
     return paths
 
 
-def peft_adapter_dir(count: int = 16, rank: int = 16) -> Path:
-    """The PEFT folders convert_adapters made (the server's --adapter-dir)."""
-    return cache_root() / f"adapters-{count}x-r{rank}" / "peft"
+def peft_adapters(model_dir: Path, count: int = 16, rank: int = 16) -> Path:
+    """The serving benchmark's adapters as PEFT folders (the server's --adapter-dir), made
+    once by benchmarks.serving.make_adapters."""
+    from benchmarks.serving import make_adapters
+
+    peft_dir = cache_root() / f"adapters-{count}x-r{rank}" / "peft"
+    if not (peft_dir / f"adapter-{count - 1}" / "adapter_model.safetensors").exists():
+        shutil.rmtree(peft_dir, ignore_errors=True)
+        peft_dir.mkdir(parents=True)
+        make_adapters(model_dir, peft_dir, count, rank)
+    return peft_dir
 
 
 def main() -> None:

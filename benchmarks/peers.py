@@ -275,11 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_start = time.monotonic()
     info = machine()
-    llamacpp.build()
     model_dir = provision_default_model()
-    ggufs = llamacpp.convert_model(model_dir)
-    loras = llamacpp.convert_adapters(model_dir, a.adapters, a.rank)
-    adapter_dir = llamacpp.peft_adapter_dir(a.adapters, a.rank)
+    adapter_dir = llamacpp.peft_adapters(model_dir, a.adapters, a.rank)
+    ggufs, loras = {}, []
+    if quants:
+        llamacpp.build()
+        ggufs = llamacpp.convert_model(model_dir)
+        loras = llamacpp.convert_adapters(model_dir, a.adapters, a.rank)
     t_bench = time.monotonic()
 
     sb: dict[str, dict] = {}
@@ -313,9 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
         "bench_seconds": round(time.monotonic() - t_bench, 1),
         "setup_seconds": round(t_bench - t_start, 1),
         "settings": vars(a) | {"out": a.out and str(a.out), "model": "smollm2-135m-instruct",
-                               "note": "64 new tokens and 32 requests per 32-client run "
-                                       "(fewer than benchmarks/serving.py's 128 and 64) to "
-                                       "keep one run of the whole table under 15 minutes"},
+                               "note": f"{a.new_tokens} new tokens, {a.requests} requests "
+                                       f"per 32-client run, {a.runs} runs (serving.py: 128 "
+                                       "and 64): fewer, to keep one run of the whole table "
+                                       "under 15 minutes"},
     }
     path = write_results("peers", result, a.out)
     print(f"\nwrote {path}")
