@@ -115,7 +115,8 @@ def _check(result, expected, label):
             assert result.token_ids[n] in near[n], f"{label}: step {n} not one of PEFT's ties"
     assert list(result.token_ids)[:n] == tokens[:n], f"{label}: tokens differ from PEFT"
     assert result.finish_reason == pb.FINISH_REASON_LENGTH
-    diff = max(abs(a - b) for a, b in zip(result.logprobs[:n], logprobs[:n], strict=True))
+    diff = max((abs(a - b) for a, b in zip(result.logprobs[:n], logprobs[:n], strict=True)),
+               default=0.0)
     assert diff < LOGPROB_TOL, f"{label}: logprob differs from PEFT by {diff}"
 
 
