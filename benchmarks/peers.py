@@ -80,11 +80,19 @@ class HttpLoad:
         return conn
 
     def one(self, body: dict) -> int:
-        conn = self._conn()
-        conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
+        for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
+            conn = self._conn()
+            try:
+                conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self.local.conn = None
+                if attempt:
+                    raise
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {data[:300]!r}")
         return int(json.loads(data)["usage"]["completion_tokens"])
@@ -211,8 +219,7 @@ def llama(quant: str, model: Path, loras: list[Path], a) -> dict:
             def adapter_body(i):
                 return load.body(i, "default", a.new_tokens,
                                  {"lora": [{"id": i % len(loras), "scale": 1.0}]})
-        return {"cmd": server.cmd[1:3] + [f"<{len(loras)} --lora>" if loras else ""]
-                + [c for c in server.cmd[3:] if not c.endswith(".gguf")],
+        return {"cmd": [Path(c).name if c.endswith(".gguf") else c for c in server.cmd[1:]],
                 **measure(load, a, "default", adapter_body)}
 
 

@@ -104,10 +104,9 @@ def llama_perplexity(ctx: int, fp32_ppl: float | None) -> dict:
         same = re.search(r"Same top p:\s*([\d.]+)", text)
         if same:
             row["top1_agreement_with_F32"] = float(same.group(1)) / 100
-        tokens = re.search(r"tokenizing the input \.\.\.\s*\n?.*?(\d+) tokens", text) or \
-            re.search(r"calculating perplexity over (\d+) chunks", text)
-        if tokens:
-            row["log_note"] = tokens.group(0).strip()[:120]
+        chunks = re.search(r"calculating perplexity over (\d+) chunks", text)
+        if chunks:
+            row["chunks"] = int(chunks.group(1))
         out[q] = row
     if fp32_ppl and "ppl" in out.get("F32", {}) and out["F32"]["ppl"]:
         for q in llamacpp.QUANTS[1:]:
