@@ -14,10 +14,11 @@ reply's usage.completion_tokens), and the same concurrency. Scenarios: one strea
 request at a time), the base model with 32 clients, and 16 adapters with 32 clients (request
 i names adapter i mod 16: Switchboard by `model`, llama-server by a per-request `lora` list
 [{"id": i mod 16, "scale": 1}]). llama-server runs twice per quantization: with no adapters
-loaded, and with the 16 loaded (`--lora ... --lora-init-without-apply`, so a request without
-a `lora` list is the base model). Switchboard serves every scenario from one server with the
-16 adapters in its --adapter-dir. Each scenario runs --runs times; the medians are reported,
-and the ratios the issue's bars name at the same bit width (fp32/F32, int8/Q8_0, int4/Q4_0):
+loaded, and with the 16 loaded (`--lora a,b,...`, their global scales then set to 0 through
+POST /lora-adapters, so that a request without a `lora` list is the base model).
+Switchboard serves every scenario from one server with the 16 adapters in its --adapter-dir.
+Each scenario runs --runs times; the medians are reported, and the ratios the issue's bars
+name at the same bit width (fp32/F32, int8/Q8_0, int4/Q4_0):
 
     adapters_32: Switchboard / llama-server with the 16 loaded   (bar: >= 3)
     base_32:     Switchboard / llama-server with no adapters     (bar: >= 1.0)
@@ -172,10 +173,8 @@ class LlamaServer:
         self.cmd = [str(llamacpp.binary("llama-server")), "-m", str(model), "--host",
                     "127.0.0.1", "--port", str(self.port), "-t", str(a.threads),
                     "-np", str(a.clients), "-c", str(ctx), "--no-webui"]
-        for lora in loras:
-            self.cmd += ["--lora", str(lora)]
-        if loras:
-            self.cmd.append("--lora-init-without-apply")
+        if loras:  # one --lora, comma-separated (repeated, only the last one is loaded)
+            self.cmd += ["--lora", ",".join(str(p) for p in loras), "--lora-init-without-apply"]
         self.log = (llamacpp.cache_root() / "llama-server.log").open("w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
@@ -187,12 +186,29 @@ class LlamaServer:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
                                             timeout=5) as r:
                     if r.status == 200:
+                        self._zero_lora_defaults(len(loras))
                         return
             except OSError:
                 pass
             time.sleep(0.5)
         self.stop()
         raise RuntimeError("llama-server did not become healthy in 300 s")
+
+    def _zero_lora_defaults(self, count: int) -> None:
+        """A request without a `lora` list gets the server's global scales, 1.0 for every
+        loaded adapter even with --lora-init-without-apply (that flag only skips applying
+        them at start): set them to 0, so such a request is the base model."""
+        if not count:
+            return
+        url = f"http://127.0.0.1:{self.port}/lora-adapters"
+        body = json.dumps([{"id": i, "scale": 0.0} for i in range(count)]).encode()
+        req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+        with urllib.request.urlopen(url, timeout=30) as r:
+            scales = [a["scale"] for a in json.loads(r.read())]
+        if len(scales) != count or any(scales):
+            raise RuntimeError(f"llama-server: {len(scales)} adapters loaded of {count}, "
+                               f"global scales {scales}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -219,7 +235,8 @@ def llama(quant: str, model: Path, loras: list[Path], a) -> dict:
             def adapter_body(i):
                 return load.body(i, "default", a.new_tokens,
                                  {"lora": [{"id": i % len(loras), "scale": 1.0}]})
-        return {"cmd": [Path(c).name if c.endswith(".gguf") else c for c in server.cmd[1:]],
+        return {"cmd": [",".join(Path(p).name for p in c.split(",")) if c.endswith(".gguf")
+                        else c for c in server.cmd[1:]],
                 **measure(load, a, "default", adapter_body)}
 
 
