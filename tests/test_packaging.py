@@ -16,7 +16,8 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 REQS = REPO / "requirements"
-ROLES = {"server", "trainer", "onnx", "quantize", "cuda", "plot", "dev"}
+ROLES = {"server", "trainer", "onnx", "quantize", "cuda", "plot", "bench", "dev"}
+BENCH_ONLY = {"sentencepiece"}  # the bench role's own, pinned in requirements/bench.txt
 
 
 def project() -> dict:
@@ -80,10 +81,15 @@ def test_every_pin_belongs_to_a_role_and_satisfies_its_bound():
     every = {r.name.lower(): r for name in ROLES for r in role(name)}
     assert set(dev) <= set(every) | {"onnxruntime-gpu"}, set(dev) - set(every)
     for name, req in every.items():
-        if name == "onnxruntime-gpu":
+        if name == "onnxruntime-gpu" or name in BENCH_ONLY:
             continue
         assert name in dev, f"role requirement {name} has no pin in requirements/cpu.txt"
         assert req.specifier.contains(dev[name], prereleases=True), (name, dev[name])
+    bench = pins(REQS / "bench.txt")
+    assert BENCH_ONLY == names(role("bench")) - names(role("server"))
+    assert not BENCH_ONLY & set(dev), "benchmark-only packages stay out of the dev set"
+    for name in BENCH_ONLY:
+        assert every[name].specifier.contains(bench[name]), (name, bench[name])
     cuda = pins(REQS / "runtime-cuda.txt")
     assert every["onnxruntime-gpu"].specifier.contains(cuda["onnxruntime-gpu"])
 
