@@ -245,10 +245,10 @@ def ratios(sb: dict, peers: dict) -> dict:
     out = {}
     for variant, res in sb.items():
         quant = VARIANTS[variant][1]
-        if "skipped" in res or quant is None or quant not in peers:
-            continue
-        none, loaded = peers[quant]["no_adapters"], peers[quant]["16_loaded"]
-        if "skipped" in none or "skipped" in loaded:
+        none, loaded = peers.get(quant, {}).get("no_adapters"), peers.get(quant, {}).get(
+            "16_loaded")
+        if "skipped" in res or none is None or loaded is None or "skipped" in none \
+                or "skipped" in loaded:
             continue
         tps = res["tokens_per_s"]
         r = {"adapters_32": tps["adapters_32"] / loaded["tokens_per_s"]["adapters_32"],
