@@ -1,10 +1,12 @@
-"""Where one stream's per-token time goes: the engine's decode loop, profiled in-process.
+"""Where a decode step's time goes: the engine's decode loop, profiled in-process.
 
 The default model in an in-process Engine (fp32 on the CPU, `--quantize` each of
 --variants), one request at a time of --new-tokens greedy tokens after a short chat
-prompt. The engine's loop runs on this thread so that cProfile sees it. Two passes per
-variant: unprofiled (wall time a token, from the first token event to the last, median
-of --runs requests), then one request under cProfile, whose time is split into:
+prompt (`--rows N`: N such requests at once, decoding together as the 32-client serving
+figures do, each step N rows). The engine's loop runs on this thread so that cProfile
+sees it. Two passes per variant: unprofiled (wall time a decode step, from the moment
+every request has its first token to the last token, median of --runs), then one more
+pass under cProfile, whose time is split into:
   * matmuls: the layers' projections (Projection / QuantizedProjection .forward, BLAS
     or server/csrc/quant.c) and the output head (DecoderModel._logits);
   * between the matmuls: the rest of `_forward_decode` (server/csrc/decode.c through ctypes:
@@ -13,9 +15,10 @@ of --runs requests), then one request under cProfile, whose time is split into:
   * engine outside the model: step packing, sampling, stop checks, detokenizing, events,
     the scheduler.
 cProfile's own overhead inflates the Python-heavy parts, so the shares are reported beside
-the unprofiled time a token.
+the unprofiled time a step.
 
     python -m benchmarks.profile_decode [--variants none,int8,int4] [--new-tokens 128]
+                                        [--rows 1]
 """
 
 from __future__ import annotations
@@ -37,19 +40,28 @@ from server.model_store import provision_default_model
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
-def _generate(engine: Engine, ids: list[int], new_tokens: int) -> float:
-    """Seconds a token between the first token event and the last."""
-    handle = engine.submit(GenerationRequest(f"p{time.monotonic_ns()}", ids,
-                                             stopping=StoppingParams(new_tokens,
-                                                                     ignore_eos=True)))
-    stamps = []
-    while True:
-        ev = handle.events.get(timeout=600)
-        if isinstance(ev, ErrorEvent):
-            raise RuntimeError(ev.message)
-        stamps.append(time.perf_counter())
-        if isinstance(ev, FinishEvent):
-            return (stamps[-1] - stamps[0]) / max(1, new_tokens - 1)
+def _generate(engine: Engine, ids: list[int], new_tokens: int, rows: int = 1) -> float:
+    """Seconds a decode step while `rows` requests decode together: from the moment every
+    request has its first token (all prefills done) to the last finish, over the steps
+    between."""
+    tag = time.monotonic_ns()
+    handles = [engine.submit(GenerationRequest(f"p{tag}-{r}", ids,
+                                               stopping=StoppingParams(new_tokens,
+                                                                       ignore_eos=True)))
+               for r in range(rows)]
+    first, last = [], []
+    for handle in handles:
+        stamps = []
+        while True:
+            ev = handle.events.get(timeout=600)
+            if isinstance(ev, ErrorEvent):
+                raise RuntimeError(ev.message)
+            stamps.append(time.perf_counter())
+            if isinstance(ev, FinishEvent):
+                break
+        first.append(stamps[0])
+        last.append(stamps[-1])
+    return (max(last) - max(first)) / max(1, new_tokens - 1)
 
 
 def _drive(engine: Engine, fn) -> None:
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default="none,int8,int4")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rows", type=int, default=1,
+                   help="requests decoding together (1: one stream; 32: the 32-client batch)")
     p.add_argument("--top", type=int, default=25, help="functions listed per profile")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -109,18 +123,20 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         for variant in a.variants.split(","):
-            cfg = EngineConfig(dtype="float32", quantize=variant, max_batch_size=4,
-                               max_seq_len=512, kv_cache_bytes=256 << 20)
+            cfg = EngineConfig(dtype="float32", quantize=variant,
+                               max_batch_size=max(4, a.rows),
+                               max_seq_len=512,
+                               kv_cache_bytes=(256 << 20) * max(1, a.rows // 4))
             engine = Engine(model_dir, Path(tmp), cfg)
             ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
                                                        tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             _drive(engine, lambda e=engine, i=ids: _generate(e, i, 8))  # warm-up
             per_token = _drive(engine, lambda e=engine, i=ids: [
-                _generate(e, i, a.new_tokens) for _ in range(a.runs)])
+                _generate(e, i, a.new_tokens, a.rows) for _ in range(a.runs)])
             prof = cProfile.Profile()
             prof.enable()
-            _drive(engine, lambda e=engine, i=ids: _generate(e, i, a.new_tokens))
+            _drive(engine, lambda e=engine, i=ids: _generate(e, i, a.new_tokens, a.rows))
             prof.disable()
             stats = pstats.Stats(prof)
             split = _split(stats)
@@ -130,20 +146,23 @@ def main(argv: list[str] | None = None) -> dict:
             top = sorted(((f"{Path(f).name}:{n}", s[3]) for (f, _, n), s in stats.stats.items()),
                          key=lambda kv: -kv[1])[: a.top]
             results[variant] = {
-                "ms_per_token": 1e3 * median(per_token),
-                "tokens_per_s": 1 / median(per_token),
+                "rows": a.rows,
+                "ms_per_step": 1e3 * median(per_token),
+                "tokens_per_s": a.rows / median(per_token),
                 "profiled_ms_per_step": {k.removesuffix("_s"): 1e3 * v / steps
                                          for k, v in split.items()},
                 "share_of_engine_step": shares,
                 "top_cumulative_ms_per_step": {k: 1e3 * v / steps for k, v in top},
             }
-            rows = [("unprofiled ms/token", results[variant]["ms_per_token"])]
+            rows = [("unprofiled ms/step", results[variant]["ms_per_step"]),
+                    ("unprofiled tok/s", results[variant]["tokens_per_s"])]
             rows += [(f"{k} ms/step (profiled)", v)
                      for k, v in results[variant]["profiled_ms_per_step"].items()]
             rows += [(f"{k} share", v) for k, v in shares.items()]
-            print_table(f"one stream, --quantize {variant}", rows)
+            print_table(f"{a.rows} row(s), --quantize {variant}", rows)
             del engine
-    path = write_results("profile-decode", {"variants": results,
+    name = "profile-decode" if a.rows == 1 else f"profile-decode-{a.rows}rows"
+    path = write_results(name, {"variants": results,
                                             "settings": vars(a) | {"out": a.out and str(a.out)}},
                          a.out)
     print(f"wrote {path}")
