@@ -49,18 +49,28 @@ def _generate(engine: Engine, ids: list[int], new_tokens: int, rows: int = 1) ->
                                                stopping=StoppingParams(new_tokens,
                                                                        ignore_eos=True)))
                for r in range(rows)]
-    first, last = [], []
-    for handle in handles:
+    first, last = [0.0] * rows, [0.0] * rows
+
+    def collect(r: int) -> None:  # one reader a request: stamps when the events arrive
         stamps = []
         while True:
-            ev = handle.events.get(timeout=600)
-            if isinstance(ev, ErrorEvent):
-                raise RuntimeError(ev.message)
+            ev = handles[r].events.get(timeout=600)
             stamps.append(time.perf_counter())
+            if isinstance(ev, ErrorEvent):
+                errors.append(ev.message)
+                break
             if isinstance(ev, FinishEvent):
                 break
-        first.append(stamps[0])
-        last.append(stamps[-1])
+        first[r], last[r] = stamps[0], stamps[-1]
+
+    errors: list[str] = []
+    readers = [threading.Thread(target=collect, args=(r,)) for r in range(rows)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    if errors:
+        raise RuntimeError(errors[0])
     return (max(last) - max(first)) / max(1, new_tokens - 1)
 
 

@@ -10,7 +10,8 @@ dtype; only the stored weights shrink:
         w[n, k] = lo[n, g] + scale[n, g] * u[n, k],  u in 0..15,  g = k // GROUP
 
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
-registers: decode reads 1 or about 0.6 bytes a weight instead of 4); anywhere else
+registers: decode reads 1 or about 0.6 bytes a weight instead of 4), and from GEMM_ROWS
+rows on (prefill) the reference below, whose BLAS GEMM is faster there; anywhere else
 (bf16, CUDA, no C compiler, `--cpu-kernels torch`) the reference below: the weight
 dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32 weight the model
 computes with, which the tests load into transformers as the oracle.
@@ -31,6 +32,11 @@ GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # matmuls of fewer multiply-adds than this run on one thread
 SMALL_MATMUL = 1 << 22
+# from this many rows on (prefill chunks) the weight is dequantized to fp32 for the call and
+# multiplied by BLAS: its GEMM beats the kernels' 8-row tiles there (0.5-0.8x the kernels'
+# time at 256-512 rows, 0.8-1.0x at 128, 1.1-2x slower at 32-64; default model's shapes,
+# int8 and int4, this 2-core AVX2 EPYC: docs/performance.md)
+GEMM_ROWS = 128
 
 
 class QuantizeError(ValueError):
@@ -106,7 +112,7 @@ class QuantizedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._call is not None and x.dtype == torch.float32 and x.dim() == 2 \
-                and not x.is_cuda:
+                and not x.is_cuda and x.shape[0] < GEMM_ROWS:
             return self._native(x)
         return self.reference(x)
 

@@ -15,6 +15,7 @@ from support import KERNEL_BUILDS, kernels_for, make_lora
 
 from server.engine.model import ModelLoadError, load_model
 from server.engine.quant import (
+    GEMM_ROWS,
     GROUP,
     QuantizedProjection,
     QuantizeError,
@@ -109,6 +110,22 @@ def test_native_kernel_matches_the_reference(march, mode):
                 # a row alone (its own summation order: 4 chains) agrees with it in a batch
                 torch.testing.assert_close(proj(x[-1:]), y[-1:], rtol=1e-5,
                                            atol=1e-5 * float(ref.abs().max()) + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_rows_go_through_blas_and_agree_with_the_kernel(mode):
+    """From GEMM_ROWS rows on (a prefill chunk) the dequantized weight goes to BLAS; a row
+    computed there agrees with the same row through the kernel (a decode step)."""
+    w, bias = _weights(96, 128, seed=3), torch.randn(96)
+    proj = QuantizedProjection(w, bias, mode, kernels_for("native"))
+    for m in (GEMM_ROWS - 1, GEMM_ROWS, GEMM_ROWS + 37):
+        x = torch.randn(m, 128)
+        y = proj(x)
+        assert torch.equal(y, proj.reference(x)) == (m >= GEMM_ROWS)
+        tol = 1e-5 * float(y.abs().max()) + 1e-6
+        torch.testing.assert_close(y, proj._native(x), rtol=1e-4, atol=tol)
+        for r in (0, m - 1):
+            torch.testing.assert_close(proj(x[r:r + 1]), y[r:r + 1], rtol=1e-4, atol=tol)
 
 
 def test_load_model_rejects_an_unknown_mode(tiny_model):
