@@ -71,6 +71,9 @@ PLAIN = {
     "yarn-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "phi3-longrope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
 }
+# families with sliding-window layers: the server refuses prefix tuning on them (loading
+# fails naming both; other requests go on)
+SLIDING = {"qwen2", "mistral-window", "gemma3"}
 # what decode steps run with PyTorch ops when the native kernels run the rest (logged once)
 NATIVE_FALLBACKS = {"qwen3": "the per-head q/k RMSNorm (q_norm, k_norm)",
                     "gemma3": "the per-head q/k RMSNorm (q_norm, k_norm) and the "
@@ -92,7 +95,7 @@ def family(request, tmp_path_factory):
     """(name, model dir, adapter root, oracle): oracle[(adapter or '', prompt index)] =
     (tokens, logprobs) from transformers / PEFT; oracle[('plain', i)] the base with the
     PLAIN fields (RoPE scaling or sliding windows removed), which must differ from it."""
-    from peft import IA3Config, PeftModel, PromptTuningConfig, TaskType
+    from peft import IA3Config, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     name = request.param
@@ -100,21 +103,19 @@ def family(request, tmp_path_factory):
                             **FAMILIES[name])
     root = tmp_path_factory.mktemp(f"{name}-adapters")
     make_lora(model, root / "lora", r=8, targets=FUSED_MODULES.get(name, ALL_MODULES), seed=11)
-    adapters = ["lora"]
+    adapters = ["lora", "ia3", "prompt"] + ([] if name in SLIDING else ["prefix"])
+    lm = TaskType.CAUSAL_LM
     if name == "phi3":  # output scaling of both fused modules, input scaling of down_proj
-        make_peft_adapter(model, root / "ia3", IA3Config(
-            task_type=TaskType.CAUSAL_LM, target_modules=["qkv_proj", "gate_up_proj",
-                                                          "down_proj"],
-            feedforward_modules=["down_proj"]), 12)
-        adapters.append("ia3")
-    if name in ("qwen3", "gemma3"):
-        lm = TaskType.CAUSAL_LM
-        make_peft_adapter(model, root / "ia3", IA3Config(
-            task_type=lm, target_modules=["k_proj", "v_proj", "down_proj"],
-            feedforward_modules=["down_proj"]), 12)
-        make_peft_adapter(model, root / "prompt", PromptTuningConfig(
-            task_type=lm, num_virtual_tokens=5), 13)
-        adapters += ["ia3", "prompt"]
+        ia3 = IA3Config(task_type=lm, target_modules=["qkv_proj", "gate_up_proj", "down_proj"],
+                        feedforward_modules=["down_proj"])
+    else:
+        ia3 = IA3Config(task_type=lm, target_modules=["k_proj", "v_proj", "down_proj"],
+                        feedforward_modules=["down_proj"])
+    make_peft_adapter(model, root / "ia3", ia3, 12)
+    make_peft_adapter(model, root / "prompt", PromptTuningConfig(
+        task_type=lm, num_virtual_tokens=5), 13)
+    make_peft_adapter(model, root / "prefix", PrefixTuningConfig(  # refused where SLIDING
+        task_type=lm, num_virtual_tokens=6), 14)
     gc = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                           pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     oracle = {}
@@ -171,6 +172,12 @@ def test_family_greedy_parity(family, start_server, kernels):
     for key in keys:  # alone: single-row steps
         _check(stub.Generate(_request(key, PROMPTS[0]), timeout=60), oracle[(key, 0)],
                f"{name} {kernels} alone {key or 'base'}")
+    if name in SLIDING:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(_request("prefix", PROMPTS[0]), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "prefix tuning is not supported on a base with sliding-window attention" \
+            in refused.value.details()
     results, errors = {}, []
 
     def call(key, i):
