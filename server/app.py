@@ -17,9 +17,11 @@ from server import __version__
 from server.api.convert import RequestConverter
 from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
-from server.engine.engine import Engine, helper_thread_init, load_engine_adapters
+from server.engine.engine import Engine as PyTorchEngine
+from server.engine.engine import helper_thread_init, load_engine_adapters
 from server.engine.grammar import GrammarCompiler
 from server.engine.model import ModelLoadError
+from server.engine.protocol import Engine
 from server.metrics import ServerMetrics
 from server.model_store import ModelNotFoundError, resolve_base_model
 from server.native import NativeError
@@ -44,15 +46,17 @@ class App:
         self.bind_host = _bind_host(config)
         model_dir = resolve_base_model(config.base_model)
         self.model_id = config.base_model or "smollm2-135m-instruct"
-        self.engine = Engine(model_dir, config.adapter_dir, config.engine)
+        self.pytorch = PyTorchEngine(model_dir, config.adapter_dir, config.engine)
         self.metrics = ServerMetrics()
-        self.engine.metrics = self.metrics
-        self.engine.output_policies = self.output_policies
+        self.pytorch.metrics = self.metrics
+        self.pytorch.output_policies = self.output_policies
+        self.registry = self.pytorch.registry
+        self.registry.metrics = self.metrics
+        self.engine: Engine = self.pytorch  # what the APIs serve from
         if config.onnx.enabled:
             from server.onnx.router import EngineRouter
 
-            self.engine = EngineRouter(self.engine, config.onnx)
-        self.engine.registry.metrics = self.metrics
+            self.engine = EngineRouter(self.pytorch, config.onnx)
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
         self.http = None  # server.api.http.HttpServer with --http-port
@@ -62,7 +66,7 @@ class App:
 
     def start(self) -> None:
         cfg = self.config
-        failed = load_engine_adapters(self.engine, cfg.preload)
+        failed = load_engine_adapters(self.pytorch, cfg.preload)
         if failed:
             log.warning("adapters not loaded: %s", ", ".join(failed))
         if cfg.watch_seconds > 0:
@@ -80,17 +84,19 @@ class App:
                      *_connection_age_options(cfg)],
             maximum_concurrent_rpcs=cfg.grpc_workers,
         )
-        grammars = GrammarCompiler(self.engine.tokenizer, self.engine.spec.vocab_size,
+        info = self.engine.info()
+        grammars = GrammarCompiler(self.engine.tokenizer, info.vocab_size,
                                    on_compile=self.metrics.grammar_compiled)
-        conv = RequestConverter(self.engine.tokenizer, self.engine.spec.vocab_size,
-                                self.engine.max_seq_len, cfg.limits, grammars)
+        conv = RequestConverter(self.engine.tokenizer, info.vocab_size, info.max_seq_len,
+                                cfg.limits, grammars)
         pb_grpc.add_TextGenerationServicer_to_server(
-            TextGenerationServicer(self.engine, conv, self.model_id, cfg.quantize, self.metrics),
+            TextGenerationServicer(self.engine, self.registry, conv, self.model_id,
+                                   cfg.quantize, self.metrics),
             self.server)
         names = [SERVICES[0]]
         if cfg.enable_admin:
-            pb_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self.engine),
-                                                       self.server)
+            pb_grpc.add_AdapterAdminServicer_to_server(
+                AdapterAdminServicer(self.engine, self.registry), self.server)
             names.append(SERVICES[1])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -111,11 +117,10 @@ class App:
         self.engine.start()
         self.server.start()
         if cfg.metrics_port >= 0:
-            self.metrics.set_info(__version__, self.model_id,
-                                  str(self.engine.dtype).removeprefix("torch."),
-                                  str(self.engine.device), cfg.quantize)
+            self.metrics.set_info(__version__, self.model_id, info.dtype, info.device,
+                                  cfg.quantize)
             self.metrics.set_memory_source(self.engine.memory)  # read at each scrape
-            self.metrics.set_adapter_slots(self.engine.table.max_active)
+            self.metrics.set_adapter_slots(info.max_active_adapters)
             self.metrics_port = self.metrics.start_http_server(
                 cfg.metrics_host or self.bind_host, cfg.metrics_port)
         print(f"switchboard: listening on {self.bind_host}:{self.port}"
@@ -153,7 +158,8 @@ class App:
         from server.api.http import HttpApi, HttpServer
 
         host = _bind_host(self.config, self.config.http_host or self.config.host)
-        api = HttpApi(self.engine, conv, interceptor, self.metrics, self.model_id)
+        api = HttpApi(self.engine, self.registry, conv, interceptor, self.metrics,
+                      self.model_id)
         self.http = HttpServer(api, host, self.config.http_port)
         self.http.start()
         print(f"switchboard: http on {host}:{self.http.port} (OpenAI-compatible API)",
@@ -167,7 +173,7 @@ class App:
         """--watch: keep the registry in step with the adapter root."""
         while not self._stopped.wait(interval):
             try:
-                changes = self.engine.registry.sync_with_disk()
+                changes = self.registry.sync_with_disk()
             except Exception:  # a bad directory must not end the watcher
                 log.exception("adapter watch failed")
                 continue

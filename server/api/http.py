@@ -34,7 +34,8 @@ from starlette.routing import Route
 from server.api import openai as oa
 from server.api.convert import RequestConverter
 from server.api.errors import status_of
-from server.api.servicer import report_finished, submit_to
+from server.api.servicer import report_finished
+from server.engine.protocol import Engine
 from server.engine.types import ErrorEvent, FinishEvent, FinishReason, TokenEvent
 from server.metrics import ServerMetrics
 from server.security.interceptor import TEXT_GENERATION, Denied, SecurityInterceptor
@@ -86,16 +87,18 @@ def _sse(obj: Any) -> str:
 
 
 class HttpApi:
-    def __init__(self, engine, converter: RequestConverter, security: SecurityInterceptor,
-                 metrics: ServerMetrics, model_id: str) -> None:
+    def __init__(self, engine: Engine, registry, converter: RequestConverter,
+                 security: SecurityInterceptor, metrics: ServerMetrics, model_id: str) -> None:
         self.engine = engine
+        self.registry = registry  # server.adapters.registry.AdapterRegistry: /v1/models
         self.conv = converter
         self.security = security
         self.metrics = metrics
         self.model_id = model_id
         self.ready = False
-        self.max_choices = engine.max_batch_size
-        self.fingerprint = f"fp_{engine.fingerprint[:12]}"
+        info = engine.info()
+        self.max_choices = info.max_batch_size
+        self.fingerprint = f"fp_{info.fingerprint[:12]}"
         self.logprobs = {chat: oa.LogprobsBuilder(engine.tokenizer, chat) for chat in (False, True)}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-submit")
         self.app = Starlette(routes=[
@@ -117,6 +120,10 @@ class HttpApi:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not self.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
+        health = self.engine.health()
+        if not health.ok:
+            return JSONResponse({"status": "unhealthy", "detail": health.detail},
+                                status_code=503)
         return JSONResponse({"status": "ok"})
 
     def _visible_models(self, request: Request) -> list[dict[str, Any]]:
@@ -131,7 +138,7 @@ class HttpApi:
         if key is None or key.allows(""):
             out.append({"id": self.model_id, "object": "model", "created": created,
                         "owned_by": "switchboard", "root": self.model_id, "parent": None})
-        for entry in self.engine.registry.entries():
+        for entry in self.registry.entries():
             if key is None or key.allows(entry.adapter_id):
                 out.append({"id": entry.adapter_id, "object": "model", "created": created,
                             "owned_by": "switchboard", "root": self.model_id,
@@ -238,7 +245,7 @@ class HttpApi:
                 req.events = _Sink(loop, queue, i)
                 if i % n:  # the same prompt as choice i - i % n: share its prefill
                     req.prefill_from = choices[i - i % n].req.request_id
-                handle = submit_to(self.engine, req, "")
+                handle = self.engine.submit(req)
                 self.metrics.request_started(adapter_id)
                 choices.append(_Choice(req, handle))
         except Exception as e:

@@ -10,7 +10,8 @@ import grpc
 from server import __version__
 from server.api.convert import FINISH_REASONS, RequestConverter, timings_pb, top_logprobs_pb
 from server.api.errors import InvalidArgument, abort, status_of
-from server.engine.types import EngineError, ErrorEvent, FinishReason, TokenEvent
+from server.engine.protocol import Engine
+from server.engine.types import ErrorEvent, FinishReason, TokenEvent
 from server.metrics import ServerMetrics
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -21,29 +22,17 @@ _PATHS = {"pytorch": pb.ENGINE_PATH_PYTORCH, "onnx": pb.ENGINE_PATH_ONNX}
 _PATH_NAMES = {v: k for k, v in _PATHS.items()}
 
 
-def submit_to(engine, req, engine_path: str):
-    """The ONNX router (server.onnx.router) takes the requested path; a lone PyTorch engine
-    serves everything but an explicit ONNX request."""
-    if hasattr(engine, "route"):
-        return engine.submit(req, engine_path=engine_path)
-    if engine_path == "onnx":
-        raise EngineError("FAILED_PRECONDITION", "engine_path ONNX: the ONNX path is not "
-                          "enabled on this server (start it with --onnx)")
-    return engine.submit(req)
-
-
-def _route(engine, adapter_id: str) -> tuple[int, str, str]:
-    """(EnginePath, onnx variant, reason) of the engine serving `adapter_id`."""
-    if not hasattr(engine, "route"):
-        return pb.ENGINE_PATH_PYTORCH, "", ""
+def _route(engine: Engine, adapter_id: str) -> tuple[int, str, str]:
+    """(EnginePath, onnx variant, reason) of the path serving `adapter_id`."""
     r = engine.route(adapter_id)
     return _PATHS[r.path], r.variant if r.path == "onnx" else "", r.reason
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
-    def __init__(self, engine, converter: RequestConverter, model_id: str, quantize: str,
-                 metrics: ServerMetrics) -> None:
+    def __init__(self, engine: Engine, registry, converter: RequestConverter, model_id: str,
+                 quantize: str, metrics: ServerMetrics) -> None:
         self.engine = engine
+        self.registry = registry  # server.adapters.registry.AdapterRegistry
         self.conv = converter
         self.model_id = model_id
         self.quantize = quantize
@@ -52,11 +41,12 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def _submit(self, request, context):
         try:
             req = self.conv.generation_request(request, context)
-            handle = submit_to(self.engine, req, _PATH_NAMES.get(request.engine_path, ""))
+            handle = self.engine.submit(req, _PATH_NAMES.get(request.engine_path, ""))
         except Exception as e:
             self._count_error(request.adapter_id, e)
             abort(context, e, retry_after_ms=self.conv.limits.retry_after_ms)
-        context.add_callback(lambda: _on_rpc_end(context, handle))
+        if not context.add_callback(lambda: _on_rpc_end(context, handle)):
+            _on_rpc_end(context, handle)  # the call ended while submit waited
         self.metrics.request_started(request.adapter_id)
         return req, handle, _Account(self.metrics, req, context)
 
@@ -144,28 +134,27 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     def GetModelInfo(self, request, context):
-        e = self.engine
-        lim = self.conv.limits
+        info = self.engine.info()
         return pb.GetModelInfoResponse(
             model_id=self.model_id,
-            fingerprint=e.fingerprint,
+            fingerprint=info.fingerprint,
             architecture="LlamaForCausalLM",
-            vocab_size=e.spec.vocab_size,
-            max_context_tokens=e.max_seq_len,
-            max_new_tokens_limit=lim.max_new_tokens,
-            dtype=str(e.dtype).removeprefix("torch."),
-            device=str(e.device),
+            vocab_size=info.vocab_size,
+            max_context_tokens=info.max_seq_len,
+            max_new_tokens_limit=self.conv.limits.max_new_tokens,
+            dtype=info.dtype,
+            device=info.device,
             quantization=self.quantize,
-            max_batch_size=e.max_batch_size,
-            max_active_adapters=e.table.max_active,
-            max_lora_rank=e.table.max_rank,
-            memory=[pb.MemoryUsage(part=k, bytes=v) for k, v in e.memory().items()],
+            max_batch_size=info.max_batch_size,
+            max_active_adapters=info.max_active_adapters,
+            max_lora_rank=info.max_lora_rank,
+            memory=[pb.MemoryUsage(part=k, bytes=v) for k, v in self.engine.memory().items()],
             version=__version__,
             adapter_routes=[
                 pb.AdapterRoute(adapter_id=a.adapter_id, engine_path=path, onnx_variant=variant,
                                 reason=reason)
-                for a in e.registry.entries()
-                for path, variant, reason in [_route(e, a.adapter_id)]
+                for a in self.registry.entries()
+                for path, variant, reason in [_route(self.engine, a.adapter_id)]
             ],
         )
 
@@ -258,9 +247,9 @@ def _on_rpc_end(context, handle) -> None:
 
 
 class AdapterAdminServicer(pb_grpc.AdapterAdminServicer):
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: Engine, registry) -> None:
         self.engine = engine
-        self.registry = engine.registry
+        self.registry = registry
 
     def _info(self, entry) -> pb.AdapterInfo:
         path, variant, _ = _route(self.engine, entry.adapter_id)

@@ -16,6 +16,7 @@ from server.adapters.slot_buckets import SlotBuckets, default_buckets
 from server.config import EngineConfig
 from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.model import KVCache, load_model
+from server.engine.protocol import EngineInfo
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
 from server.model_store import model_fingerprint, stop_token_ids
@@ -145,10 +146,13 @@ class Engine(RequestLoop):
         self.registry.on_ready = self.scheduler.has_work.set
         self.eos_ids = self._eos_ids()
 
-    # ---- public interface (shared with other engines) ----------------------------------
-    @property
-    def max_batch_size(self) -> int:
-        return self.kv.rows
+    # ---- the Engine protocol (server.engine.protocol), besides the lifecycle's ----------
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            fingerprint=self.fingerprint, vocab_size=self.spec.vocab_size,
+            max_seq_len=self.max_seq_len, dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device), max_batch_size=self.kv.rows,
+            max_active_adapters=self.table.max_active, max_lora_rank=self.table.max_rank)
 
     def memory(self) -> dict[str, int]:
         weights = sum(t.numel() * t.element_size()

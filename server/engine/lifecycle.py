@@ -19,9 +19,12 @@ import torch
 
 from server.engine.detokenizer import TextStream
 from server.engine.grammar import mask_logits
+from server.engine.protocol import EngineHealth, EngineInfo, Route, check_engine_path
 from server.engine.sampling import select_tokens
 from server.engine.types import (
+    ONNX,
     EngineError,
+    EnginePath,
     ErrorEvent,
     FinishEvent,
     FinishReason,
@@ -60,9 +63,12 @@ class RequestState:
 
 
 class RequestLoop:
-    """The lifecycle; one engine thread runs `_loop`, other threads only `submit`."""
+    """The lifecycle; one engine thread runs `_loop`, other threads only `submit`.
 
-    engine_path = ""  # the path that serves this engine's requests ("pytorch", "onnx")
+    A subclass is an `Engine` (server.engine.protocol) once it names its `engine_path`
+    and gives `info` and `memory`."""
+
+    engine_path: EnginePath  # the path that serves this engine's requests
 
     def __init__(self, tokenizer, eos_ids: set[int], max_seq_len: int, scheduler: Scheduler,
                  thread_name: str) -> None:
@@ -96,8 +102,31 @@ class RequestLoop:
         running, waiting = self.scheduler.counts()
         return running == 0 and waiting == 0
 
-    def submit(self, req: GenerationRequest) -> RequestHandle:
-        """Queue `req`; raises EngineError (a gRPC status name) when it cannot be queued."""
+    def health(self) -> EngineHealth:
+        if self._thread is None:
+            return EngineHealth(False, f"the {self.engine_path} engine has not started")
+        if self._stopping.is_set():
+            return EngineHealth(False, f"the {self.engine_path} engine is stopped")
+        if not self._thread.is_alive():
+            return EngineHealth(False, f"the {self.engine_path} engine thread has died "
+                                "(see the log)")
+        return EngineHealth(True)
+
+    def route(self, adapter_id: str) -> Route:
+        return Route(self.engine_path)
+
+    def info(self) -> EngineInfo:
+        raise NotImplementedError
+
+    def memory(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def submit(self, req: GenerationRequest, engine_path: str = "") -> RequestHandle:
+        """Queue `req`; raises EngineError (a gRPC status name) when it cannot be queued.
+        `engine_path` "" or this engine's own; another is FAILED_PRECONDITION."""
+        check_engine_path(engine_path)
+        if engine_path and engine_path != self.engine_path:
+            raise EngineError("FAILED_PRECONDITION", self._no_path(engine_path))
         state = self._new_state(req)
         seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
 
@@ -123,6 +152,13 @@ class RequestLoop:
                 raise RuntimeError(f"{self.engine_path} warm-up failed: {ev.message}")
             if isinstance(ev, FinishEvent):
                 return
+
+    def _no_path(self, engine_path: str) -> str:
+        if engine_path == ONNX:
+            return ("engine_path ONNX: the ONNX path is not enabled on this server (start it "
+                    "with --onnx)")
+        return (f"engine_path {engine_path.upper()}: this engine serves the "
+                f"{self.engine_path} path only")
 
     # ---- backend hooks ------------------------------------------------------------------
     def _new_state(self, req: GenerationRequest) -> RequestState:

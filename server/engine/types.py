@@ -5,10 +5,17 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from server.engine.grammar import ResponseFormat
+
+# The path that serves a request: the PyTorch engine, or the ONNX Runtime engine of an
+# adapter's merged export. "" where a path may be asked for means "whichever routes it".
+EnginePath = Literal["pytorch", "onnx"]
+PYTORCH: EnginePath = "pytorch"
+ONNX: EnginePath = "onnx"
+ENGINE_PATHS: tuple[str, ...] = get_args(EnginePath)
 
 
 class FinishReason(Enum):
@@ -122,15 +129,26 @@ class EngineError(Exception):
 
 class RequestHandle:
     """What the servicer holds for a submitted request: its events, the path that serves
-    it ("pytorch" or "onnx") and a way to cancel it."""
+    it and a way to cancel it. Every field is set by the engine that queued the request
+    (`adapter_version` may change once, before the request starts, when its adapter is
+    replaced while it waits)."""
+
+    request_id: str
+    adapter_id: str
+    adapter_version: str
+    engine_path: EnginePath
+    events: Any  # the request's GenerationRequest.events, else a queue.SimpleQueue[Event]
 
     def __init__(self, request_id: str, adapter_id: str, adapter_version: str,
-                 engine_path: str, events=None) -> None:
+                 engine_path: EnginePath, events=None) -> None:
+        if engine_path not in ENGINE_PATHS:
+            raise ValueError(f"engine_path {engine_path!r} is not one of "
+                             f"{', '.join(ENGINE_PATHS)}")
         self.request_id = request_id
         self.adapter_id = adapter_id
         self.adapter_version = adapter_version
         self.engine_path = engine_path
-        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue() if events is None else events
+        self.events = queue.SimpleQueue() if events is None else events
         self._cancel = lambda: None
 
     def bind_cancel(self, cancel) -> None:

@@ -24,7 +24,8 @@ import torch
 
 from server.engine.engine import helper_thread_init
 from server.engine.lifecycle import RequestLoop, RequestState
-from server.engine.types import GenerationRequest
+from server.engine.protocol import EngineInfo, Route
+from server.engine.types import ONNX, EngineError, GenerationRequest
 from server.onnx.session import OnnxDecoderSession
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
@@ -41,11 +42,14 @@ class OnnxEngineConfig:
 
 
 class OnnxEngine(RequestLoop):
-    engine_path = "onnx"
+    """An `Engine` (server.engine.protocol) for one merged export: requests name its
+    adapter (or none, for an engine made without `adapter_id`)."""
+
+    engine_path = ONNX
 
     def __init__(self, model_path: Path | str, tokenizer, eos_ids: set[int], max_seq_len: int,
                  config: OnnxEngineConfig, *, adapter_id: str = "", adapter_version: str = "",
-                 variant: str = "") -> None:
+                 variant: str = "", fingerprint: str = "") -> None:
         rows = config.max_batch_size
         super().__init__(tokenizer, eos_ids, max_seq_len, Scheduler(SchedulerConfig(
             max_batch_size=rows, max_tokens_per_step=max(config.max_tokens_per_step, rows),
@@ -56,6 +60,7 @@ class OnnxEngine(RequestLoop):
         self.adapter_id = adapter_id
         self.adapter_version = adapter_version
         self.variant = variant
+        self.fingerprint = fingerprint  # the base model's, when the router knows it
         # the decode batch: its sequences in row order, their KV and mask
         self._batch: list[Sequence] = []
         self._kv: list[np.ndarray] = []
@@ -68,8 +73,26 @@ class OnnxEngine(RequestLoop):
     def warmup(self, adapter_id: str = "") -> None:
         super().warmup(adapter_id or self.adapter_id)
 
+    # ---- the Engine protocol, besides the lifecycle's -----------------------------------
+    def info(self) -> EngineInfo:
+        device = "cuda" if self.session.providers[0] == "CUDAExecutionProvider" else "cpu"
+        return EngineInfo(
+            fingerprint=self.fingerprint, vocab_size=self.session.vocab_size,
+            max_seq_len=self.max_seq_len, dtype="float32", device=device,
+            max_batch_size=self.config.max_batch_size, max_active_adapters=1,
+            max_lora_rank=0)
+
+    def memory(self) -> dict[str, int]:
+        return {"onnx_sessions": self.nbytes}
+
+    def route(self, adapter_id: str) -> Route:
+        return Route(ONNX, self.variant)
+
     # ---- the backend: a step plan -> logits -------------------------------------------
     def _new_state(self, req: GenerationRequest) -> RequestState:
+        if req.adapter_id != self.adapter_id:  # the graph holds one adapter, merged
+            raise EngineError("NOT_FOUND", f"adapter {req.adapter_id!r} is not served by "
+                              f"this ONNX engine (it serves {self.adapter_id!r})")
         state = super()._new_state(req)
         state.handle.adapter_version = self.adapter_version
         state.kv = None  # the row's own cache while in prefill

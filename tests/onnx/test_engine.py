@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from server.config import OnnxConfig
 from server.engine.types import FinishEvent, GenerationRequest, StoppingParams, TokenEvent
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
-from server.onnx.router import EngineRouter
+from server.onnx.router import find_export
 from server.onnx.session import OnnxDecoderSession
 
 
@@ -53,16 +52,13 @@ def test_batched_requests_match_their_solo_greedy_tokens(exported_root, onnx_mod
 def test_router_refuses_an_export_of_another_adapter_version(adapter_copy):
     manifest = json.loads((adapter_copy / "switchboard.json").read_text())
     fp = manifest["exports"]["onnx"]["fp32"]["base_model"]["fingerprint"]
-    router = EngineRouter(SimpleNamespace(fingerprint=fp), OnnxConfig(enabled=True))
     entry = SimpleNamespace(path=adapter_copy, version="2", adapter_id="hot")
-    assert router.find_export(entry)[0] == "int8"  # auto prefers int8
+    assert find_export(entry, "auto", fp)[0] == "int8"  # auto prefers int8
     # retrain the adapter in place (new weights): its exports no longer match
     weights = adapter_copy / "adapter_model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-4] + b"\0\0\0\0")
-    reason = router.find_export(entry)
+    reason = find_export(entry, "auto", fp)
     assert isinstance(reason, str) and reason.startswith("refused") and "version 2" in reason
     weights.write_bytes(original)
-    router = EngineRouter(SimpleNamespace(fingerprint="other"),
-                          OnnxConfig(enabled=True, variant="fp32"))
-    assert "base fingerprint" in router.find_export(entry)
+    assert "base fingerprint" in find_export(entry, "fp32", "other")

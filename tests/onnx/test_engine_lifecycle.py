@@ -123,6 +123,7 @@ def test_a_step_that_raises_fails_only_the_row_that_caused_it(engine, poisoned_e
 def test_cancel_and_deadline_end_a_running_request(engine):
     long = engine.submit(_request("long", GOOD[0], LONG))
     assert isinstance(long.events.get(timeout=60), TokenEvent)
+    wait_for(lambda: _sample(engine, "switchboard_requests_running") == 1, timeout=30)
     long.cancel()
     ids, ev = _outcome(long)
     assert isinstance(ev, FinishEvent) and ev.reason == FinishReason.CANCELLED

@@ -87,6 +87,29 @@ def test_routes_are_reported_and_onnx_can_be_insisted_on(onnx_server):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_adapter_loaded_while_serving_gets_its_session_at_its_first_request(onnx_server):
+    """Its session opens off the request thread; the first request waits for it and is
+    served by it, with the tokens of the PyTorch path."""
+    channel = grpc.insecure_channel(onnx_server.target)
+    stub = pb_grpc.TextGenerationStub(channel)
+    admin = pb_grpc.AdapterAdminStub(channel)
+    admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="late", path="hot"))
+    try:
+        routes = {r.adapter_id: r for r in
+                  stub.GetModelInfo(pb.GetModelInfoRequest()).adapter_routes}
+        assert routes["late"].engine_path == pb.ENGINE_PATH_ONNX
+        assert routes["late"].reason == "not loaded yet"
+        first = _generate(stub, PROMPTS[2], "late", pb.ENGINE_PATH_UNSPECIFIED)
+        assert first.engine_path == pb.ENGINE_PATH_ONNX
+        torch = _generate(stub, PROMPTS[2], "late", pb.ENGINE_PATH_PYTORCH)
+        assert list(first.token_ids) == list(torch.token_ids)
+        routes = {r.adapter_id: r for r in
+                  stub.GetModelInfo(pb.GetModelInfoRequest()).adapter_routes}
+        assert (routes["late"].engine_path, routes["late"].reason) == (pb.ENGINE_PATH_ONNX, "")
+    finally:
+        admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="late"))
+
+
 @pytest.mark.slow
 def test_int8_export_agrees_on_95_percent_of_greedy_tokens(onnx_model, exported_root,
                                                            start_server):
