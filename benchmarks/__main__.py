@@ -8,8 +8,8 @@ import sys
 import time
 
 ALL = ("serving", "http", "kernels", "quant_kernels", "quantization_speed", "prefill_gemm",
-       "profile_decode", "bf16_adapters", "adapters", "slot_memory", "onnx", "trainer",
-       "methods", "safety", "structured")
+       "quant_threads", "profile_decode", "bf16_adapters", "adapters", "slot_memory", "onnx",
+       "trainer", "methods", "safety", "structured")
 
 
 def main() -> int:

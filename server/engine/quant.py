@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 MODES = ("int8", "int4")
 GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
-# matmuls of fewer multiply-adds than this run on one thread
-SMALL_MATMUL = 1 << 22
+# matmuls of fewer multiply-adds than this run on one thread (a tiny model's); the default
+# model's one-row projections (0.3-1.8 M) use every --threads thread: one stream 1.4x
+# (int8) and 1.5x (int4) faster than on one thread (docs/performance.md). On a machine
+# whose cores other processes keep busy an OpenMP team's join can stall; --threads 1 there.
+SMALL_MATMUL = 1 << 16
 # from this many rows on (prefill chunks) the weight is dequantized to fp32 for the call and
 # multiplied by BLAS: its GEMM beats the kernels' 8-row tiles there (0.5-0.8x the kernels'
 # time at 256-512 rows, 0.8-1.0x at 128, 1.1-2x slower at 32-64; default model's shapes,
@@ -151,9 +154,7 @@ class QuantizedProjection(nn.Module):
         m = x.shape[0]
         n_out = self.out_features
         y = torch.empty((m, n_out))
-        # A small matmul (one decode row) on one thread: an OpenMP team's join waits for
-        # every thread to be scheduled, which on a busy 2-core machine cost 10-50x the
-        # work (benchmarks/quant_kernels.py, "1t" against "2t")
+        # A tiny matmul on one thread: an OpenMP team's join costs more than its work
         threads = 1 if m * self._macs < SMALL_MATMUL else torch.get_num_threads()
         if self._call(x.data_ptr(), x.stride(0), m, *self._weight_args, y.data_ptr(), n_out,
                       threads):
