@@ -266,7 +266,6 @@ def main(argv: list[str] | None = None) -> dict:
             after = cold_loads(server, root, after_names)
             fp32_tokens = greedy_tokens(server.target, prompts, a.new_tokens)
             fp32_mem = _memory(server.target, "base_model")
-            fp32_extra = _fp32_only_bytes(model_dir, _info(server.target))
         t0 = time.perf_counter()
         with Server(args + ["--quantize", "nf4"]) as server:
             nf4_tokens = greedy_tokens(server.target, prompts, a.new_tokens)
@@ -291,17 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
         "disk_reads_counted_as": DISK_READS, "evicting_loads_counted_as": EVICTING_LOADS,
         "adapters_host_bytes_after_runs": host_after_runs,
         "cold_load_fresh_server": fresh, "cold_load_after_many_runs": after,
-        "fp32_base_bytes_reported": fp32_mem, "fp32_only_lm_head_t_bytes": fp32_extra,
-        "fp32_base_bytes": fp32_mem - fp32_extra, "nf4_base_bytes": nf4_mem,
-        "nf4_memory_ratio": nf4_mem / (fp32_mem - fp32_extra),
+        "fp32_base_bytes": fp32_mem, "nf4_base_bytes": nf4_mem,
+        "nf4_memory_ratio": nf4_mem / fp32_mem,
         "nf4_memory_ratio_basis": (
             "like with like: both sides are the `base_model` part of GetModelInfo.memory "
-            "(parameters and buffers), the fp32 side less the transposed output-embedding "
-            "copy (lm_head_t, vocab x hidden x 4 bytes) that only the fp32 CPU engine keeps "
-            "for one-row steps; the nf4 side counts bitsandbytes' packed 4-bit weights, not "
-            "their quantization statistics (absmax, about 3% of the packed bytes), which the "
-            "server's memory report leaves out"),
-        "nf4_memory_ratio_incl_lm_head_t": nf4_mem / fp32_mem,
+            "(parameters and buffers); the nf4 side counts bitsandbytes' packed 4-bit "
+            "weights, not their quantization statistics (absmax, about 3% of the packed "
+            "bytes), which the server's memory report leaves out"),
         "nf4_tokens_per_s_8_clients": nf4_tps,
         "nf4_greedy_agreement": agreement(fp32_tokens, nf4_tokens),
         "nf4_startup_and_prompts_s": nf4_wall,
@@ -328,16 +323,6 @@ def _info(target: str) -> pb.GetModelInfoResponse:
 
 def _memory(target: str, part: str) -> int:
     return next(m.bytes for m in _info(target).memory if m.part == part)
-
-
-def _fp32_only_bytes(model_dir: Path, info: pb.GetModelInfoResponse) -> int:
-    """Bytes of the [hidden, vocab] output-embedding copy the engine keeps on the CPU
-    without quantization (server/engine/model.py load_model: lm_head_t), in `base_model`."""
-    if info.device != "cpu" or info.quantization not in ("", "none"):
-        return 0
-    cfg = json.loads((model_dir / "config.json").read_text())
-    size = torch.empty(0, dtype=getattr(torch, info.dtype)).element_size()
-    return cfg["vocab_size"] * cfg["hidden_size"] * size
 
 
 if __name__ == "__main__":

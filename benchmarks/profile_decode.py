@@ -107,11 +107,12 @@ def _split(stats: pstats.Stats) -> dict[str, float]:
     loop, model = cum.get("lifecycle.py:_run", 0.0), cum.get("model.py:forward", 0.0)
     decode = cum.get("model.py:_forward_decode", 0.0)
     # BLAS (x @ W, addmm: the fp32 projections and the head) and the quantized kernel
-    # (a ctypes call: its time is its caller's own); Projection.forward and
+    # and the fp32 few-row kernel (ctypes calls: their time is their callers' own);
+    # Projection.forward and
     # DecoderModel.forward share a name, so the torch ops are counted, not the callers
     blas = sum(v for k, v in own.items()
                if "'__matmul__'" in k or "method addmm " in k or "method mm " in k)
-    matmuls = blas + own.get("quant.py:_native", 0.0)
+    matmuls = blas + own.get("quant.py:_native", 0.0) + own.get("model.py:_matmul", 0.0)
     return {"engine_step_s": loop, "model_forward_s": model, "matmuls_s": matmuls,
             "output_head_s": cum.get("model.py:_logits", 0.0),
             "between_matmuls_s": max(0.0, decode - matmuls),

@@ -3,7 +3,8 @@
   * lora.c: decode-time LoRA, bound by reading the slot tables; it streams each slot's
     weights once per step with register-blocked FMAs, one call per projection group.
   * quant.c: weight-only int8 and int4 projections (server.engine.quant), fp32
-    activations, the weights dequantized in registers.
+    activations, the weights dequantized in registers; and fp32 projections of few rows
+    (decode: server.engine.model.DecoderModel._project).
   * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
     attention over each row's own length, SiLU), one call each where PyTorch takes about
     28 small ops a layer.
@@ -56,6 +57,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
                                              _I, _F, _P, _I]),
     "q8_matmul": (None, [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I]),
     "q4_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]),
+    "f32_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
 }
 
 

@@ -212,3 +212,61 @@ int q4_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const flo
     free(xsum);
     return 0;
 }
+
+/* fp32 weights [N, K] (nn.Linear's layout), few rows (decode): y[r, n] = x[r] . w[n]
+   (+ bias[n]), output channels over the OpenMP team, a row alone in 4 chains of FMAs. */
+static inline __attribute__((always_inline)) void
+dot_f32(const float *x, int64_t xs, const float *w, int64_t k_len, int nr, float *acc)
+{
+    int64_t k = 0;
+#if W == 8 || W == 16
+    __m256 a[NR];
+    for (int r = 0; r < nr; r++) a[r] = _mm256_setzero_ps();
+    if (nr == 1) {
+        __m256 c1 = a[0], c2 = a[0], c3 = a[0];
+        for (; k + 32 <= k_len; k += 32) {
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a[0]);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), c1);
+            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), c2);
+            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), c3);
+        }
+        a[0] = _mm256_add_ps(_mm256_add_ps(a[0], c1), _mm256_add_ps(c2, c3));
+    }
+    for (; k + 8 <= k_len; k += 8) {
+        __m256 wv = _mm256_loadu_ps(w + k);
+        for (int r = 0; r < nr; r++)
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), wv, a[r]);
+    }
+    for (int r = 0; r < nr; r++) acc[r] = hsum8(a[r]);
+#else
+    for (int r = 0; r < nr; r++) acc[r] = 0.0f;
+#endif
+    for (; k < k_len; k++)
+        for (int r = 0; r < nr; r++) acc[r] += x[r * xs + k] * w[k];
+}
+
+void f32_matmul(const float *x, int64_t xs, int64_t m, const float *w, const float *bias,
+                int64_t n_out, int64_t k_len, float *y, int64_t ys, int64_t threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < n_out; n++) {
+        const float *wn = w + n * k_len;
+        const float b = bias ? bias[n] : 0.0f;
+        for (int64_t r0 = 0; r0 < m; r0 += NR) {
+            float acc[NR];
+            int nr = m - r0 < NR ? (int)(m - r0) : NR;
+            const float *xr = x + r0 * xs;
+            switch (nr) {
+            case 8: dot_f32(xr, xs, wn, k_len, 8, acc); break;
+            case 7: dot_f32(xr, xs, wn, k_len, 7, acc); break;
+            case 6: dot_f32(xr, xs, wn, k_len, 6, acc); break;
+            case 5: dot_f32(xr, xs, wn, k_len, 5, acc); break;
+            case 4: dot_f32(xr, xs, wn, k_len, 4, acc); break;
+            case 3: dot_f32(xr, xs, wn, k_len, 3, acc); break;
+            case 2: dot_f32(xr, xs, wn, k_len, 2, acc); break;
+            default: dot_f32(xr, xs, wn, k_len, 1, acc); break;
+            }
+            for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = acc[r] + b;
+        }
+    }
+}

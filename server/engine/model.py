@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.quant import MODES as QUANT_MODES
-from server.engine.quant import QuantizeError, quantize_model
+from server.engine.quant import SMALL_MATMUL, QuantizeError, quantize_model
 
 # model_type: (its causal-LM architecture, the switches of ModelSpec its config implies).
 # One decoder serves them all; what sets a family apart is a named switch read here.
@@ -46,6 +46,10 @@ FAMILIES = {
         "rope_tables": tuple(int(t == "sliding_attention") for t in c.layer_types)}),
 }
 SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())
+# decode steps of fewer rows than this take fp32 projections and the output head through
+# the C kernel (DecoderModel._project): 1.2-1.7x BLAS's speed at 1 row, 2.5-3x at 4-8,
+# 1.5x at 16, about even at 32 and slower from 64 (default model's shapes, 2 threads)
+FEW_ROWS = 32
 # RoPE types computed exactly: the inverse frequencies (and attention factor) of the
 # first four are fixed at load; "longrope" switches from its short to its long factors
 # once a forward's sequence is longer than original_max_position_embeddings (see
@@ -265,23 +269,46 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def native_linear(kernels, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """x [R, in] @ w[out, in]^T (+ bias) with server/csrc/quant.c's f32_matmul (for few
+    rows); the operands are checked first, the kernel taking raw pointers."""
+    n_out, k_in = w.shape
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 2 \
+            or x.shape[1] != k_in or not w.is_contiguous() or x.device.type != "cpu" \
+            or w.device.type != "cpu" or (bias is not None and (
+                bias.shape != (n_out,) or bias.dtype != torch.float32
+                or not bias.is_contiguous())):
+        raise ValueError(f"f32_matmul: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
+                         f"{w.dtype}: needs float32 CPU tensors, x [R, {k_in}], w and the "
+                         f"bias ({n_out},) contiguous")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
+    y = x.new_empty(rows, n_out)
+    threads = 1 if rows * n_out * k_in < SMALL_MATMUL else torch.get_num_threads()
+    kernels.f32_matmul(x.data_ptr(), x.stride(0), rows, w.data_ptr(),
+                       None if bias is None else bias.data_ptr(), n_out, k_in, y.data_ptr(),
+                       n_out, threads)
+    return y
+
+
 class Projection(nn.Module):
-    """y = x @ W^T + b with W stored transposed ([in, out], contiguous): on CPU BLAS this
-    is up to 1.6x faster than F.linear for the small batches of decoding."""
+    """y = x @ W^T + b, W [out, in] (nn.Linear's layout). Steps of fewer than FEW_ROWS
+    decode rows on the CPU go through the C kernel (`DecoderModel._project`), the rest
+    through BLAS."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
-        self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return x @ self.weight_t
-        return torch.addmm(self.bias, x, self.weight_t)
+        return F.linear(x, self.weight, self.bias)
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """weight in nn.Linear's [out, in] layout."""
-        self.weight_t.copy_(weight.T)
+        self.weight.copy_(weight)
         if self.bias is not None:
             self.bias.copy_(bias)
 
@@ -298,7 +325,7 @@ class QuantProjection(nn.Module):
             import bitsandbytes as bnb
         except ImportError as e:
             raise ModelLoadError("--quantize needs the bitsandbytes package") from e
-        weight = proj.weight_t.detach().T.contiguous().float()  # [out, in]
+        weight = proj.weight.detach().float()  # [out, in]
         out_f, in_f = weight.shape
         has_bias = proj.bias is not None
         if mode == "nf4":
@@ -359,9 +386,6 @@ class DecoderModel(nn.Module):
         # [vocab, hidden]; logits are computed as W @ x^T, the fastest layout for it.
         self.lm_head = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty(spec.vocab_size, spec.hidden_size))
-        # CPU only: a [hidden, vocab] copy for steps with one row, where x @ W^T reads the
-        # weights at 1.7x the speed of W @ x^T (and the opposite holds from 2 rows up).
-        self.register_buffer("lm_head_t", None, persistent=False)
         # --quantize int8/int4 on the CPU: the output projection in int8
         # (server.engine.quant.QuantizedProjection), lm_head then holding its dequantized
         # weight; or None
@@ -421,12 +445,20 @@ class DecoderModel(nn.Module):
         """x [R, hidden] after the final norm -> [R, vocab]."""
         if self.lm_head_q is not None:
             logits = self.lm_head_q.forward(x)
-        elif x.shape[0] == 1 and self.lm_head_t is not None:
-            logits = x @ self.lm_head_t
+        elif self.kernels is not None and x.shape[0] < FEW_ROWS:
+            logits = native_linear(self.kernels, x, self.lm_head, None)
         else:
             logits = torch.mm(self.lm_head, x.T).T
         cap = self.spec.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _project(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """proj(x) for a step of decode rows: an fp32 Projection through the C kernel when
+        the rows are few (it reads the weights at 1.2-3x BLAS's speed there on a 2-core
+        AVX2 EPYC: docs/performance.md), anything else through its own forward."""
+        if type(proj) is Projection and x.shape[0] < FEW_ROWS:
+            return native_linear(self.kernels, x, proj.weight, proj.bias)
+        return proj.forward(x)
 
     def _mlp_act(self, gu: torch.Tensor) -> torch.Tensor:
         gate, up = gu.chunk(2, dim=-1)
@@ -550,7 +582,7 @@ class DecoderModel(nn.Module):
         nk.rms_norm_rows(x_p, plan[0][1], h_p, n, h_size, eps)
         for i, (layer, _, attn_out_w, post_w, mlp_out_w, next_w, k_p, v_p, window, cos_p,
                 sin_p) in enumerate(plan):
-            qkv = layer.qkv.forward(h).contiguous()
+            qkv = self._project(layer.qkv, h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
             if qk_norm:
@@ -560,14 +592,14 @@ class DecoderModel(nn.Module):
                     head_dim, max_len, window, scale, attn_p, threads):
                 raise MemoryError("decode attention: head_dim over 512 or no memory")
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
-            o = layer.o.forward(a).contiguous()
+            o = self._project(layer.o, a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
             o_p = o.data_ptr()
             if attn_out_w:  # in place (the kernel reads, then writes)
                 nk.rms_norm_rows(o_p, attn_out_w, o_p, n, h_size, eps)
             nk.add_rms_norm_rows(x_p, o_p, post_w, h_p, n, h_size, eps)
-            gu = layer.gate_up.forward(h).contiguous()
+            gu = self._project(layer.gate_up, h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
             if silu:
@@ -575,7 +607,7 @@ class DecoderModel(nn.Module):
             else:
                 act.copy_(self._mlp_act(gu))
             a = hooks.pre(i, "down", act) if hooks is not None else act
-            down = layer.down.forward(a).contiguous()
+            down = self._project(layer.down, a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
             d_p = down.data_ptr()
@@ -686,8 +718,6 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     model.to(device=device, dtype=dtype).eval()
     for m, w in upcast.items():  # Gemma's norm weights stay fp32 (RMSNorm)
         m.weight = nn.Parameter(w.to(device))
-    if device.type == "cpu" and quantize == "none":  # a quantized base is about memory
-        model.lm_head_t = model.lm_head.detach().T.contiguous()
     if quantize in QUANT_MODES:  # weight-only int8/int4 (server.engine.quant)
         try:
             quantize_model(model, quantize, device, dtype)

@@ -186,13 +186,12 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
     head = QuantizedProjection(model.lm_head.detach().float(), None, "int8", kernels)
     with torch.no_grad():
         model.lm_head.copy_(head.dequantized().to(model.lm_head.dtype))
-    model.lm_head_t = None
     if kernels is not None:
         model.lm_head_q = head.to(device)
     for layer in model.layers:
         for name in _PROJECTIONS:
             proj = getattr(layer, name)
-            weight = proj.weight_t.detach().T.float()
+            weight = proj.weight.detach().float()
             bias = None if proj.bias is None else proj.bias.detach()
             qp = QuantizedProjection(weight, bias, mode, kernels).to(device)
             setattr(layer, name, qp)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from support import KERNEL_BUILDS, kernels_for, make_lora
 
-from server.engine.model import ModelLoadError, load_model
+from server.engine.model import ModelLoadError, load_model, native_linear
 from server.engine.quant import (
     GEMM_ROWS,
     GROUP,
@@ -110,6 +110,29 @@ def test_native_kernel_matches_the_reference(march, mode):
                 # a row alone (its own summation order: 4 chains) agrees with it in a batch
                 torch.testing.assert_close(proj(x[-1:]), y[-1:], rtol=1e-5,
                                            atol=1e-5 * float(ref.abs().max()) + 1e-6)
+
+
+@pytest.mark.parametrize("march", KERNEL_BUILDS)
+def test_fp32_few_row_kernel_matches_blas(march):
+    """The fp32 decode projection (1 to 33 rows: the 8-row tiles and their tails, the
+    one-row 4-chain path), with and without bias, strided input, K not a multiple of the
+    vector width; bad operands are refused before any pointer reaches C."""
+    kernels = kernels_for(march)
+    torch.manual_seed(0)
+    for n_out, k_in in ((40, 64), (130, 576), (33, 70)):
+        w = torch.randn(n_out, k_in)
+        for bias in (None, torch.randn(n_out)):
+            for m in (1, 2, 5, 8, 9, 33):
+                x = torch.randn(m, 2 * k_in)[:, ::2]
+                ref = torch.nn.functional.linear(x, w, bias)
+                torch.testing.assert_close(native_linear(kernels, x, w, bias), ref,
+                                           rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="needs float32"):
+        native_linear(kernels, torch.randn(2, 64, dtype=torch.float64), w[:, :64], None)
+    with pytest.raises(ValueError, match=r"x \[R, 70\]"):
+        native_linear(kernels, torch.randn(2, 64), w, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        native_linear(kernels, torch.randn(2, 33), w.T, None)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
