@@ -99,6 +99,9 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[],
         q8, s8 = quantize_int8(w)
         y = torch.empty(m, out_f)
         for th in sorted({1, torch.get_num_threads()}):
+            found[f"fp32 native f32_matmul [out,in] {th}t"] = (
+                lambda th=th: nk.f32_matmul(x.data_ptr(), in_f, m, w.data_ptr(), None, out_f,
+                                            in_f, y.data_ptr(), out_f, th), w.numel() * 4)
             found[f"int8 native server/csrc/quant.c {th}t"] = (
                 lambda th=th: nk.q8_matmul(x.data_ptr(), in_f, m, q8.data_ptr(), s8.data_ptr(),
                                            None, out_f, in_f, y.data_ptr(), out_f, th),
