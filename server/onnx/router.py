@@ -19,11 +19,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from adapter_format.manifest import ArtifactError, read_manifest
+from adapter_format.manifest import ArtifactError, adapter_content_hash, read_manifest
 from server.config import OnnxConfig
 from server.engine.types import EngineError, GenerationRequest, RequestHandle
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
-from server.onnx.export import adapter_content_hash
 from server.resources import usable_cpus
 
 log = logging.getLogger(__name__)
