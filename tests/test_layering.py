@@ -142,3 +142,16 @@ def test_a_forbidden_import_is_named_with_file_and_line(module, source, expected
 ])
 def test_an_allowed_import_passes(module, source):
     assert violations(source, module, "x.py") == []
+
+
+def test_docs_show_the_same_table():
+    rows = set()
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        cells = line.split("|")[1:-1]
+        if len(cells) == 4 and "`" in cells[0]:
+            names = [set(c.replace("`", "").replace(" ", "").split(",")) for c in cells[:3]]
+            rows |= {(i, f, tuple(sorted(names[2] - {""})))
+                     for i in names[0] for f in names[1]}
+    for importer, forbidden, allowed, _ in RULES:
+        assert (importer, forbidden, tuple(sorted(allowed))) in rows, (importer, forbidden)
+    assert len(rows) == len(RULES), "docs/architecture.md has rules the test lacks"
