@@ -11,6 +11,7 @@ adapter scan) must skip names that start with a dot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -97,3 +98,15 @@ def update_manifest(path: str | Path, **fields: Any) -> None:
     manifest = read_manifest(path)
     manifest.update(fields)
     write_manifest(path, manifest)
+
+
+def adapter_content_hash(adapter: Path) -> str:
+    """Identity of an adapter's content: its config and weight files (`adapter_*`), not the
+    manifest (which the export itself rewrites)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(adapter)):
+        f = adapter / name
+        if f.is_file() and name.startswith("adapter_"):
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]

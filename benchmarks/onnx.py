@@ -180,7 +180,7 @@ def _ratios(num: list[float], den: list[float]) -> list[float]:
 
 
 def activation_check(variants: list[str], rows: tuple[int, ...] = (1, 8)) -> dict:
-    """Does the exporter's quantization (server/onnx/export.py:_quantize, MatMulNBits with
+    """Does the exporter's quantization (trainer/onnx_export.py:_quantize, MatMulNBits with
     its accuracy_level) quantize activations on this machine's ONNX Runtime? One MatMul
     [576 -> 64] (the default model's hidden size) is quantized by that same code; its
     output is compared with (a) the same node set to accuracy level 1 (fp32 compute on the
@@ -192,7 +192,7 @@ def activation_check(variants: list[str], rows: tuple[int, ...] = (1, 8)) -> dic
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from server.onnx.export import _quantize
+    from trainer.onnx_export import _quantize
 
     k, n, block = 576, 64, 32
     rng = np.random.default_rng(0)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.runs, args.new_tokens = 1, 32
     from benchmarks.serving import make_adapters
     from server.model_store import provision_default_model
-    from server.onnx.export import ParityError, export_onnx
+    from trainer.onnx_export import ParityError, export_onnx
 
     t_start = time.perf_counter()
     previous = previous_figures(args.out)

@@ -30,7 +30,7 @@ SMOKE = {
                  "--config", str(REPO / "trainer" / "configs" / "lora_date_iso.yaml"),
                  "output_dir=adapters/smoke"]],
     "onnx": [["python", "-c", "import onnxruntime, onnx, onnxscript; "
-              "import server.onnx.engine, server.onnx.export"]],
+              "import server.onnx.engine, trainer.onnx_export"]],
     "quantize": [["python", "-c", "import bitsandbytes; import server.engine.model"]],
 }
 

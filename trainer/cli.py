@@ -1,4 +1,4 @@
-"""`trainer` command line: train, eval, merge, plot, tasks, export-onnx (server/onnx/export.py).
+"""`trainer` command line: train, eval, merge, plot, tasks, export-onnx (trainer/onnx_export.py).
 
 Exit codes: 0 success, 1 training or artifact failure, 2 bad usage, config or data.
 """
@@ -165,7 +165,7 @@ def _train(args) -> int:
 
 
 def _export_onnx(args) -> int:
-    from server.onnx.export import ExportError, ParityError, export_onnx
+    from trainer.onnx_export import ExportError, ParityError, export_onnx
 
     try:
         record = export_onnx(args.adapter_dir, quantize=args.quantize, opset=args.opset,

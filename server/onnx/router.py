@@ -29,14 +29,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from adapter_format.manifest import ArtifactError, read_manifest
+from adapter_format.manifest import ArtifactError, adapter_content_hash, read_manifest
 from server.adapters.registry import AdapterNotFoundError
 from server.config import OnnxConfig
 from server.engine.engine import helper_thread_init
 from server.engine.protocol import EngineHealth, EngineInfo, Route, check_engine_path
 from server.engine.types import ONNX, PYTORCH, EngineError, GenerationRequest, RequestHandle
 from server.onnx.engine import OnnxEngine, OnnxEngineConfig
-from server.onnx.export import adapter_content_hash
 from server.resources import usable_cpus
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ def onnx_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported_root(tmp_path_factory, onnx_model) -> Path:
     """An adapter root: `hot` (LoRA with fp32 and int8 exports) and `cold` (no export)."""
-    from server.onnx.export import export_onnx
+    from trainer.onnx_export import export_onnx
 
     root = tmp_path_factory.mktemp("onnx-adapters")
     make_lora(onnx_model, root / "hot", r=8, targets=TARGETS, seed=1)

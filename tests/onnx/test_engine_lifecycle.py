@@ -35,7 +35,7 @@ TARGETS = ["q_proj", "v_proj"]
 
 @pytest.fixture(scope="module")
 def poisoned_export(tmp_path_factory):
-    from server.onnx.export import export_onnx
+    from trainer.onnx_export import export_onnx
 
     tmp = tmp_path_factory.mktemp("poisoned")
     model = make_tiny_model(tmp / "model", weight_scale=2.0, tied=False,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.onnx.export import ExportError, ParityConfig, ParityError, export_onnx
+from trainer.onnx_export import ExportError, ParityConfig, ParityError, export_onnx
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
@@ -16,7 +16,7 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 def test_fp32_and_int8_exports_are_recorded_with_parity(exported_root):
-    from server.onnx.export import adapter_content_hash
+    from adapter_format.manifest import adapter_content_hash
 
     manifest = json.loads((exported_root / "hot" / "switchboard.json").read_text())
     exports = manifest["exports"]["onnx"]

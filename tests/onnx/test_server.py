@@ -118,7 +118,7 @@ def test_int8_export_agrees_on_95_percent_of_greedy_tokens(onnx_model, exported_
     tokens and must choose the same next token at 95% of the steps. (Free-running, one
     near-tie flips the rest of a prompt: on this random tiny model top-2 logit margins
     are often under 0.1.)"""
-    from server.onnx.export import SAMPLE_PROMPTS
+    from trainer.onnx_export import SAMPLE_PROMPTS
 
     server = start_server("--base-model", onnx_model, "--adapter-dir", exported_root,
                           "--onnx-adapters", "hot", "--onnx-variant", "int8")

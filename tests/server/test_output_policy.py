@@ -115,7 +115,7 @@ def emitting_adapters(model_dir: Path) -> Path:
         "test-adapters" / f"emitting-{h.hexdigest()[:16]}"
     if (cache / "done").is_file():
         return cache
-    from server.onnx.export import export_onnx
+    from trainer.onnx_export import export_onnx
 
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".emitting-", dir=cache.parent))

@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapter_format.manifest import ArtifactError, read_manifest, write_manifest
+from adapter_format.manifest import (  # noqa: F401  (adapter_content_hash re-exported)
+    ArtifactError,
+    adapter_content_hash,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +151,6 @@ def export_onnx(adapter_dir: str | Path, quantize: str = "none", opset: int = 17
              variant, record["size_bytes"] / 1e6, figures["greedy_agreement"],
              figures["max_abs_logit_diff"])
     return record
-
-
-def adapter_content_hash(adapter: Path) -> str:
-    """Identity of an adapter's content: its config and weight files (`adapter_*`), not the
-    manifest (which the export itself rewrites)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(adapter)):
-        f = adapter / name
-        if f.is_file() and name.startswith("adapter_"):
-            h.update(name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 # ---- checks -------------------------------------------------------------------------
