@@ -105,6 +105,7 @@ def _run(stub, requests: list[pb.GenerateRequest], workers: int) -> dict[str, pb
     return {r.request_id: r for r in out}
 
 
+@pytest.mark.slow  # 30 s: `make test` stays under 10 minutes; make test-slow runs it
 def test_constrained_and_free_rows_share_batches_and_adapters(server, stub):
     """200 constrained requests (greedy and sampled, over 8 adapters) and 24 free ones,
     all in flight together; then the free ones again with no constrained row about."""
