@@ -157,7 +157,10 @@ def _check(result, expected, label):
     assert diff < 1e-3, f"{label}: logprob differs from the reference by {diff}"
 
 
-@pytest.mark.parametrize("kernels", ["native", "torch"])
+# the PyTorch-ops path per family in make test-slow (9 x 6 s; make test stays under 10
+# minutes): the native path runs the families' PyTorch-only features (q/k norm, GELU-tanh)
+# with those ops too, and test_parity.py runs the whole PyTorch path in make test
+@pytest.mark.parametrize("kernels", ["native", pytest.param("torch", marks=pytest.mark.slow)])
 def test_family_greedy_parity(family, start_server, kernels):
     name, model, root, oracle = family
     keys = sorted({k for k, _ in oracle} - {"plain"})
