@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -162,3 +163,24 @@ def metric(port: int, name: str, **labels: str) -> float:
     return sum(s.value for family in text_string_to_metric_families(text)
                for s in family.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_on_registry(reg, done, what: str, hang_guard: float = 600.0) -> None:
+    """Block until done() holds, woken by the registry's `on_ready` (called when a host
+    load or a slot write ends, failed or not), so the wait follows the loader threads
+    however slow the machine; `hang_guard` only turns a hung loader into a failure."""
+    cond = threading.Condition()
+    previous = reg.on_ready
+
+    def ready() -> None:
+        previous()
+        with cond:
+            cond.notify_all()
+
+    reg.on_ready = ready
+    try:
+        with cond:
+            if not cond.wait_for(done, timeout=hang_guard):
+                raise AssertionError(f"{what}: nothing after {hang_guard:.0f} s (loader hung)")
+    finally:
+        reg.on_ready = previous

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from support import TINY_SPEC as SPEC
-from support import make_lora
+from support import make_lora, wait_on_registry
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterNotFoundError, AdapterRegistry
@@ -41,9 +41,7 @@ def pin(reg: AdapterRegistry, entry) -> int | None:
     """acquire(), then wait for the slot write that it starts on the stager thread; None
     at once when every slot is pinned."""
     slot = reg.acquire(entry)
-    deadline = time.monotonic() + 30
-    while slot is not None and entry.staging and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_on_registry(reg, lambda: slot is None or not entry.staging, "slot write")
     return slot
 
 
@@ -198,8 +196,6 @@ def test_a_slot_written_for_a_waiting_request_stays_its_own(root):
     c, _ = reg.load("c")
     assert reg.acquire(c) == 0
     reg.release(c)
-    deadline = time.monotonic() + 30
-    while c.staging and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_on_registry(reg, lambda: not c.staging, "slot write")
     assert lora_slots(reg) == [("c", "2", 0)] and c.tier == "device"
     assert pin(reg, a) == 0 and lora_slots(reg) == [("a", "2", 1)]

@@ -5,12 +5,10 @@ after each step."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from support import TINY_SPEC as SPEC
-from support import make_lora
+from support import make_lora, wait_on_registry
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterRegistry
@@ -40,12 +38,10 @@ def pin(reg: AdapterRegistry, adapter_id: str) -> int | None:
     take is pinned."""
     entry = reg.get(adapter_id)
     reg.ensure_host(entry)
-    deadline = time.monotonic() + 30
-    while entry.weights is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_on_registry(reg, lambda: entry.weights is not None or entry.error, "host load")
+    assert entry.weights is not None, entry.error
     slot = reg.acquire(entry)
-    while slot is not None and entry.staging and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_on_registry(reg, lambda: slot is None or not entry.staging, "slot write")
     return slot
 
 
