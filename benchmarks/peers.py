@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import llamacpp
-from benchmarks.common import Server, machine, median, write_results
+from benchmarks.common import Server, machine, median, stop_process, write_results
 from clients.workload import builtin_prompts
 
 # Switchboard variant -> (serve flags, the llama.cpp quantization of the same bit width)
@@ -211,13 +211,7 @@ class LlamaServer:
                                f"global scales {scales}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
     def __enter__(self) -> LlamaServer:

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import median, print_table, write_results
-from benchmarks.profile_decode import PROMPT, _drive
-from server.config import EngineConfig
+from benchmarks.profile_decode import _drive, engine_with_prompt
 from server.engine import quant
 from server.engine.engine import Engine
 from server.engine.types import ErrorEvent, FinishEvent, GenerationRequest, StoppingParams
@@ -54,12 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-prefill-") as tmp:
         for variant in a.variants.split(","):
-            cfg = EngineConfig(dtype="float32", quantize=variant, max_batch_size=a.requests,
-                               max_seq_len=512, kv_cache_bytes=512 << 20)
-            engine = Engine(model_dir, Path(tmp), cfg)
-            ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
-                                                       tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            engine, ids = engine_with_prompt(model_dir, tmp, variant, a.requests, 512 << 20)
             tokens = a.requests * len(ids)
 
             def rounds(e=engine, i=ids) -> list[tuple[float, float]]:

@@ -40,6 +40,17 @@ from server.model_store import provision_default_model
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
+def engine_with_prompt(model_dir: Path, tmp: str, quantize: str, max_batch_size: int,
+                       kv_cache_bytes: int) -> tuple[Engine, list[int]]:
+    """An in-process fp32 engine with `--quantize quantize` and PROMPT's token ids."""
+    engine = Engine(model_dir, Path(tmp), EngineConfig(
+        dtype="float32", quantize=quantize, max_batch_size=max_batch_size, max_seq_len=512,
+        kv_cache_bytes=kv_cache_bytes))
+    ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
+                                               tokenize=True)
+    return engine, list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def _generate(engine: Engine, ids: list[int], new_tokens: int, rows: int = 1) -> float:
     """Seconds a decode step while `rows` requests decode together: from the moment every
     request has its first token (all prefills done) to the last finish, over the steps
@@ -134,14 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         for variant in a.variants.split(","):
-            cfg = EngineConfig(dtype="float32", quantize=variant,
-                               max_batch_size=max(4, a.rows),
-                               max_seq_len=512,
-                               kv_cache_bytes=(256 << 20) * max(1, a.rows // 4))
-            engine = Engine(model_dir, Path(tmp), cfg)
-            ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
-                                                       tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            engine, ids = engine_with_prompt(model_dir, tmp, variant, max(4, a.rows),
+                                             (256 << 20) * max(1, a.rows // 4))
             _drive(engine, lambda e=engine, i=ids: _generate(e, i, 8))  # warm-up
             per_token = _drive(engine, lambda e=engine, i=ids: [
                 _generate(e, i, a.new_tokens, a.rows) for _ in range(a.runs)])

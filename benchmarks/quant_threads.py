@@ -17,10 +17,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import median, print_table, write_results
-from benchmarks.profile_decode import PROMPT, _drive, _generate
-from server.config import EngineConfig
+from benchmarks.profile_decode import _drive, _generate, engine_with_prompt
 from server.engine import quant
-from server.engine.engine import Engine
 from server.model_store import provision_default_model
 
 ONE_THREAD = 1 << 22
@@ -38,12 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
         for variant in a.variants.split(","):
-            engine = Engine(model_dir, Path(tmp), EngineConfig(
-                dtype="float32", quantize=variant, max_batch_size=4, max_seq_len=512,
-                kv_cache_bytes=256 << 20))
-            ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
-                                                       tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            engine, ids = engine_with_prompt(model_dir, tmp, variant, 4, 256 << 20)
 
             def rounds(e=engine, i=ids) -> list[tuple[float, float]]:
                 _generate(e, i, 8)  # warm-up
