@@ -42,10 +42,19 @@ static inline float hsum8(__m256 v)
 }
 #endif
 
-/* acc[r] = x[r] . q (K int8), r < nr. One row: 4 chains of FMAs in flight (their
-   latency bounds it); several rows: one chain a row, each weight vector unpacked once. */
+/* acc[r] = x[r] . w (K weights: int8 when i8, else fp32), r < nr. One row: 4 chains of
+   FMAs in flight (their latency bounds it); several rows: one chain a row, each weight
+   vector loaded (and converted) once. i8 and nr are constants at every call: the
+   branches fold and the row loops unroll. */
+#if W == 8 || W == 16
+static inline __m256 load_w8(const void *w, int i8, int64_t k)
+{
+    return i8 ? load_i8x8((const int8_t *)w + k) : _mm256_loadu_ps((const float *)w + k);
+}
+#endif
+
 static inline __attribute__((always_inline)) void
-dot_i8(const float *x, int64_t xs, const int8_t *q, int64_t k_len, int nr, float *acc)
+dot_w(const float *x, int64_t xs, const void *w, int i8, int64_t k_len, int nr, float *acc)
 {
     int64_t k = 0;
 #if W == 8 || W == 16
@@ -54,52 +63,70 @@ dot_i8(const float *x, int64_t xs, const int8_t *q, int64_t k_len, int nr, float
     if (nr == 1) {
         __m256 c1 = a[0], c2 = a[0], c3 = a[0];
         for (; k + 32 <= k_len; k += 32) {
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_i8x8(q + k), a[0]);
-            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_i8x8(q + k + 8), c1);
-            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_i8x8(q + k + 16), c2);
-            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_i8x8(q + k + 24), c3);
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_w8(w, i8, k), a[0]);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_w8(w, i8, k + 8), c1);
+            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_w8(w, i8, k + 16), c2);
+            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_w8(w, i8, k + 24), c3);
         }
         a[0] = _mm256_add_ps(_mm256_add_ps(a[0], c1), _mm256_add_ps(c2, c3));
     }
     for (; k + 8 <= k_len; k += 8) {
-        __m256 w = load_i8x8(q + k);
+        __m256 wv = load_w8(w, i8, k);
         for (int r = 0; r < nr; r++)
-            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), w, a[r]);
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), wv, a[r]);
     }
     for (int r = 0; r < nr; r++) acc[r] = hsum8(a[r]);
 #else
     for (int r = 0; r < nr; r++) acc[r] = 0.0f;
 #endif
-    for (; k < k_len; k++)
-        for (int r = 0; r < nr; r++) acc[r] += x[r * xs + k] * (float)q[k];
+    for (; k < k_len; k++) {
+        float wk = i8 ? (float)((const int8_t *)w)[k] : ((const float *)w)[k];
+        for (int r = 0; r < nr; r++) acc[r] += x[r * xs + k] * wk;
+    }
 }
 
-/* y[r, n] = s[n] * (x[r] . q[n]) + bias[n] for r < m, n in [0, N). */
-void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const float *s,
-               const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
-               int64_t threads)
+/* y[r, n] = s[n] * (x[r] . w[n]) + bias[n] for r < m, n in [0, N); s NULL: no scale. */
+static inline __attribute__((always_inline)) void
+rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int i8, const float *s,
+            const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
+            int64_t threads)
 {
+    const int64_t wsize = i8 ? 1 : 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_out; n++) {
-        const int8_t *qn = q + n * k_len;
-        const float b = bias ? bias[n] : 0.0f;
+        const void *wn = (const char *)w + n * k_len * wsize;
+        const float b = bias ? bias[n] : 0.0f, sn = s ? s[n] : 1.0f;
         for (int64_t r0 = 0; r0 < m; r0 += NR) {
             float acc[NR];
             int nr = m - r0 < NR ? (int)(m - r0) : NR;
             const float *xr = x + r0 * xs;
             switch (nr) { /* constant nr: the row loops unroll */
-            case 8: dot_i8(xr, xs, qn, k_len, 8, acc); break;
-            case 7: dot_i8(xr, xs, qn, k_len, 7, acc); break;
-            case 6: dot_i8(xr, xs, qn, k_len, 6, acc); break;
-            case 5: dot_i8(xr, xs, qn, k_len, 5, acc); break;
-            case 4: dot_i8(xr, xs, qn, k_len, 4, acc); break;
-            case 3: dot_i8(xr, xs, qn, k_len, 3, acc); break;
-            case 2: dot_i8(xr, xs, qn, k_len, 2, acc); break;
-            default: dot_i8(xr, xs, qn, k_len, 1, acc); break;
+            case 8: dot_w(xr, xs, wn, i8, k_len, 8, acc); break;
+            case 7: dot_w(xr, xs, wn, i8, k_len, 7, acc); break;
+            case 6: dot_w(xr, xs, wn, i8, k_len, 6, acc); break;
+            case 5: dot_w(xr, xs, wn, i8, k_len, 5, acc); break;
+            case 4: dot_w(xr, xs, wn, i8, k_len, 4, acc); break;
+            case 3: dot_w(xr, xs, wn, i8, k_len, 3, acc); break;
+            case 2: dot_w(xr, xs, wn, i8, k_len, 2, acc); break;
+            default: dot_w(xr, xs, wn, i8, k_len, 1, acc); break;
             }
-            for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = s[n] * acc[r] + b;
+            for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = sn * acc[r] + b;
         }
     }
+}
+
+void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const float *s,
+               const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
+               int64_t threads)
+{
+    rows_matmul(x, xs, m, q, 1, s, bias, n_out, k_len, y, ys, threads);
+}
+
+/* fp32 weights [N, K] (nn.Linear's layout), few rows (decode: DecoderModel._project). */
+void f32_matmul(const float *x, int64_t xs, int64_t m, const float *w, const float *bias,
+                int64_t n_out, int64_t k_len, float *y, int64_t ys, int64_t threads)
+{
+    rows_matmul(x, xs, m, w, 0, NULL, bias, n_out, k_len, y, ys, threads);
 }
 
 /* acc[r] = x[r] . w_n for the int4 row (q, s, lo) of K inputs in groups of G; xsum[r, g]
@@ -213,60 +240,3 @@ int q4_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const flo
     return 0;
 }
 
-/* fp32 weights [N, K] (nn.Linear's layout), few rows (decode): y[r, n] = x[r] . w[n]
-   (+ bias[n]), output channels over the OpenMP team, a row alone in 4 chains of FMAs. */
-static inline __attribute__((always_inline)) void
-dot_f32(const float *x, int64_t xs, const float *w, int64_t k_len, int nr, float *acc)
-{
-    int64_t k = 0;
-#if W == 8 || W == 16
-    __m256 a[NR];
-    for (int r = 0; r < nr; r++) a[r] = _mm256_setzero_ps();
-    if (nr == 1) {
-        __m256 c1 = a[0], c2 = a[0], c3 = a[0];
-        for (; k + 32 <= k_len; k += 32) {
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a[0]);
-            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), c1);
-            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), c2);
-            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), c3);
-        }
-        a[0] = _mm256_add_ps(_mm256_add_ps(a[0], c1), _mm256_add_ps(c2, c3));
-    }
-    for (; k + 8 <= k_len; k += 8) {
-        __m256 wv = _mm256_loadu_ps(w + k);
-        for (int r = 0; r < nr; r++)
-            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), wv, a[r]);
-    }
-    for (int r = 0; r < nr; r++) acc[r] = hsum8(a[r]);
-#else
-    for (int r = 0; r < nr; r++) acc[r] = 0.0f;
-#endif
-    for (; k < k_len; k++)
-        for (int r = 0; r < nr; r++) acc[r] += x[r * xs + k] * w[k];
-}
-
-void f32_matmul(const float *x, int64_t xs, int64_t m, const float *w, const float *bias,
-                int64_t n_out, int64_t k_len, float *y, int64_t ys, int64_t threads)
-{
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < n_out; n++) {
-        const float *wn = w + n * k_len;
-        const float b = bias ? bias[n] : 0.0f;
-        for (int64_t r0 = 0; r0 < m; r0 += NR) {
-            float acc[NR];
-            int nr = m - r0 < NR ? (int)(m - r0) : NR;
-            const float *xr = x + r0 * xs;
-            switch (nr) {
-            case 8: dot_f32(xr, xs, wn, k_len, 8, acc); break;
-            case 7: dot_f32(xr, xs, wn, k_len, 7, acc); break;
-            case 6: dot_f32(xr, xs, wn, k_len, 6, acc); break;
-            case 5: dot_f32(xr, xs, wn, k_len, 5, acc); break;
-            case 4: dot_f32(xr, xs, wn, k_len, 4, acc); break;
-            case 3: dot_f32(xr, xs, wn, k_len, 3, acc); break;
-            case 2: dot_f32(xr, xs, wn, k_len, 2, acc); break;
-            default: dot_f32(xr, xs, wn, k_len, 1, acc); break;
-            }
-            for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = acc[r] + b;
-        }
-    }
-}
