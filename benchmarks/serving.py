@@ -114,7 +114,7 @@ class PeftBaseline:
         prompts = builtin_prompts()
         ids = [chat_ids(tok, prompts[i % len(prompts)]) for i in range(batch)]
         self.width = max(len(x) for x in ids)
-        self.pad = tok.pad_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.input_ids = torch.tensor([[self.pad] * (self.width - len(x)) + x for x in ids],
                                       device=device)
         self.mask = torch.tensor([[0] * (self.width - len(x)) + [1] * len(x) for x in ids],

@@ -107,7 +107,7 @@ class LoraSlotTable:
             block[:, :r].copy_(a.T)
             block[:, r:].zero_()
             rows = self.B[module][layer, slot]
-            torch.mul(b.T, scale, out=rows[:r])
+            rows[:r].copy_(b.T * scale)  # scaled on the host, in its dtype; one copy over
             rows[r:].zero_()
             bits |= 1 << (layer * len(MODULES) + _MODULE_BIT[module])
         self._zero(slot, self.targets[slot] & ~bits)

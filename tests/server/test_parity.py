@@ -163,5 +163,7 @@ def test_greedy_parity_alone_and_mixed(tiny_model, adapter_root, oracle, start_s
     assert not errors
     for (key, i), result in results.items():
         _check(result, oracle[(key, i)], f"mixed {key or 'base'} prompt {i}")
-        if (key, i) in alone:
+        # In bf16 a row's rounding depends on the batch's shape, so mixed and alone may part
+        # after PEFT's first near-tie; _check has held both to PEFT up to there.
+        if (key, i) in alone and DTYPE == "float32":
             assert list(result.token_ids) == list(alone[(key, i)].token_ids)
