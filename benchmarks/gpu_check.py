@@ -11,7 +11,8 @@ Steps, each a subprocess with its own time limit, in this order:
   3. onnx-cuda: tests/onnx (not slow) with ONNX Runtime's CUDA execution provider, which
      their sessions pick by default (provider auto) once onnxruntime-gpu is installed
      (`pip install ".[cuda]"`); the step fails first if the provider is missing;
-  4. serving: benchmarks.serving on CUDA (1 run; 2 runs did not end within 200 s on an H200), against PEFT and HF in the same run.
+  4. serving: benchmarks.serving on CUDA (1 run: 2 runs did not end within 200 s on an
+     H200), against PEFT and HF in the same run.
 
 Without a CUDA device it stops at once with "no CUDA device" and exit status 2.
 

@@ -135,9 +135,15 @@ def make_peft_adapter(model_dir: Path, out: Path, config, seed: int) -> Path:
 
 
 class ServerProcess(Server):
-    """`switchboard serve` on loopback for a test (benchmarks.common.Server)."""
+    """`switchboard serve` on loopback for a test (benchmarks.common.Server). In float32
+    unless the args name a dtype: the tests' references (transformers, PEFT) run in fp32,
+    and `--dtype auto` would pick bf16 on a CPU with avx512_bf16 (test_dtype.py tests
+    auto and bf16 serving)."""
 
     def __init__(self, args: list[str], *, timeout: float = 240.0) -> None:
+        args = [str(a) for a in args]
+        if "--dtype" not in args:
+            args += ["--dtype", "float32"]
         super().__init__(args, timeout)
 
 

@@ -70,8 +70,14 @@ def auto_dtype(device_type: str, flags: frozenset[str] | set[str]) -> torch.dtyp
     return torch.float32
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, quantize: str = "none",
+               cpu_kernels: str = "auto") -> torch.dtype:
+    """`--dtype`; auto as auto_dtype, except fp32 on a CPU where the user asked for what
+    runs in fp32 only there: `--quantize int8|int4` (their kernels take fp32 activations)
+    or `--cpu-kernels native`."""
     if name == "auto":
+        if device.type == "cpu" and (quantize in ("int8", "int4") or cpu_kernels == "native"):
+            return torch.float32
         return auto_dtype(device.type, cpu_flags() if device.type == "cpu" else frozenset())
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -103,7 +109,7 @@ class Engine(RequestLoop):
         self.threads = config.threads or cpu_count()
         helper_thread_init()  # the caller (the main thread) loads the model on one thread
         self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
+        self.dtype = pick_dtype(config.dtype, self.device, config.quantize, config.cpu_kernels)
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = load_model(model_dir, self.dtype, self.device, config.quantize)

@@ -46,6 +46,17 @@ def test_auto_on_this_machine_follows_its_flags():
         pick_dtype("fp8", torch.device("cpu"))
 
 
+@pytest.mark.parametrize(("quantize", "cpu_kernels"), [
+    ("int8", "auto"), ("int4", "auto"), ("none", "native"), ("int4", "native")])
+def test_auto_is_fp32_where_the_cpu_path_asked_for_runs_in_fp32_only(quantize, cpu_kernels):
+    """On any CPU, bf16 or not: the int8/int4 kernels and `--cpu-kernels native` are fp32."""
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu, quantize, cpu_kernels) == torch.float32
+    assert pick_dtype("bf16", cpu, quantize, cpu_kernels) == torch.bfloat16  # asked: kept
+    if torch.cuda.is_available():
+        assert pick_dtype("auto", torch.device("cuda"), quantize, cpu_kernels) == torch.bfloat16
+
+
 NEW_TOKENS = 24
 PROMPTS = [[1, 504, 2134, 28, 9043, 314, 7], list(range(200, 237))]
 # bf16 keeps 8 significant bits: each rounding is off by up to 2^-9 relative, and the
