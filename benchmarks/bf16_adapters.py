@@ -2,8 +2,8 @@
 
 A 32-row decode step of the default model (context 200), base model only and with 16
 rank-16 all-projection LoRA adapters (2 rows each; benchmarks.kernels' adapters), in fp32
-(the engine's path there: the C decode and LoRA kernels) and in bf16 (PyTorch's ops: the C
-kernels are fp32 only, so bf16 adapters go through the batched reference path). On one
+(the engine's path there: the C decode and LoRA kernels) and in bf16 (the engine's path
+there: PyTorch's ops for the base, the C LoRA kernel over bf16 slot tables). On one
 thread, timed by this thread's CPU time (the work a core does, robust to other load on a
 shared machine); kinds alternated, median of --rounds. Reported: ms a step and the
 adapter overhead ratio (base step time / adapter step time) of each dtype.
@@ -23,29 +23,25 @@ from benchmarks.common import print_table, write_results
 from benchmarks.kernels import RANK, ROWS_PER_SLOT, SLOTS, _adapter, _decode_inputs
 from server import native
 from server.adapters.hooks import AdapterHooks
-from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
+from server.adapters.slots import LoraHooks, LoraSlotTable
 from server.engine.model import KVCache, load_model
 from server.model_store import provision_default_model
 
 
 def _steps(dtype: torch.dtype) -> dict:
-    kernels = native.kernels() if dtype == torch.float32 else None
+    kernels = native.kernels()  # LoRA in both; the decode kernels are fp32 only
     model = load_model(provision_default_model(), dtype, torch.device("cpu"))
     spec = model.spec
     model.build_rope(512)
-    model.kernels = kernels
+    model.kernels = kernels if dtype == torch.float32 else None
     batch = SLOTS * ROWS_PER_SLOT
     kv = KVCache(spec, batch, 512, dtype, "cpu")
     table = LoraSlotTable(spec, SLOTS, RANK, dtype, "cpu", kernels)
     for slot in range(SLOTS):
         table.write(slot, _adapter(spec, slot))
-    if kernels is not None:
-        lora = LoraHooks(table, [(s, s * ROWS_PER_SLOT, (s + 1) * ROWS_PER_SLOT)
-                                 for s in range(SLOTS)])
-    else:
-        token_slots = [(i, i // ROWS_PER_SLOT) for i in range(batch)]
-        lora = LoraHooks(table, [], BatchedRows.build(table, token_slots, batch, "cpu"))
-    hooks = AdapterHooks(lora, [], table.groups)
+    lora = LoraHooks(table, [(s, s * ROWS_PER_SLOT, (s + 1) * ROWS_PER_SLOT)
+                             for s in range(SLOTS)])
+    hooks = AdapterHooks([lora], [], table.groups)
     inputs = _decode_inputs(batch, 200)
     return {"base": lambda: model(inputs, kv, None), "lora": lambda: model(inputs, kv, hooks)}
 

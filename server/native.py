@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCES_DIR = Path(__file__).parent / "csrc"
 SOURCES = tuple(sorted(SOURCES_DIR.glob("*.c")))
+HEADERS = tuple(sorted(SOURCES_DIR.glob("*.h")))  # in the build's hash, not compiled alone
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 # Segments longer than this (long prefill chunks) go to BLAS, which wins once there are
 # enough rows to reuse each weight. Measured here (default model's shapes, rank 16, all
@@ -50,6 +51,7 @@ class NativeError(Exception):
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
     "lora_segments": (ctypes.c_int, [_P, _I, _P, _I, _I, _P, _P, _I, _I]),
+    "lora_segments_bf16": (ctypes.c_int, [_P, _I, _P, _I, _I, _P, _P, _I, _I]),
     "rms_norm_rows": (None, [_P, _P, _P, _I, _I, _F]),
     "add_rms_norm_rows": (None, [_P, _P, _P, _P, _I, _I, _F]),
     "silu_mul_rows": (None, [_P, _P, _I, _I]),
@@ -75,15 +77,25 @@ class Kernels:
 
     def lora(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
              segs: np.ndarray, threads: int) -> None:
-        """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; x and out
-        are fp32 CPU tensors with unit column stride; desc as `LoraSlotTable.native_desc`."""
-        if x.stride(1) != 1 or out.stride(1) != 1 or x.dtype != torch.float32 \
-                or out.dtype != torch.float32:
-            raise ValueError("lora kernel: x and out must be float32 with unit column stride")
-        if self.lora_segments(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
-                              x.shape[0], desc.ctypes.data, segs.ctypes.data, len(segs),
-                              threads):
+        """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; desc as
+        `LoraSlotTable.native_desc`. x and out are CPU tensors with unit column stride in the
+        table's dtype: fp32, or bf16, where the delta is summed in fp32 and added to out
+        once (PEFT adds its bf16 delta the same way)."""
+        if x.dtype != out.dtype or x.dtype not in (torch.float32, torch.bfloat16) \
+                or x.stride(1) != 1 or out.stride(1) != 1 or x.device.type != "cpu" \
+                or x.shape[0] != out.shape[0]:
+            raise ValueError("lora kernel: x and out must be CPU tensors of as many rows, "
+                             "both float32 or both bfloat16, with unit column stride")
+        if x.dtype == torch.float32:
+            fn, xf, y = self.lora_segments, x, out
+        else:
+            fn, xf = self.lora_segments_bf16, x.float()
+            y = torch.zeros(out.shape, dtype=torch.float32)
+        if fn(xf.data_ptr(), xf.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
+              desc.ctypes.data, segs.ctypes.data, len(segs), threads):
             raise MemoryError("lora kernel: no memory for its scratch")
+        if y is not out:
+            out += y
 
 
 def _cpu_signature() -> str:
@@ -118,8 +130,9 @@ def build(cache: Path | None = None, march: str = "native") -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeError(f"C compiler {cc!r} does not run: {e}") from e
     flags = (*FLAGS, f"-march={march}")
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *flags, *version,
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, *flags, *version, _cpu_signature()])
+                         .encode()).hexdigest()[:16]
     name = f"switchboard_cpu-{key}.so"
     target = (cache or cache_dir()) / "kernels" / name
     if target.is_file():
@@ -177,3 +190,16 @@ def pick(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
             raise
         log.warning("the engine uses PyTorch ops only: %s", e)
         return None
+
+
+def pick_lora(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
+    """The kernels for the LoRA slot tables: as `pick`, and also on a CPU in bf16 with
+    --cpu-kernels auto (the LoRA kernel reads bf16 tables; the rest of a bf16 step is
+    PyTorch's)."""
+    if mode == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+        try:
+            return kernels()
+        except NativeError as e:
+            log.warning("bf16 LoRA uses PyTorch ops: %s", e)
+            return None
+    return pick(mode, device, dtype)

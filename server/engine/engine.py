@@ -133,7 +133,8 @@ class Engine(RequestLoop):
         buckets = config.lora_slots or default_buckets(config.max_lora_rank,
                                                        config.max_active_adapters)
         self.table = SlotBuckets(self.spec, buckets, config.max_active_adapters, self.dtype,
-                                 self.device, self.kernels)
+                                 self.device, self.kernels or native.pick_lora(
+                                     config.cpu_kernels, self.device, self.dtype))
         log.info("adapter slots: up to %d adapters on the device; LoRA slots by rank %s "
                  "(%.0f MiB when every bucket is in use; a bucket is allocated on first use)",
                  config.max_active_adapters, self.table.describe(),

@@ -1,0 +1,153 @@
+/* The LoRA kernel's body, included by lora.c once per slot-table element type: WT
+   (float, or uint16_t holding bf16), WLOAD (W of them from memory as an fp32 vector),
+   WSCALAR (one as fp32) and NAME (the functions' names for that type). x, the scratch
+   t and y are fp32 for both. */
+
+/* t[k][c0 : c0 + nb*W] = x[k] @ a[:, c0 : c0 + nb*W] for k < n; a is [in_f, ncols].
+   P partial sums over i (P from nb, never from n) keep enough FMAs in flight. */
+static inline __attribute__((always_inline)) void
+NAME(shrink_block)(const float *x, int64_t xs, const WT *a, int64_t in_f, int64_t ncols,
+             int64_t c0, float *t, int64_t ts, const int n, const int nb)
+{
+    const int P = nb == 1 ? 4 : nb == 2 ? 2 : 1;
+    vec acc[4][NR][NB];
+    for (int p = 0; p < P; p++)
+        for (int k = 0; k < n; k++)
+            for (int b = 0; b < nb; b++) acc[p][k][b] = VZERO();
+    int64_t i = 0;
+    for (; i + P <= in_f; i += P)
+        for (int p = 0; p < P; p++) {
+            const WT *ai = a + (i + p) * ncols + c0;
+            vec av[NB];
+            for (int b = 0; b < nb; b++) av[b] = WLOAD(ai + b * W);
+            for (int k = 0; k < n; k++) {
+                vec xv = VSET1(x[k * xs + i + p]);
+                for (int b = 0; b < nb; b++) acc[p][k][b] = VFMA(xv, av[b], acc[p][k][b]);
+            }
+        }
+    for (; i < in_f; i++) {
+        const WT *ai = a + i * ncols + c0;
+        for (int k = 0; k < n; k++) {
+            vec xv = VSET1(x[k * xs + i]);
+            for (int b = 0; b < nb; b++) acc[0][k][b] = VFMA(xv, WLOAD(ai + b * W), acc[0][k][b]);
+        }
+    }
+    for (int k = 0; k < n; k++)
+        for (int b = 0; b < nb; b++) {
+            vec s = acc[0][k][b];
+            if (P == 4) s = VADD(VADD(s, acc[1][k][b]), VADD(acc[2][k][b], acc[3][k][b]));
+            else if (P == 2) s = VADD(s, acc[1][k][b]);
+            VSTORE(t + k * ts + c0 + b * W, s);
+        }
+}
+
+/* y[k][c0 : c0 + nb*W] += t[k][0:r] @ bm[:, c0 : c0 + nb*W] for k < n; bm is [r, sz]. */
+static inline __attribute__((always_inline)) void
+NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t r, int64_t sz, int64_t c0,
+             float *y, int64_t ys, const int n, const int nb)
+{
+    vec acc[NR][NB];
+    for (int k = 0; k < n; k++)
+        for (int b = 0; b < nb; b++) acc[k][b] = VLOAD(y + k * ys + c0 + b * W);
+    for (int64_t q = 0; q < r; q++) {
+        const WT *bq = bm + q * sz + c0;
+        vec bv[NB];
+        for (int b = 0; b < nb; b++) bv[b] = WLOAD(bq + b * W);
+        for (int k = 0; k < n; k++) {
+            vec tv = VSET1(t[k * ts + q]);
+            for (int b = 0; b < nb; b++) acc[k][b] = VFMA(tv, bv[b], acc[k][b]);
+        }
+    }
+    for (int k = 0; k < n; k++)
+        for (int b = 0; b < nb; b++) VSTORE(y + k * ys + c0 + b * W, acc[k][b]);
+}
+
+static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t in_f,
+                        int64_t ncols, float *t, int64_t ts, int n)
+{
+    int64_t vcols = ncols / W * W;
+    for (int64_t c0 = 0; c0 < vcols; c0 += NB * W) {
+        int nb = (int)((vcols - c0) / W < NB ? (vcols - c0) / W : NB);
+        DISPATCH(NAME(shrink_block), n, nb, x, xs, a, in_f, ncols, c0, t, ts)
+    }
+    /* The last ncols % W columns (all of a rank-8 bucket's o and down columns with
+       AVX-512): i outermost, so a's rows are read once, contiguously, and the compiler
+       can vectorize over the columns; each column still sums over i in order. */
+    const int64_t tail = ncols - vcols;
+    if (tail) {
+        float acc[NR][W];
+        for (int k = 0; k < n; k++)
+            for (int64_t c = 0; c < tail; c++) acc[k][c] = 0.0f;
+        for (int64_t i = 0; i < in_f; i++) {
+            const WT *ai = a + i * ncols + vcols;
+            for (int k = 0; k < n; k++) {
+                const float xv = x[k * xs + i];
+                for (int64_t c = 0; c < tail; c++) acc[k][c] += xv * WSCALAR(ai[c]);
+            }
+        }
+        for (int k = 0; k < n; k++)
+            for (int64_t c = 0; c < tail; c++) t[k * ts + vcols + c] = acc[k][c];
+    }
+}
+
+static void NAME(expand_rows)(const float *t, int64_t ts, const WT *bm, int64_t r, int64_t sz,
+                        int64_t c_begin, int64_t c_end, float *y, int64_t ys, int n)
+{
+    int64_t vend = c_begin + (c_end - c_begin) / W * W;
+    for (int64_t c0 = c_begin; c0 < vend; c0 += NB * W) {
+        int nb = (int)((vend - c0) / W < NB ? (vend - c0) / W : NB);
+        DISPATCH(NAME(expand_block), n, nb, t, ts, bm, r, sz, c0, y, ys)
+    }
+    for (int64_t c = vend; c < c_end; c++)
+        for (int k = 0; k < n; k++) {
+            float acc = y[k * ys + c];
+            for (int64_t q = 0; q < r; q++) acc += t[k * ts + q] * WSCALAR(bm[q * sz + c]);
+            y[k * ys + c] = acc;
+        }
+}
+
+/* desc: in_f, A (pointer), ncols, r, nmods, bits (pointer), bits stride, then per module
+   B (pointer), column offset in y, size. bits[slot * stride]: the modules the slot's
+   adapter targets in this (layer, group). segs: nsegs x (slot, start, end), tokens < ntok.
+   Returns 0, or -1 when the scratch cannot be allocated. */
+int NAME(lora_segments)(const float *x, int64_t xs, float *y, int64_t ys, int64_t ntok,
+                  const int64_t *desc, const int64_t *segs, int64_t nsegs, int64_t threads)
+{
+    const int64_t in_f = desc[0], ncols = desc[2], r = desc[3], nmods = desc[4];
+    const int64_t *bits = (const int64_t *)desc[5], stride = desc[6];
+    const WT *A = (const WT *)desc[1];
+    const int64_t *mods = desc + 7;
+    int64_t max_size = 0;
+    for (int64_t m = 0; m < nmods; m++)
+        if (mods[3 * m + 2] > max_size) max_size = mods[3 * m + 2];
+    const int64_t nchunks = (max_size + CHUNK - 1) / CHUNK;
+    float *t = malloc(sizeof(float) * (size_t)(ntok * ncols));
+    if (!t) return -1;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t j = 0; j < nsegs; j++) {
+            int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
+            if (!bits[s * stride]) continue;
+            for (int64_t t0 = start; t0 < end; t0 += NR)
+                NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
+                            t + t0 * ncols, ncols, (int)(end - t0 < NR ? end - t0 : NR));
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < nsegs * nmods * nchunks; item++) {
+            int64_t j = item / (nmods * nchunks), m = item / nchunks % nmods;
+            int64_t c_begin = item % nchunks * CHUNK;
+            int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
+            const int64_t *md = mods + 3 * m;
+            int64_t sz = md[2];
+            if (c_begin >= sz || !(bits[s * stride] >> m & 1)) continue;
+            int64_t c_end = c_begin + CHUNK < sz ? c_begin + CHUNK : sz;
+            const WT *bm = (const WT *)md[0] + s * r * sz;
+            for (int64_t t0 = start; t0 < end; t0 += NR)
+                NAME(expand_rows)(t + t0 * ncols + m * r, ncols, bm, r, sz, c_begin, c_end,
+                            y + t0 * ys + md[1], ys, (int)(end - t0 < NR ? end - t0 : NR));
+        }
+    }
+    free(t);
+    return 0;
+}
