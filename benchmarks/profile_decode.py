@@ -1,11 +1,12 @@
 """Where a decode step's time goes: the engine's decode loop, profiled in-process.
 
-The default model in an in-process Engine (fp32 on the CPU, `--quantize` each of
---variants), one request at a time of --new-tokens greedy tokens after a short chat
-prompt (`--rows N`: N such requests at once, decoding together as the 32-client serving
-figures do, each step N rows). The engine's loop runs on this thread so that cProfile
-sees it. Two passes per variant: unprofiled (wall time a decode step, from the moment
-every request has its first token to the last token, median of --runs), then one more
+The default model in an in-process Engine (on the CPU: fp32 with `--quantize` none, int8
+or int4, or bf16, each of --variants), one request at a time of --new-tokens greedy
+tokens after a short chat prompt (`--rows N`: N such requests at once, decoding together
+as the 32-client serving figures do, each step N rows). The engine's loop runs on this
+thread so that cProfile sees it. Two passes per variant: unprofiled (wall time a decode
+step, from the moment every request has its first token to the last token, median of
+--runs), then one more
 pass under cProfile, whose time is split into:
   * matmuls: the layers' projections (Projection / QuantizedProjection .forward, BLAS
     or server/csrc/quant.c) and the output head (DecoderModel._logits);
@@ -17,7 +18,7 @@ pass under cProfile, whose time is split into:
 cProfile's own overhead inflates the Python-heavy parts, so the shares are reported beside
 the unprofiled time a step.
 
-    python -m benchmarks.profile_decode [--variants none,int8,int4] [--new-tokens 128]
+    python -m benchmarks.profile_decode [--variants none,int8,int4,bf16] [--new-tokens 128]
                                         [--rows 1]
 """
 
@@ -40,11 +41,13 @@ from server.model_store import provision_default_model
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
-def engine_with_prompt(model_dir: Path, tmp: str, quantize: str, max_batch_size: int,
+def engine_with_prompt(model_dir: Path, tmp: str, variant: str, max_batch_size: int,
                        kv_cache_bytes: int) -> tuple[Engine, list[int]]:
-    """An in-process fp32 engine with `--quantize quantize` and PROMPT's token ids."""
+    """An in-process engine of `variant` (none, int8, int4: fp32 with that `--quantize`;
+    bf16: `--dtype bfloat16`) and PROMPT's token ids."""
+    dtype, quantize = ("bfloat16", "none") if variant == "bf16" else ("float32", variant)
     engine = Engine(model_dir, Path(tmp), EngineConfig(
-        dtype="float32", quantize=quantize, max_batch_size=max_batch_size, max_seq_len=512,
+        dtype=dtype, quantize=quantize, max_batch_size=max_batch_size, max_seq_len=512,
         kv_cache_bytes=kv_cache_bytes))
     ids = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
                                                tokenize=True)
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += [(f"{k} ms/step (profiled)", v)
                      for k, v in results[variant]["profiled_ms_per_step"].items()]
             rows += [(f"{k} share", v) for k, v in shares.items()]
-            print_table(f"{a.rows} row(s), --quantize {variant}", rows)
+            print_table(f"{a.rows} row(s), {variant}", rows)
             del engine
     name = "profile-decode" if a.rows == 1 else f"profile-decode-{a.rows}rows"
     path = write_results(name, {"variants": results,

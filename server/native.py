@@ -3,8 +3,8 @@
   * lora.c: decode-time LoRA, bound by reading the slot tables; it streams each slot's
     weights once per step with register-blocked FMAs, one call per projection group.
   * quant.c: weight-only int8 and int4 projections (server.engine.quant), fp32
-    activations, the weights dequantized in registers; and fp32 projections of few rows
-    (decode: server.engine.model.DecoderModel._project).
+    activations, the weights dequantized in registers; and fp32 and bf16 projections of
+    few rows (decode: server.engine.model.native_linear).
   * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
     attention over each row's own length, SiLU), one call each where PyTorch takes about
     28 small ops a layer.
@@ -60,6 +60,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "q8_matmul": (None, [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I]),
     "q4_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]),
     "f32_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
+    "bf16_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
 }
 
 
@@ -192,14 +193,14 @@ def pick(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
         return None
 
 
-def pick_lora(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
-    """The kernels for the LoRA slot tables: as `pick`, and also on a CPU in bf16 with
-    --cpu-kernels auto (the LoRA kernel reads bf16 tables; the rest of a bf16 step is
-    PyTorch's)."""
-    if mode == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
-        try:
-            return kernels()
-        except NativeError as e:
-            log.warning("bf16 LoRA uses PyTorch ops: %s", e)
-            return None
-    return pick(mode, device, dtype)
+def pick_bf16(mode: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
+    """The kernels for a bf16 model on a CPU with --cpu-kernels auto, or None: its few-row
+    projections and output head (bf16_matmul) and its LoRA slot tables (the LoRA kernel
+    reads bf16 tables); the rest of its step is PyTorch's."""
+    if mode != "auto" or device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    try:
+        return kernels()
+    except NativeError as e:
+        log.warning("the bf16 engine uses PyTorch ops only: %s", e)
+        return None

@@ -1,5 +1,5 @@
 /* Weight-only quantized projections for the CPU: y[m, n] = x[m] . w[n] (+ bias[n]), with
-   x and y fp32 and w stored in 8 or 4 bits, dequantized in registers (the activations are
+   x and y fp32 and w stored in 8 or 4 bits (or bf16, or fp32), widened in registers (the activations are
    never quantized, so y is the fp32 matmul with the dequantized weights up to rounding).
 
    Decode reads every weight once per step, so its time is the bytes read: 1 byte a weight
@@ -42,19 +42,26 @@ static inline float hsum8(__m256 v)
 }
 #endif
 
-/* acc[r] = x[r] . w (K weights: int8 when i8, else fp32), r < nr. One row: 4 chains of
-   FMAs in flight (their latency bounds it); several rows: one chain a row, each weight
-   vector loaded (and converted) once. i8 and nr are constants at every call: the
-   branches fold and the row loops unroll. */
+/* The weight types of dot_w and rows_matmul. */
+enum { WT_F32, WT_I8, WT_BF16 };
+
+/* acc[r] = x[r] . w (K weights of type wt), r < nr. One row: 4 chains of FMAs in flight
+   (their latency bounds it); several rows: one chain a row, each weight vector loaded
+   (and converted) once. wt and nr are constants at every call: the branches fold and the
+   row loops unroll. */
 #if W == 8 || W == 16
-static inline __m256 load_w8(const void *w, int i8, int64_t k)
+static inline __m256 load_w8(const void *w, int wt, int64_t k)
 {
-    return i8 ? load_i8x8((const int8_t *)w + k) : _mm256_loadu_ps((const float *)w + k);
+    if (wt == WT_I8) return load_i8x8((const int8_t *)w + k);
+    if (wt == WT_BF16)  /* bf16 is the top half of an fp32 */
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k))), 16));
+    return _mm256_loadu_ps((const float *)w + k);
 }
 #endif
 
 static inline __attribute__((always_inline)) void
-dot_w(const float *x, int64_t xs, const void *w, int i8, int64_t k_len, int nr, float *acc)
+dot_w(const float *x, int64_t xs, const void *w, int wt, int64_t k_len, int nr, float *acc)
 {
     int64_t k = 0;
 #if W == 8 || W == 16
@@ -63,15 +70,15 @@ dot_w(const float *x, int64_t xs, const void *w, int i8, int64_t k_len, int nr, 
     if (nr == 1) {
         __m256 c1 = a[0], c2 = a[0], c3 = a[0];
         for (; k + 32 <= k_len; k += 32) {
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_w8(w, i8, k), a[0]);
-            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_w8(w, i8, k + 8), c1);
-            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_w8(w, i8, k + 16), c2);
-            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_w8(w, i8, k + 24), c3);
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_w8(w, wt, k), a[0]);
+            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_w8(w, wt, k + 8), c1);
+            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_w8(w, wt, k + 16), c2);
+            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_w8(w, wt, k + 24), c3);
         }
         a[0] = _mm256_add_ps(_mm256_add_ps(a[0], c1), _mm256_add_ps(c2, c3));
     }
     for (; k + 8 <= k_len; k += 8) {
-        __m256 wv = load_w8(w, i8, k);
+        __m256 wv = load_w8(w, wt, k);
         for (int r = 0; r < nr; r++)
             a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * xs + k), wv, a[r]);
     }
@@ -80,18 +87,19 @@ dot_w(const float *x, int64_t xs, const void *w, int i8, int64_t k_len, int nr, 
     for (int r = 0; r < nr; r++) acc[r] = 0.0f;
 #endif
     for (; k < k_len; k++) {
-        float wk = i8 ? (float)((const int8_t *)w)[k] : ((const float *)w)[k];
+        float wk = wt == WT_I8 ? (float)((const int8_t *)w)[k]
+                 : wt == WT_BF16 ? bf16_to_f32(((const uint16_t *)w)[k]) : ((const float *)w)[k];
         for (int r = 0; r < nr; r++) acc[r] += x[r * xs + k] * wk;
     }
 }
 
 /* y[r, n] = s[n] * (x[r] . w[n]) + bias[n] for r < m, n in [0, N); s NULL: no scale. */
 static inline __attribute__((always_inline)) void
-rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int i8, const float *s,
+rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int wt, const float *s,
             const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
             int64_t threads)
 {
-    const int64_t wsize = i8 ? 1 : 4;
+    const int64_t wsize = wt == WT_I8 ? 1 : wt == WT_BF16 ? 2 : 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_out; n++) {
         const void *wn = (const char *)w + n * k_len * wsize;
@@ -101,14 +109,14 @@ rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int i8, const 
             int nr = m - r0 < NR ? (int)(m - r0) : NR;
             const float *xr = x + r0 * xs;
             switch (nr) { /* constant nr: the row loops unroll */
-            case 8: dot_w(xr, xs, wn, i8, k_len, 8, acc); break;
-            case 7: dot_w(xr, xs, wn, i8, k_len, 7, acc); break;
-            case 6: dot_w(xr, xs, wn, i8, k_len, 6, acc); break;
-            case 5: dot_w(xr, xs, wn, i8, k_len, 5, acc); break;
-            case 4: dot_w(xr, xs, wn, i8, k_len, 4, acc); break;
-            case 3: dot_w(xr, xs, wn, i8, k_len, 3, acc); break;
-            case 2: dot_w(xr, xs, wn, i8, k_len, 2, acc); break;
-            default: dot_w(xr, xs, wn, i8, k_len, 1, acc); break;
+            case 8: dot_w(xr, xs, wn, wt, k_len, 8, acc); break;
+            case 7: dot_w(xr, xs, wn, wt, k_len, 7, acc); break;
+            case 6: dot_w(xr, xs, wn, wt, k_len, 6, acc); break;
+            case 5: dot_w(xr, xs, wn, wt, k_len, 5, acc); break;
+            case 4: dot_w(xr, xs, wn, wt, k_len, 4, acc); break;
+            case 3: dot_w(xr, xs, wn, wt, k_len, 3, acc); break;
+            case 2: dot_w(xr, xs, wn, wt, k_len, 2, acc); break;
+            default: dot_w(xr, xs, wn, wt, k_len, 1, acc); break;
             }
             for (int r = 0; r < nr; r++) y[(r0 + r) * ys + n] = sn * acc[r] + b;
         }
@@ -119,14 +127,22 @@ void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const flo
                const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
                int64_t threads)
 {
-    rows_matmul(x, xs, m, q, 1, s, bias, n_out, k_len, y, ys, threads);
+    rows_matmul(x, xs, m, q, WT_I8, s, bias, n_out, k_len, y, ys, threads);
 }
 
 /* fp32 weights [N, K] (nn.Linear's layout), few rows (decode: DecoderModel._project). */
 void f32_matmul(const float *x, int64_t xs, int64_t m, const float *w, const float *bias,
                 int64_t n_out, int64_t k_len, float *y, int64_t ys, int64_t threads)
 {
-    rows_matmul(x, xs, m, w, 0, NULL, bias, n_out, k_len, y, ys, threads);
+    rows_matmul(x, xs, m, w, WT_F32, NULL, bias, n_out, k_len, y, ys, threads);
+}
+
+/* bf16 weights [N, K] (a bf16 model's Projection), fp32 x, bias and y: few rows on a CPU,
+   where PyTorch's bf16 matmul of one row is ~60x slower than this. */
+void bf16_matmul(const float *x, int64_t xs, int64_t m, const uint16_t *w, const float *bias,
+                 int64_t n_out, int64_t k_len, float *y, int64_t ys, int64_t threads)
+{
+    rows_matmul(x, xs, m, w, WT_BF16, NULL, bias, n_out, k_len, y, ys, threads);
 }
 
 /* acc[r] = x[r] . w_n for the int4 row (q, s, lo) of K inputs in groups of G; xsum[r, g]

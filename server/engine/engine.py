@@ -127,14 +127,14 @@ class Engine(RequestLoop):
         self.kv = KVCache(self.spec, rows, self.max_seq_len, self.dtype, self.device)
         self.kernels = native.pick(config.cpu_kernels, self.device, self.dtype)
         self.model.kernels = self.kernels
+        self.model.bf16_kernels = native.pick_bf16(config.cpu_kernels, self.device, self.dtype)
         if self.kernels is not None and self.model.native_fallbacks():
             log.info("cpu kernels: decode steps run %s with PyTorch ops, the rest of the step "
                      "with the native kernels", " and ".join(self.model.native_fallbacks()))
         buckets = config.lora_slots or default_buckets(config.max_lora_rank,
                                                        config.max_active_adapters)
         self.table = SlotBuckets(self.spec, buckets, config.max_active_adapters, self.dtype,
-                                 self.device, self.kernels or native.pick_lora(
-                                     config.cpu_kernels, self.device, self.dtype))
+                                 self.device, self.kernels or self.model.bf16_kernels)
         log.info("adapter slots: up to %d adapters on the device; LoRA slots by rank %s "
                  "(%.0f MiB when every bucket is in use; a bucket is allocated on first use)",
                  config.max_active_adapters, self.table.describe(),

@@ -271,26 +271,32 @@ class RMSNorm(nn.Module):
 
 def native_linear(kernels, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
                   ) -> torch.Tensor:
-    """x [R, in] @ w[out, in]^T (+ bias) with server/csrc/quant.c's f32_matmul (for few
-    rows); the operands are checked first, the kernel taking raw pointers."""
+    """x [R, in] @ w[out, in]^T (+ bias) with server/csrc/quant.c's few-row kernel:
+    f32_matmul for fp32 weights, bf16_matmul for bf16 ones (x, the bias and the result in
+    the weight's dtype; a bf16 product is summed in fp32 and rounded once). The operands
+    are checked first, the kernel taking raw pointers."""
     n_out, k_in = w.shape
-    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 2 \
+    dtype = w.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or x.dtype != dtype or x.dim() != 2 \
             or x.shape[1] != k_in or not w.is_contiguous() or x.device.type != "cpu" \
             or w.device.type != "cpu" or (bias is not None and (
-                bias.shape != (n_out,) or bias.dtype != torch.float32
-                or not bias.is_contiguous())):
-        raise ValueError(f"f32_matmul: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
-                         f"{w.dtype}: needs float32 CPU tensors, x [R, {k_in}], w and the "
-                         f"bias ({n_out},) contiguous")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+                bias.shape != (n_out,) or bias.dtype != dtype or not bias.is_contiguous())):
+        raise ValueError(f"native_linear: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
+                         f"{w.dtype}: needs CPU tensors of one dtype (float32 or bfloat16), "
+                         f"x [R, {k_in}], w and the bias ({n_out},) contiguous")
+    if dtype == torch.bfloat16:
+        fn, x = kernels.bf16_matmul, x.float()
+        bias = None if bias is None else bias.float()
+    else:
+        fn = kernels.f32_matmul
+        if x.stride(1) != 1:
+            x = x.contiguous()
     rows = x.shape[0]
     y = x.new_empty(rows, n_out)
     threads = 1 if rows * n_out * k_in < SMALL_MATMUL else torch.get_num_threads()
-    kernels.f32_matmul(x.data_ptr(), x.stride(0), rows, w.data_ptr(),
-                       None if bias is None else bias.data_ptr(), n_out, k_in, y.data_ptr(),
-                       n_out, threads)
-    return y
+    fn(x.data_ptr(), x.stride(0), rows, w.data_ptr(),
+       None if bias is None else bias.data_ptr(), n_out, k_in, y.data_ptr(), n_out, threads)
+    return y if dtype == torch.float32 else y.to(dtype)
 
 
 class Projection(nn.Module):
@@ -398,6 +404,9 @@ class DecoderModel(nn.Module):
         self.sin_rot: list[torch.Tensor] = []
         # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
         self.kernels = None
+        # server.native.Kernels for a bf16 model on the CPU: its projections and output
+        # head of fewer than FEW_ROWS rows (the rest of its step is PyTorch's), or None
+        self.bf16_kernels = None
         self._decode_cache: tuple | None = None  # (key, _decode_layers' list)
 
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
@@ -445,8 +454,8 @@ class DecoderModel(nn.Module):
         """x [R, hidden] after the final norm -> [R, vocab]."""
         if self.lm_head_q is not None:
             logits = self.lm_head_q.forward(x)
-        elif self.kernels is not None and x.shape[0] < FEW_ROWS:
-            logits = native_linear(self.kernels, x, self.lm_head, None)
+        elif (self.kernels or self.bf16_kernels) is not None and x.shape[0] < FEW_ROWS:
+            logits = native_linear(self.kernels or self.bf16_kernels, x, self.lm_head, None)
         else:
             logits = torch.mm(self.lm_head, x.T).T
         cap = self.spec.logit_softcap
@@ -458,6 +467,15 @@ class DecoderModel(nn.Module):
         AVX2 EPYC: docs/performance.md), anything else through its own forward."""
         if type(proj) is Projection and x.shape[0] < FEW_ROWS:
             return native_linear(self.kernels, x, proj.weight, proj.bias)
+        return proj.forward(x)
+
+    def _linear(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """proj(x) on PyTorch's path: a bf16 Projection of few rows on the CPU through the C
+        kernel (PyTorch's bf16 matmul of one row is ~60x slower), anything else its own
+        forward."""
+        if self.bf16_kernels is not None and type(proj) is Projection \
+                and x.shape[0] < FEW_ROWS:
+            return native_linear(self.bf16_kernels, x, proj.weight, proj.bias)
         return proj.forward(x)
 
     def _mlp_act(self, gu: torch.Tensor) -> torch.Tensor:
@@ -495,7 +513,7 @@ class DecoderModel(nn.Module):
                      + step.positions[:, None]).view(-1)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm.forward(x)  # .forward: no Module.__call__ overhead
-            qkv = layer.qkv.forward(h)
+            qkv = self._linear(layer.qkv, h)
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
             if spec.qk_norm:
@@ -519,18 +537,18 @@ class DecoderModel(nn.Module):
             attn = self._attention(q, kc, vc, step, pad, window)
             if hooks is not None:
                 attn = hooks.pre(i, "o", attn)
-            o = layer.o.forward(attn)
+            o = self._linear(layer.o, attn)
             if hooks is not None:
                 hooks.linear(i, "o", attn, o)
             x += o if layer.attn_out_norm is None else layer.attn_out_norm.forward(o)
             h = layer.post_norm.forward(x)
-            gu = layer.gate_up.forward(h)
+            gu = self._linear(layer.gate_up, h)
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
             act = self._mlp_act(gu)
             if hooks is not None:
                 act = hooks.pre(i, "down", act)
-            down = layer.down.forward(act)
+            down = self._linear(layer.down, act)
             if hooks is not None:
                 hooks.linear(i, "down", act, down)
             x += down if layer.mlp_out_norm is None else layer.mlp_out_norm.forward(down)

@@ -127,12 +127,34 @@ def test_fp32_few_row_kernel_matches_blas(march):
                 ref = torch.nn.functional.linear(x, w, bias)
                 torch.testing.assert_close(native_linear(kernels, x, w, bias), ref,
                                            rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
-    with pytest.raises(ValueError, match="needs float32"):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         native_linear(kernels, torch.randn(2, 64, dtype=torch.float64), w[:, :64], None)
+    with pytest.raises(ValueError, match="one dtype"):
+        native_linear(kernels, torch.randn(2, 70), w.bfloat16(), None)
     with pytest.raises(ValueError, match=r"x \[R, 70\]"):
         native_linear(kernels, torch.randn(2, 64), w, None)
     with pytest.raises(ValueError, match="contiguous"):
         native_linear(kernels, torch.randn(2, 33), w.T, None)
+
+
+@pytest.mark.parametrize("march", KERNEL_BUILDS)
+def test_bf16_few_row_kernel_is_the_fp32_product_of_the_bf16_values(march):
+    """A bf16 model's few-row projection: bf16 weights widened in registers, the product
+    summed in fp32 and rounded once to bf16, so it is the fp32 product of the same bf16
+    values rounded to bf16 (up to one bf16 step where the sums round differently)."""
+    kernels = kernels_for(march)
+    torch.manual_seed(0)
+    for n_out, k_in in ((40, 64), (130, 576), (33, 70)):
+        w = torch.randn(n_out, k_in).bfloat16()
+        for bias in (None, torch.randn(n_out).bfloat16()):
+            for m in (1, 2, 9, 31):
+                x = torch.randn(m, k_in).bfloat16()
+                exact = torch.nn.functional.linear(
+                    x.float(), w.float(), None if bias is None else bias.float())
+                y = native_linear(kernels, x, w, bias)
+                assert y.dtype == torch.bfloat16 and y.shape == (m, n_out)
+                torch.testing.assert_close(y.float(), exact, rtol=2 ** -7,
+                                           atol=1e-3 * float(exact.abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
