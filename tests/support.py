@@ -134,6 +134,24 @@ def make_peft_adapter(model_dir: Path, out: Path, config, seed: int) -> Path:
     return out
 
 
+def make_bottleneck(model_dir: Path, out: Path, seed: int) -> Path:
+    """A bottleneck adapter (the trainer's format) with random weights far from zero."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.methods.bottleneck import BottleneckAdapters, config_for, save_bottleneck
+
+    torch.manual_seed(seed)
+    cfg = config_for(AutoModelForCausalLM.from_pretrained(model_dir), bottleneck_size=16,
+                     activation="gelu")
+    adapters = BottleneckAdapters(cfg)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    save_bottleneck(out, adapters)
+    return out
+
+
 class ServerProcess(Server):
     """`switchboard serve` on loopback for a test (benchmarks.common.Server). In float32
     unless the args name a dtype: the tests' references (transformers, PEFT) run in fp32,

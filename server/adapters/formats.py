@@ -1,9 +1,10 @@
 """Reading every adapter type from disk into plain host-memory weights.
 
 PEFT's formats for LoRA (see lora.py), IA3, prompt tuning, P-tuning and prefix tuning,
-and our bottleneck adapter (adapter_format.bottleneck defines it). Every
-reader checks shapes against the base model, so an adapter made for another base fails
-its own load with a message naming the tensor and both shapes.
+and our bottleneck adapter (adapter_format.bottleneck defines it); which reader a
+directory takes is its kind's (kinds.py, `read_adapter`). Every reader checks shapes
+against the base model, so an adapter made for another base fails its own load with a
+message naming the tensor and both shapes.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from server.adapters.lora import (
     AdapterError,
     LoraWeights,
     _read_tensors,
-    read_lora,
 )
 from server.engine.model import ModelSpec
 
-METHODS = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck")
 _IA3_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
     r"\.ia3_l(?:\.[^.]+)?$"
@@ -115,43 +114,27 @@ class BottleneckWeights:
 AdapterWeights = LoraWeights | IA3Weights | PromptWeights | PrefixWeights | BottleneckWeights
 
 
-def method_of(path: Path) -> str:
-    if (path / BOTTLENECK_CONFIG).is_file():
-        return "bottleneck"
-    cfg = path / "adapter_config.json"
-    if not cfg.is_file():
-        raise AdapterError(f"{path}: no adapter_config.json or {BOTTLENECK_CONFIG}")
-    peft_type = str(_read_json(cfg).get("peft_type", "")).lower()
-    if peft_type not in METHODS:
-        raise AdapterError(f"{cfg}: peft_type {peft_type or None!r} is not supported "
-                           f"(supported: {', '.join(METHODS)})")
-    return peft_type
-
-
-def read_adapter(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
-                 alloc: Alloc = fresh) -> tuple[str, AdapterWeights]:
-    """An adapter's weights, checked against the base model; `alloc` gives the buffers
-    that safetensors files are read into."""
-    method = method_of(path)
-    if method == "lora":
-        return method, read_lora(path, spec, allow_pickle=allow_pickle, alloc=alloc)
-    if method == "bottleneck":
-        return method, _read_bottleneck(path, spec)
+def read_ia3(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
+             alloc: Alloc = fresh) -> IA3Weights:
     cfg = _read_json(path / "adapter_config.json")
     tensors = _read_tensors(path, allow_pickle, alloc)
-    if method == "ia3":
-        return method, _read_ia3(path, cfg, tensors, spec)
-    emb = tensors.get("prompt_embeddings")
-    if emb is None:
-        raise AdapterError(f"{path.name}: no prompt_embeddings tensor for {method}")
-    emb = emb.float()
-    n = int(cfg.get("num_virtual_tokens") or emb.shape[0])
-    if method in ("prompt_tuning", "p_tuning"):
-        if emb.shape != (n, spec.hidden_size):
-            raise AdapterError(f"{path.name}: prompt_embeddings has shape {tuple(emb.shape)}; "
-                               f"the base model needs ({n}, {spec.hidden_size}) "
-                               "(trained for a different base?)")
-        return method, PromptWeights(emb)
+    return _read_ia3(path, cfg, tensors, spec)
+
+
+def read_prompt(path: Path, spec: ModelSpec, method: str, *, allow_pickle: bool = False,
+                alloc: Alloc = fresh) -> PromptWeights:
+    """Prompt tuning and P-tuning (`method` names which, for the messages)."""
+    emb, n = _virtual_embeddings(path, method, allow_pickle, alloc)
+    if emb.shape != (n, spec.hidden_size):
+        raise AdapterError(f"{path.name}: prompt_embeddings has shape {tuple(emb.shape)}; "
+                           f"the base model needs ({n}, {spec.hidden_size}) "
+                           "(trained for a different base?)")
+    return PromptWeights(emb)
+
+
+def read_prefix(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
+                alloc: Alloc = fresh) -> PrefixWeights:
+    emb, n = _virtual_embeddings(path, "prefix_tuning", allow_pickle, alloc)
     if spec.windows:  # where a window would hide the prefix is untested against PEFT
         raise AdapterError(f"{path.name}: prefix tuning is not supported on a base with "
                            "sliding-window attention")
@@ -162,8 +145,20 @@ def read_adapter(path: Path, spec: ModelSpec, *, allow_pickle: bool = False,
                            f"(virtual tokens, layers*2*kv_heads*head_dim) "
                            "(trained for a different base?)")
     kv = emb.view(n, spec.num_layers * 2, spec.num_kv_heads, spec.head_dim).permute(1, 2, 0, 3)
-    return method, PrefixWeights([kv[2 * i].contiguous() for i in range(spec.num_layers)],
-                                 [kv[2 * i + 1].contiguous() for i in range(spec.num_layers)])
+    return PrefixWeights([kv[2 * i].contiguous() for i in range(spec.num_layers)],
+                         [kv[2 * i + 1].contiguous() for i in range(spec.num_layers)])
+
+
+def _virtual_embeddings(path: Path, method: str, allow_pickle: bool,
+                        alloc: Alloc) -> tuple[torch.Tensor, int]:
+    """PEFT's saved prompt_embeddings (fp32) and the number of virtual tokens."""
+    cfg = _read_json(path / "adapter_config.json")
+    tensors = _read_tensors(path, allow_pickle, alloc)
+    emb = tensors.get("prompt_embeddings")
+    if emb is None:
+        raise AdapterError(f"{path.name}: no prompt_embeddings tensor for {method}")
+    emb = emb.float()
+    return emb, int(cfg.get("num_virtual_tokens") or emb.shape[0])
 
 
 def _read_ia3(path: Path, cfg: dict, tensors: dict, spec: ModelSpec) -> IA3Weights:
@@ -207,7 +202,7 @@ def _read_ia3(path: Path, cfg: dict, tensors: dict, spec: ModelSpec) -> IA3Weigh
     return IA3Weights(targets, out_scale, in_scale)
 
 
-def _read_bottleneck(path: Path, spec: ModelSpec) -> BottleneckWeights:
+def read_bottleneck(path: Path, spec: ModelSpec) -> BottleneckWeights:
     try:
         cfg = BottleneckConfig.from_json((path / BOTTLENECK_CONFIG).read_text())
     except (OSError, ValueError, TypeError) as e:

@@ -34,8 +34,9 @@ import torch
 
 from adapter_format.manifest import MANIFEST_NAME, ArtifactError, read_manifest
 from server.adapters.buffers import HostBuffers
-from server.adapters.formats import AdapterWeights, method_of, read_adapter
-from server.adapters.lora import AdapterError, LoraWeights
+from server.adapters.formats import AdapterWeights
+from server.adapters.kinds import ADAPTER_TYPES, CONFIG_FILES, AdapterKind, method_of, read_adapter
+from server.adapters.lora import AdapterError
 from server.adapters.slot_buckets import Bucket, SlotBuckets
 from server.engine.model import ModelSpec
 from server.metrics import ServerMetrics
@@ -70,6 +71,10 @@ class AdapterEntry:
     error: str | None = None  # why the last load failed
     policy: Policy | None = None  # its output policy (output_policy.yaml or the manifest)
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def kind(self) -> type[AdapterKind]:
+        return ADAPTER_TYPES[self.method]
 
     @property
     def tier(self) -> str:
@@ -135,8 +140,7 @@ class AdapterRegistry:
             return []
         # Hidden folders are skipped: the trainer builds artifacts in ".name.tmp-*" first.
         return [p for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(
-            ".") and (
-            (p / "adapter_config.json").is_file() or (p / "bottleneck_config.json").is_file())]
+            ".") and any((p / name).is_file() for name in CONFIG_FILES)]
 
     def resolve_path(self, path: str) -> Path:
         """A path inside the adapter root (relative or absolute), symlinks resolved."""
@@ -157,7 +161,7 @@ class AdapterRegistry:
         method = method_of(full)
         self._check_manifest(full, adapter_id)
         policy = _read_policy(full, adapter_id)
-        rank, targets = _config_summary(full, method)
+        rank, targets = _config_summary(full, ADAPTER_TYPES[method])
         entry = self._new_entry(adapter_id, full, method, rank, targets)
         entry.policy = policy
         with self._lock:
@@ -175,7 +179,7 @@ class AdapterRegistry:
         policy = _read_policy(full, adapter_id)  # a malformed one keeps the old version
         method, weights = read_adapter(full, self.spec, allow_pickle=self.allow_pickle,
                                        alloc=self.buffers.take)
-        self._check_fits(adapter_id, weights)
+        self._check_fits(adapter_id, ADAPTER_TYPES[method], weights)
         entry = self._new_entry(adapter_id, full, method, weights.rank, weights.target_modules)
         entry.weights = weights
         entry.policy = policy
@@ -282,9 +286,10 @@ class AdapterRegistry:
     def _load_in_background(self, entry: AdapterEntry) -> None:
         t0 = time.perf_counter()
         try:
-            _, weights = read_adapter(entry.path, self.spec, allow_pickle=self.allow_pickle,
-                                      alloc=self.buffers.take)
-            self._check_fits(entry.adapter_id, weights)
+            method, weights = read_adapter(entry.path, self.spec,
+                                           allow_pickle=self.allow_pickle,
+                                           alloc=self.buffers.take)
+            self._check_fits(entry.adapter_id, ADAPTER_TYPES[method], weights)
         except Exception as e:  # a bad file fails this adapter's requests, nothing else
             log.error("adapter %s failed to load: %s", entry.adapter_id, e)
             with self._lock:
@@ -293,6 +298,7 @@ class AdapterRegistry:
         else:
             with self._lock:
                 entry.weights = weights
+                entry.method = method  # as read (the files may have changed since register)
                 entry.loading = False
                 self._trim_host(keep=entry)
                 self._report("host", time.perf_counter() - t0)
@@ -329,10 +335,11 @@ class AdapterRegistry:
         was free or held an unpinned adapter, and no running row refers to it."""
         t0 = time.perf_counter()
         try:
-            if isinstance(entry.weights, LoraWeights):
+            if entry.kind.uses_lora_slot:
                 self.table.write(slot, entry.weights)
             else:
-                entry.device_weights = _to_device(entry.weights, self.dtype, self.device)
+                entry.device_weights = entry.kind.to_device(entry.weights, self.dtype,
+                                                            self.device)
         except Exception as e:  # the slot must not stay reserved: fail this adapter only
             log.exception("adapter %s: writing device slot %d failed", entry.adapter_id, slot)
             with self._lock:
@@ -416,8 +423,9 @@ class AdapterRegistry:
             _release_heap()
             self._untrimmed = 0
 
-    def _check_fits(self, adapter_id: str, weights: AdapterWeights) -> None:
-        if isinstance(weights, LoraWeights):
+    def _check_fits(self, adapter_id: str, kind: type[AdapterKind],
+                    weights: AdapterWeights) -> None:
+        if kind.uses_lora_slot:
             self.table.check_fits(weights, adapter_id)
         if weights.nbytes > self.host_bytes:
             raise AdapterError(f"adapter {adapter_id!r} needs {weights.nbytes} bytes, more "
@@ -517,26 +525,9 @@ def _libc():
     return ctypes.CDLL("libc.so.6")
 
 
-def _to_device(weights: AdapterWeights, dtype, device) -> AdapterWeights:
-    """A copy of a non-LoRA adapter's tensors in the engine's dtype and device."""
-    import dataclasses
-
-    def conv(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device=device, dtype=dtype)
-        if isinstance(value, dict):
-            return {k: conv(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [conv(v) for v in value]
-        return value
-
-    return dataclasses.replace(weights, **{f.name: conv(getattr(weights, f.name))
-                                           for f in dataclasses.fields(weights)})
-
-
-def _config_summary(path: Path, method: str) -> tuple[int, list[str]]:
+def _config_summary(path: Path, kind: type[AdapterKind]) -> tuple[int, list[str]]:
     """Rank and target modules from the config file alone (cheap, for the disk tier)."""
-    name = "bottleneck_config.json" if method == "bottleneck" else "adapter_config.json"
+    name = kind.config_file
     try:
         cfg = json.loads((path / name).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -544,7 +535,7 @@ def _config_summary(path: Path, method: str) -> tuple[int, list[str]]:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    return int(cfg.get("r") or 0) if method == "lora" else 0, sorted(targets)
+    return kind.config_rank(cfg), sorted(targets)
 
 
 def _signature(path: Path) -> tuple:

@@ -243,7 +243,7 @@ class Engine(RequestLoop):
                 return False
         if entry.staging:
             return False  # its slot is being written off the step loop; we are woken
-        virtual = getattr(entry.weights, "num_virtual_tokens", 0)
+        virtual = entry.kind.virtual_tokens(entry.weights)
         if virtual:
             total = virtual + len(seq.prompt_ids) + state.req.stopping.max_new_tokens
             if total > self.max_seq_len:
@@ -255,7 +255,7 @@ class Engine(RequestLoop):
                 return False
             state.virtual = virtual
             seq.prompt_ids = [0] * virtual + seq.prompt_ids
-            if entry.method == "prefix_tuning":
+            if entry.kind.writes_prefix:
                 seq.num_computed = virtual  # the prefix is written into the cache
         return True
 
@@ -281,15 +281,15 @@ class Engine(RequestLoop):
         state.copy_from = None
 
     def _place_prefix(self, seq: Sequence) -> None:
-        """Prefix tuning: the adapter's keys and values go into the row's first cache
-        positions once, before the row's first chunk runs."""
+        """A kind that writes_prefix (prefix tuning): the adapter's keys and values go into
+        the row's first cache positions once, before the row's first chunk runs."""
         state: _State = seq.payload
-        if state.prefix_written or state.entry is None or state.entry.method != "prefix_tuning":
+        if state.prefix_written or state.entry is None or not state.entry.kind.writes_prefix:
             return
-        w = state.entry.device_weights
+        keys, values = state.entry.kind.prefix_kv(state.entry.device_weights)
         for layer in range(self.spec.num_layers):
-            self.kv.k[layer][seq.row, :, : state.virtual] = w.keys[layer]
-            self.kv.v[layer][seq.row, :, : state.virtual] = w.values[layer]
+            self.kv.k[layer][seq.row, :, : state.virtual] = keys[layer]
+            self.kv.v[layer][seq.row, :, : state.virtual] = values[layer]
         state.prefix_written = True
 
     def _deadline_error(self, seq: Sequence) -> ErrorEvent:

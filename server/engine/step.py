@@ -1,11 +1,12 @@
 """Packing one step: scheduler entries -> the model's StepInputs and adapter hooks.
 
 Decode tokens come first, then prefill chunks, each ordered by adapter slot (base model
-first). So every adapter's tokens are contiguous (one LoRA segment, one IA3/bottleneck
-range), the rows of each LoRA rank bucket come together (slots are numbered bucket after
-bucket), and when every slot of a bucket has the same number of decode rows the batched
-LoRA op works on views of the activations instead of gathering them. Each bucket in use
-gets its own `LoraHooks` over its table, with the slots' indices inside that table.
+first). So every adapter's tokens are contiguous (one LoRA segment, one range of a kind
+with range_ops: IA3, bottleneck), the rows of each LoRA rank bucket come together (slots
+are numbered bucket after bucket), and when every slot of a bucket has the same number
+of decode rows the batched LoRA op works on views of the activations instead of
+gathering them. Each bucket in use gets its own `LoraHooks` over its table, with the
+slots' indices inside that table.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.formats import BottleneckWeights, IA3Weights
 from server.adapters.hooks import AdapterHooks
 from server.adapters.slot_buckets import SlotBuckets
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
@@ -42,7 +42,7 @@ def pack_step(entries: list[Entry], slots: SlotBuckets, device,
     # per LoRA table: [slot, start, end] rows on the segment path and (token index, slot)
     # on the batched path, slots as indices in that table
     lora: dict[int, tuple[LoraSlotTable, list[list[int]], list[tuple[int, int]]]] = {}
-    ranges: list[list] = []  # [start, end, device weights] of IA3 / bottleneck rows
+    ranges: list[list] = []  # [start, end, kind, device weights] of range_ops kinds' rows
     for e in entries:
         seq, start, state = e.seq, len(ids), e.seq.payload
         ids.extend(seq.token_at(i) for i in range(e.start, e.start + e.n))
@@ -60,16 +60,18 @@ def pack_step(entries: list[Entry], slots: SlotBuckets, device,
         if e.samples:
             sample_idx.append(start + e.n - 1)
             sampled.append(e)
+        kind = state.entry.kind if state.entry is not None else None
         weights = state.entry.device_weights if state.entry is not None else None
-        if weights is not None and hasattr(weights, "embeddings"):  # soft prompt
+        embeddings = kind.input_embeddings(weights) if weights is not None else None
+        if embeddings is not None:  # soft prompt
             for p in range(e.start, min(e.start + e.n, state.virtual)):
-                overrides.append((start + p - e.start, weights.embeddings[p]))
-        if isinstance(weights, IA3Weights | BottleneckWeights):
-            if ranges and ranges[-1][2] is weights and ranges[-1][1] == start:
+                overrides.append((start + p - e.start, embeddings[p]))
+        if weights is not None and kind.range_ops:
+            if ranges and ranges[-1][3] is weights and ranges[-1][1] == start:
                 ranges[-1][1] = start + e.n
             else:
-                ranges.append([start, start + e.n, weights])
-        elif state.slot is not None and weights is None:  # a LoRA row
+                ranges.append([start, start + e.n, kind, weights])
+        elif state.slot is not None and kind is not None and kind.uses_lora_slot:  # LoRA
             table, slot = slots.locate(state.slot)
             _, segments, decode_slots = lora.setdefault(id(table), (table, [], []))
             if e.n == 1 and id(table) in batched_decode:
@@ -119,7 +121,7 @@ def _batch_decode(entries: list[Entry], slots: SlotBuckets) -> set[int]:
     for e in entries:
         state = e.seq.payload
         if (e.n == 1 and state.slot is not None and state.entry is not None
-                and state.entry.device_weights is None):
+                and state.entry.kind.uses_lora_slot):
             table, slot = slots.locate(state.slot)
             used.setdefault(id(table), (table, set()))[1].add(slot)
     return {key for key, (table, s) in used.items()

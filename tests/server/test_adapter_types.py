@@ -8,29 +8,13 @@ import threading
 import grpc
 import pytest
 import torch
-from support import make_lora, make_peft_adapter
+from support import make_bottleneck, make_lora, make_peft_adapter
 
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
 NEW_TOKENS = 32
 PROMPTS = [[1, 504, 2134, 28, 9043, 314, 7], list(range(300, 330))]
-
-
-def _bottleneck_adapter(model_dir, out, seed):
-    from transformers import AutoModelForCausalLM
-
-    from trainer.methods.bottleneck import BottleneckAdapters, config_for, save_bottleneck
-
-    torch.manual_seed(seed)
-    cfg = config_for(AutoModelForCausalLM.from_pretrained(model_dir), bottleneck_size=16,
-                     activation="gelu")
-    adapters = BottleneckAdapters(cfg)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    save_bottleneck(out, adapters)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +38,7 @@ def adapter_root(tiny_model, tmp_path_factory):
         task_type=lm, num_virtual_tokens=4, encoder_hidden_size=32), 3)
     make_peft_adapter(tiny_model, root / "prefix", PrefixTuningConfig(
         task_type=lm, num_virtual_tokens=6), 4)
-    _bottleneck_adapter(tiny_model, root / "bottleneck", 5)
+    make_bottleneck(tiny_model, root / "bottleneck", 5)
     make_lora(tiny_model, root / "lora", r=8, targets=["q_proj", "up_proj"], seed=6)
     return root
 

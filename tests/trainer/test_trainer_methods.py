@@ -103,7 +103,7 @@ def test_method_trains_saves_and_reloads(method, tiny_base, tmp_path):
 def _server_reads(artifact, tiny_base, served_method):
     """The server's adapter reader accepts what the trainer wrote (skipped until it exists)."""
     try:
-        from server.adapters.formats import read_adapter
+        from server.adapters.kinds import read_adapter
         from server.engine.model import ModelSpec
     except ImportError:
         pytest.skip("server adapter reader not available")
