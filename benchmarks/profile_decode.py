@@ -6,8 +6,7 @@ tokens after a short chat prompt (`--rows N`: N such requests at once, decoding 
 as the 32-client serving figures do, each step N rows). The engine's loop runs on this
 thread so that cProfile sees it. Two passes per variant: unprofiled (wall time a decode
 step, from the moment every request has its first token to the last token, median of
---runs), then one more
-pass under cProfile, whose time is split into:
+--runs), then one more pass under cProfile, whose time is split into:
   * matmuls: the layers' projections (Projection / QuantizedProjection .forward, BLAS
     or server/csrc/quant.c) and the output head (DecoderModel._logits);
   * between the matmuls: the rest of `_forward_decode` (server/csrc/decode.c through ctypes:
