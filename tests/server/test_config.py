@@ -1,5 +1,6 @@
-"""Every configuration field has a flag, every flag sets exactly its fields, the flags'
-defaults are the dataclasses' defaults, and parsing flags imports no torch."""
+"""Every configuration field has a flag and every flag a field (server.config generates the
+flags from the fields' metadata), every flag sets exactly its fields, the flags' defaults
+are the dataclasses' defaults, and parsing flags imports no torch."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from server.config import ServerConfig, add_serve_arguments, config_from_args
+from server.config import EXTRA_FLAGS, ServerConfig, add_serve_arguments, config_from_args, settings
 
 # field (dotted path in ServerConfig) <- the flags that set it to a value other than its default
 FLAGS: dict[str, list[str]] = {
@@ -95,7 +96,53 @@ def test_defaults_of_the_flags_are_the_dataclasses_defaults(monkeypatch):
     assert _config([]) == _leaves(ServerConfig())
 
 
-def test_every_field_has_a_flag():
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser
+
+
+def test_every_field_has_a_flag_and_every_flag_a_field():
+    fields_ = {".".join(s.path): s.name for s in settings()}
+    assert set(fields_) == set(_leaves(ServerConfig()))
+    declared = [s.name for s in settings() if not s.flag.reads]
+    assert len(declared) == len(set(declared)), "two fields declare the same flag"
+    assert set(fields_.values()) <= set(declared), "a field reads a flag nobody declares"
+    flags = {o for a in _parser()._actions for o in a.option_strings} - {"-h", "--help"}
+    assert flags == set(declared) | {name for name, _ in EXTRA_FLAGS}
+
+
+def test_a_field_without_a_flag_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Forgotten:
+        knob: int = 3
+
+    with pytest.raises(TypeError, match="Forgotten.knob has no flag"):
+        settings(Forgotten)
+
+
+def test_the_checks_of_single_fields_name_the_flag():
+    checked = [s for s in settings() if s.flag.minimum is not None]
+    assert len(checked) > 10
+    for s in checked:
+        with pytest.raises(SystemExit, match=f"^error: {s.name} must "):
+            _server_config([s.name, str(s.flag.minimum - 1)])
+        _server_config([s.name, str(s.flag.minimum)])
+
+
+def test_the_environment_sets_the_cpu_kernels_default(monkeypatch):
+    monkeypatch.setenv("SWITCHBOARD_CPU_KERNELS", "torch")
+    assert _server_config([]).engine.cpu_kernels == "torch"
+    assert "default torch" in " ".join(_parser().format_help().split())
+    assert _server_config(["--cpu-kernels", "native"]).engine.cpu_kernels == "native"
+
+
+def test_the_default_new_tokens_stay_within_the_limit():
+    assert _server_config(["--max-new-tokens", "100"]).limits.default_max_new_tokens == 100
+    assert _server_config(["--max-new-tokens", "300"]).limits.default_max_new_tokens == 256
+
+
+def test_the_sample_flags_below_cover_every_field():
     set_together = set().union(*(fields for _, fields in COUPLED))
     assert set(_leaves(ServerConfig())) == set(FLAGS) | set_together
 
