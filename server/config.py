@@ -99,8 +99,8 @@ def setting(default: Any = MISSING, *, env: str | None = None, **flag: Any) -> A
 
 
 def section(cls: type, prefix: str = "", title: str | None = None) -> Any:
+    """A field holding the nested configuration dataclass cls (see `Section`)."""
     return field(default_factory=cls, metadata={_SECTION: Section(cls, prefix, title)})
-
 
 
 # -- the configuration ---------------------------------------------------------------------
