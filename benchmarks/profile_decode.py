@@ -1,12 +1,13 @@
 """Where a decode step's time goes: the engine's decode loop, profiled in-process.
 
-The default model in an in-process Engine (on the CPU: fp32 with `--quantize` none, int8
-or int4, or bf16, each of --variants), one request at a time of --new-tokens greedy
-tokens after a short chat prompt (`--rows N`: N such requests at once, decoding together
-as the 32-client serving figures do, each step N rows). The engine's loop runs on this
-thread so that cProfile sees it. Two passes per variant: unprofiled (wall time a decode
-step, from the moment every request has its first token to the last token, median of
---runs), then one more pass under cProfile, whose time is split into:
+The default model in an in-process Engine (on the CPU: fp32 activations with
+`--quantize` none, int8, int4 or bf16, or dtype-bf16: `--dtype bfloat16`; each of
+--variants), one request at a time of --new-tokens greedy tokens after a short chat
+prompt (`--rows N`: N such requests at once, decoding together as the 32-client serving
+figures do, each step N rows). The engine's loop runs on this thread so that cProfile
+sees it. Two passes per variant: unprofiled (wall time a decode step, from the moment
+every request has its first token to the last token, median of --runs), then one more
+pass under cProfile, whose time is split into:
   * matmuls: the layers' projections (Projection / QuantizedProjection .forward, BLAS
     or server/csrc/quant.c) and the output head (DecoderModel._logits);
   * between the matmuls: the rest of `_forward_decode` (server/csrc/decode.c through ctypes:
@@ -17,8 +18,8 @@ step, from the moment every request has its first token to the last token, media
 cProfile's own overhead inflates the Python-heavy parts, so the shares are reported beside
 the unprofiled time a step.
 
-    python -m benchmarks.profile_decode [--variants none,int8,int4,bf16] [--new-tokens 128]
-                                        [--rows 1]
+    python -m benchmarks.profile_decode [--variants none,int8,int4,bf16,dtype-bf16]
+                                        [--new-tokens 128] [--rows 1]
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 def engine_with_prompt(model_dir: Path, tmp: str, variant: str, max_batch_size: int,
                        kv_cache_bytes: int) -> tuple[Engine, list[int]]:
-    """An in-process engine of `variant` (none, int8, int4: fp32 with that `--quantize`;
-    bf16: `--dtype bfloat16`) and PROMPT's token ids."""
-    dtype, quantize = ("bfloat16", "none") if variant == "bf16" else ("float32", variant)
+    """An in-process engine of `variant` (none, int8, int4, bf16: fp32 activations with
+    that `--quantize`; dtype-bf16: `--dtype bfloat16`) and PROMPT's token ids."""
+    dtype, quantize = (("bfloat16", "none") if variant == "dtype-bf16"
+                       else ("float32", variant))
     engine = Engine(model_dir, Path(tmp), EngineConfig(
         dtype=dtype, quantize=quantize, max_batch_size=max_batch_size, max_seq_len=512,
         kv_cache_bytes=kv_cache_bytes))

@@ -91,7 +91,7 @@ class App:
                                 cfg.limits, grammars)
         pb_grpc.add_TextGenerationServicer_to_server(
             TextGenerationServicer(self.engine, self.registry, conv, self.model_id,
-                                   cfg.quantize, self.metrics),
+                                   info.quantization, self.metrics),
             self.server)
         names = [SERVICES[0]]
         if cfg.enable_admin:
@@ -118,7 +118,7 @@ class App:
         self.server.start()
         if cfg.metrics_port >= 0:
             self.metrics.set_info(__version__, self.model_id, info.dtype, info.device,
-                                  cfg.quantize)
+                                  info.quantization)
             self.metrics.set_memory_source(self.engine.memory)  # read at each scrape
             self.metrics.set_adapter_slots(info.max_active_adapters)
             self.metrics_port = self.metrics.start_http_server(

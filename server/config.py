@@ -113,10 +113,11 @@ class EngineConfig:
         4 << 30, name="--max-host-adapter-memory", type=parse_size,
         help="host-memory budget for loaded adapters (LRU), e.g. 4GiB")
     device: str = setting("auto", help="auto, cpu, cuda, cuda:N")
-    # auto: server.engine.engine.auto_dtype
+    # auto: server.engine.engine.pick_precision
     dtype: str = setting(
-        "auto", help="auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 "
-        "elsewhere), float32, bfloat16, float16")
+        "auto", help="auto (bf16 on CUDA; on a CPU with avx512_bf16 or AMX, bf16 weights "
+        "with fp32 activations, as --quantize bf16; fp32 elsewhere), float32, bfloat16, "
+        "float16")
     # intra-op threads of the engine thread; 0: server.resources.usable_cpus
     threads: int = setting(
         0, minimum=0, invalid="must be 0 (every core) or more",
@@ -255,9 +256,10 @@ class ServerConfig:
     adapter_dir: Path = setting(
         Path("adapters"), help="adapter root, scanned at start (default %(default)s)")
     quantize: str = setting(  # EngineConfig.quantize reads it too
-        "none", choices=("none", "int8", "int4", "nf4"),
-        help="base model weights: int8 (per channel) or int4 (per group of 32) weight-only, "
-        "with this project's CPU kernels; nf4 through bitsandbytes (what QLoRA trains "
+        "none", choices=("none", "int8", "int4", "bf16", "nf4"),
+        help="base model weights: int8 (per channel), int4 (per group of 32) or bf16, "
+        "weight-only (fp32 activations), with this project's CPU kernels (--dtype auto picks "
+        "bf16 on a CPU with avx512_bf16 or AMX); nf4 through bitsandbytes (what QLoRA trains "
         "against; fast on CUDA); adapters stay in full precision (default %(default)s)")
     preload: tuple[str, ...] = setting(
         (), type=parse_ids, help="comma-separated adapter ids to load into memory at start")

@@ -70,20 +70,36 @@ def auto_dtype(device_type: str, flags: frozenset[str] | set[str]) -> torch.dtyp
     return torch.float32
 
 
-def pick_dtype(name: str, device: torch.device, quantize: str = "none",
-               cpu_kernels: str = "auto") -> torch.dtype:
-    """`--dtype`; auto as auto_dtype, except fp32 on a CPU where the user asked for what
-    runs in fp32 only there: `--quantize int8|int4` (their kernels take fp32 activations)
-    or `--cpu-kernels native`."""
-    if name == "auto":
-        if device.type == "cpu" and (quantize in ("int8", "int4") or cpu_kernels == "native"):
-            return torch.float32
-        return auto_dtype(device.type, cpu_flags() if device.type == "cpu" else frozenset())
+def pick_precision(name: str, device: torch.device, quantize: str = "none",
+                   cpu_kernels: str = "auto") -> tuple[torch.dtype, str]:
+    """(the activations' dtype, the weights' `--quantize` mode) for `--dtype name`.
+
+    An explicit dtype is kept. auto: bf16 on CUDA; on a CPU, fp32 activations, and where
+    auto_dtype finds native bf16 (avx512_bf16, AMX) and no `--quantize` is asked, bf16
+    weights (`--quantize bf16`: half the bytes a decode step reads, the rest of the step in
+    the fp32 C kernels; one stream 1.4x fp32's speed on a Zen 5, where bf16 activations
+    through PyTorch's ops were 0.65x: docs/performance.md), fp32 weights where the kernels
+    cannot build. With `--cpu-kernels torch` a bf16 CPU computes all in bf16 (PyTorch's
+    ops, no C kernels)."""
+    if name != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32,
+                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                    "float16": torch.float16, "fp16": torch.float16}[name], quantize
+        except KeyError:
+            raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16, "
+                             "float16") from None
+    if device.type != "cpu":
+        return auto_dtype(device.type, frozenset()), quantize
+    if auto_dtype("cpu", cpu_flags()) == torch.float32 or quantize != "none":
+        return torch.float32, quantize
+    if cpu_kernels == "torch":
+        return torch.bfloat16, quantize
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16, float16") from None
+        native.kernels()  # bf16 weights without the kernels would be the slow path
+    except native.NativeError:
+        return torch.float32, quantize
+    return torch.float32, "bf16"
 
 
 class _State(RequestState):
@@ -109,10 +125,11 @@ class Engine(RequestLoop):
         self.threads = config.threads or cpu_count()
         helper_thread_init()  # the caller (the main thread) loads the model on one thread
         self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device, config.quantize, config.cpu_kernels)
+        self.dtype, self.quantize = pick_precision(config.dtype, self.device, config.quantize,
+                                                   config.cpu_kernels)
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = load_model(model_dir, self.dtype, self.device, config.quantize)
+        self.model = load_model(model_dir, self.dtype, self.device, self.quantize)
         self.spec = self.model.spec
         self.max_seq_len = min(config.max_seq_len, self.spec.max_positions)
         self.model.build_rope(self.max_seq_len)
@@ -159,7 +176,8 @@ class Engine(RequestLoop):
             fingerprint=self.fingerprint, vocab_size=self.spec.vocab_size,
             max_seq_len=self.max_seq_len, dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device), max_batch_size=self.kv.rows,
-            max_active_adapters=self.table.max_active, max_lora_rank=self.table.max_rank)
+            max_active_adapters=self.table.max_active, max_lora_rank=self.table.max_rank,
+            quantization=self.quantize)
 
     def memory(self) -> dict[str, int]:
         weights = sum(t.numel() * t.element_size()

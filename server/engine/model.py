@@ -699,7 +699,8 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     quantize int8 or int4 the layers' projections become weight-only quantized ones
     (server.engine.quant), with nf4 bitsandbytes layers."""
     if quantize not in ("none", "nf4", *QUANT_MODES):
-        raise ModelLoadError(f"quantize {quantize!r} is not one of none, int8, int4, nf4")
+        raise ModelLoadError(f"quantize {quantize!r} is not one of none, int8, int4, bf16, "
+                             "nf4")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:

@@ -41,6 +41,7 @@ class EngineInfo:
     max_batch_size: int  # rows one step may run
     max_active_adapters: int  # adapters on the device at once
     max_lora_rank: int  # 0 where no LoRA is applied at run time (a merged export)
+    quantization: str = "none"  # the base's weights: none, int8, int4, bf16, nf4 (as served)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Weight-only int8 and int4 projections of the base model (`--quantize int8|int4`).
+"""Weight-only int8, int4 and bf16 projections of the base model (`--quantize
+int8|int4|bf16`).
 
 Model surgery, not model code: `quantize_model` walks a loaded DecoderModel and swaps each
 layer's Projection (qkv, o, gate_up, down) for a QuantizedProjection; the forward paths
@@ -8,6 +9,8 @@ dtype; only the stored weights shrink:
   int8: per output channel, symmetric:   w[n, k] = scale[n] * q[n, k],  q in -127..127
   int4: per output channel and group of GROUP inputs, asymmetric:
         w[n, k] = lo[n, g] + scale[n, g] * u[n, k],  u in 0..15,  g = k // GROUP
+  bf16: w rounded to bf16 (half fp32's bytes; what `--dtype auto` picks on a CPU with
+        avx512_bf16 or AMX: the rest of the model stays fp32, in the C decode kernels)
 
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
 registers: decode reads 1 or about 0.6 bytes a weight instead of 4), and from GEMM_ROWS
@@ -27,7 +30,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "bf16")
 GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # matmuls of fewer multiply-adds than this run on one thread (a tiny model's); the default
@@ -40,6 +43,12 @@ SMALL_MATMUL = 1 << 16
 # time at 256-512 rows, 0.8-1.0x at 128, 1.1-2x slower at 32-64; default model's shapes,
 # int8 and int4, this 2-core AVX2 EPYC: docs/performance.md)
 GEMM_ROWS = 128
+# bf16 weights: from this many rows on (a batch of decode rows, prefill) the matmul is
+# PyTorch's bf16 GEMM on the activations rounded to bf16 (as `--dtype bfloat16` computes),
+# summed in fp32 inside it; below, the kernel on the fp32 activations, which reads the
+# weights once per 8 rows and falls behind the GEMM from about 32 rows (measured in
+# benchmarks/profile_decode.py --rows 32 on a Zen 5 with avx512_bf16).
+BF16_GEMM_ROWS = 32
 
 
 class QuantizeError(ValueError):
@@ -95,7 +104,10 @@ class QuantizedProjection(nn.Module):
             raise QuantizeError(f"quantize {mode!r} is not one of {', '.join(MODES)}")
         self.mode = mode
         self.out_features, self.in_features = weight.shape
-        if mode == "int8":
+        if mode == "bf16":
+            q, scale = weight.detach().to(torch.bfloat16).contiguous(), None
+            self.register_buffer("lo", None)
+        elif mode == "int8":
             q, scale = quantize_int8(weight)
             self.register_buffer("lo", None)
         else:
@@ -109,11 +121,17 @@ class QuantizedProjection(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [out, in] this projection computes with."""
+        if self.mode == "bf16":
+            return self.q.float()
         if self.mode == "int8":
             return dequantize_int8(self.q, self.scale)
         return dequantize_int4(self.q, self.scale, self.lo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bf16" and x.dtype == torch.float32 and x.dim() == 2 and (
+                self._call is None or x.shape[0] >= BF16_GEMM_ROWS):
+            y = torch.nn.functional.linear(x.to(torch.bfloat16), self.q).float()
+            return y if self.bias is None else y + self.bias
         if self._call is not None and x.dtype == torch.float32 and x.dim() == 2 \
                 and not x.is_cuda and x.shape[0] < GEMM_ROWS:
             return self._native(x)
@@ -135,10 +153,14 @@ class QuantizedProjection(nn.Module):
         of a small projection's time)."""
         self._call, self._weight_args = None, ()
         nk, q = self.kernels, self.q
-        if nk is None or q.device.type != "cpu" or self.scale.dtype != torch.float32:
+        if nk is None or q.device.type != "cpu" or (
+                self.bias is not None and self.bias.dtype != torch.float32):
             return
         bias = self.bias.data_ptr() if self.bias is not None else None
-        if self.mode == "int8":
+        if self.mode == "bf16":
+            self._call = nk.bf16_matmul
+            self._weight_args = (q.data_ptr(), bias, self.out_features, self.in_features)
+        elif self.mode == "int8":
             self._call = nk.q8_matmul
             self._weight_args = (q.data_ptr(), self.scale.data_ptr(), bias,
                                  self.out_features, self.in_features)
@@ -183,7 +205,8 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
     # int8 for both modes (4 bits there cost the most quality); the model's lm_head (and
     # with tied embeddings the input embeddings, the same tensor) becomes its dequantized
     # weight, so the model stays one set of weights (the tests' oracle loads it).
-    head = QuantizedProjection(model.lm_head.detach().float(), None, "int8", kernels)
+    head = QuantizedProjection(model.lm_head.detach().float(), None,
+                               "bf16" if mode == "bf16" else "int8", kernels)
     with torch.no_grad():
         model.lm_head.copy_(head.dequantized().to(model.lm_head.dtype))
     if kernels is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from support import make_lora
 
-from server.engine.engine import BF16_CPU_FLAGS, auto_dtype, cpu_flags, pick_dtype
+from server.engine.engine import BF16_CPU_FLAGS, auto_dtype, cpu_flags, pick_precision
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -39,22 +39,29 @@ def test_auto_dtype_from_cpu_flags(device, flags, expected):
 
 
 def test_auto_on_this_machine_follows_its_flags():
-    expected = torch.bfloat16 if BF16_CPU_FLAGS & cpu_flags() else torch.float32
-    assert pick_dtype("auto", torch.device("cpu")) == expected
-    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    """auto on a CPU: fp32 activations, with bf16 weights where the CPU has native bf16
+    (all in bf16 with --cpu-kernels torch, where no C kernel keeps fp32 fast)."""
+    cpu = torch.device("cpu")
+    bf16_cpu = bool(BF16_CPU_FLAGS & cpu_flags())
+    assert pick_precision("auto", cpu) == (torch.float32, "bf16" if bf16_cpu else "none")
+    assert pick_precision("auto", cpu, "none", "torch") == (
+        (torch.bfloat16 if bf16_cpu else torch.float32), "none")
+    assert pick_precision("bf16", cpu) == (torch.bfloat16, "none")
     with pytest.raises(ValueError, match="dtype 'fp8' is not one of auto"):
-        pick_dtype("fp8", torch.device("cpu"))
+        pick_precision("fp8", cpu)
 
 
 @pytest.mark.parametrize(("quantize", "cpu_kernels"), [
-    ("int8", "auto"), ("int4", "auto"), ("none", "native"), ("int4", "native")])
-def test_auto_is_fp32_where_the_cpu_path_asked_for_runs_in_fp32_only(quantize, cpu_kernels):
-    """On any CPU, bf16 or not: the int8/int4 kernels and `--cpu-kernels native` are fp32."""
+    ("int8", "auto"), ("int4", "auto"), ("bf16", "auto"), ("int4", "native"), ("nf4", "auto")])
+def test_auto_keeps_a_quantize_asked_for_with_fp32_activations(quantize, cpu_kernels):
+    """On any CPU, bf16 or not: a `--quantize` asked for is kept, on fp32 activations (the
+    int8/int4/bf16 kernels take fp32); an explicit dtype is kept too."""
     cpu = torch.device("cpu")
-    assert pick_dtype("auto", cpu, quantize, cpu_kernels) == torch.float32
-    assert pick_dtype("bf16", cpu, quantize, cpu_kernels) == torch.bfloat16  # asked: kept
+    assert pick_precision("auto", cpu, quantize, cpu_kernels) == (torch.float32, quantize)
+    assert pick_precision("bf16", cpu, quantize, cpu_kernels) == (torch.bfloat16, quantize)
     if torch.cuda.is_available():
-        assert pick_dtype("auto", torch.device("cuda"), quantize, cpu_kernels) == torch.bfloat16
+        assert pick_precision("auto", torch.device("cuda"), quantize, cpu_kernels) == (
+            torch.bfloat16, quantize)
 
 
 NEW_TOKENS = 24

@@ -15,6 +15,7 @@ from support import KERNEL_BUILDS, kernels_for, make_lora
 
 from server.engine.model import ModelLoadError, load_model, native_linear
 from server.engine.quant import (
+    BF16_GEMM_ROWS,
     GEMM_ROWS,
     GROUP,
     QuantizedProjection,
@@ -90,17 +91,18 @@ def test_int4_needs_inputs_in_whole_groups():
 
 
 @pytest.mark.parametrize("march", KERNEL_BUILDS)
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_native_kernel_matches_the_reference(march, mode):
     """Any row count (the 4-row blocks and their tails), with and without bias, a strided
-    input; K not a multiple of the vector width for int8."""
+    input; K not a multiple of the vector width for int8 and bf16."""
     kernels = kernels_for(march)
-    shapes = [(40, 64), (130, 576), (24, 96)] + ([(33, 70)] if mode == "int8" else [])
+    shapes = [(40, 64), (130, 576), (24, 96)] + ([(33, 70)] if mode != "int4" else [])
+    rows = (1, 2, 3, 4, 5, 9, 33) if mode != "bf16" else (1, 2, 3, 4, 5, 9, BF16_GEMM_ROWS - 1)
     for n_out, k_in in shapes:
         w = _weights(n_out, k_in, seed=n_out)
         for bias in (None, torch.randn(n_out)):
             proj = QuantizedProjection(w, bias, mode, kernels)
-            for m in (1, 2, 3, 4, 5, 9, 33):
+            for m in rows:
                 x = torch.randn(m, 2 * k_in)[:, ::2]  # row stride 2k, column stride 2
                 y = proj(x)
                 ref = proj.reference(x)
@@ -157,6 +159,25 @@ def test_bf16_few_row_kernel_is_the_fp32_product_of_the_bf16_values(march):
                                            atol=1e-3 * float(exact.abs().max()))
 
 
+def test_bf16_weights_take_the_bf16_gemm_from_bf16_gemm_rows():
+    """From BF16_GEMM_ROWS rows on, bf16 weights go to PyTorch's bf16 GEMM on the
+    activations rounded to bf16: the fp32 product of the rounded values, up to the GEMM's
+    own rounding of its result; fewer rows stay on the kernel, exact to fp32 rounding."""
+    w, bias = _weights(96, 128, seed=5), torch.randn(96)
+    proj = QuantizedProjection(w, bias, "bf16", kernels_for("native"))
+    assert torch.equal(proj.dequantized(), w.bfloat16().float())
+    for m in (BF16_GEMM_ROWS - 1, BF16_GEMM_ROWS, GEMM_ROWS + 5):
+        x = torch.randn(m, 128)
+        y = proj(x)
+        rounded = torch.nn.functional.linear(x.bfloat16().float(), proj.dequantized(), bias)
+        scale = float(rounded.abs().max())
+        if m < BF16_GEMM_ROWS:
+            torch.testing.assert_close(y, proj.reference(x), rtol=1e-4, atol=1e-5 * scale)
+        else:
+            assert not torch.equal(y, proj.reference(x))  # the activations were rounded
+            torch.testing.assert_close(y, rounded, rtol=2 ** -7, atol=2 ** -8 * scale)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_prefill_rows_go_through_blas_and_agree_with_the_kernel(mode):
     """From GEMM_ROWS rows on (a prefill chunk) the dequantized weight goes to BLAS; a row
@@ -174,7 +195,7 @@ def test_prefill_rows_go_through_blas_and_agree_with_the_kernel(mode):
 
 
 def test_load_model_rejects_an_unknown_mode(tiny_model):
-    with pytest.raises(ModelLoadError, match="int3.*none, int8, int4, nf4"):
+    with pytest.raises(ModelLoadError, match="int3.*none, int8, int4, bf16, nf4"):
         load_model(tiny_model, torch.float32, torch.device("cpu"), "int3")
 
 
@@ -244,7 +265,7 @@ def _request(adapter: str, prompt: list[int]) -> pb.GenerateRequest:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "kernels"), [("int8", "native"), ("int4", "native"),
-                                               ("int4", "torch")])
+                                               ("int4", "torch"), ("bf16", "native")])
 def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_root,
                                                             start_server, mode, kernels):
     oracle = _oracle(_dequantized_hf_model(tiny_model, mode), adapter_root / "r16-all")
