@@ -46,12 +46,13 @@ class App:
         self.bind_host = _bind_host(config)
         model_dir = resolve_base_model(config.base_model)
         self.model_id = config.base_model or "smollm2-135m-instruct"
-        self.pytorch = PyTorchEngine(model_dir, config.adapter_dir, config.engine)
         self.metrics = ServerMetrics()
-        self.pytorch.metrics = self.metrics
-        self.pytorch.output_policies = self.output_policies
+        # the engine hands the metrics to its registry and, with --onnx, the router to
+        # each ONNX engine: every component gets its collaborators when it is built
+        self.pytorch = PyTorchEngine(model_dir, config.adapter_dir, config.engine,
+                                     metrics=self.metrics,
+                                     output_policies=self.output_policies)
         self.registry = self.pytorch.registry
-        self.registry.metrics = self.metrics
         self.engine: Engine = self.pytorch  # what the APIs serve from
         if config.onnx.enabled:
             from server.onnx.router import EngineRouter

@@ -19,7 +19,9 @@ from server.engine.model import KVCache, load_model
 from server.engine.protocol import EngineInfo
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
+from server.metrics import ServerMetrics
 from server.model_store import model_fingerprint, stop_token_ids
+from server.output_policy import OutputPolicies
 from server.resources import usable_cpus
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
@@ -102,7 +104,12 @@ class _State(RequestState):
 class Engine(RequestLoop):
     engine_path = "pytorch"
 
-    def __init__(self, model_dir: Path | str, adapter_root: Path, config: EngineConfig) -> None:
+    def __init__(self, model_dir: Path | str, adapter_root: Path, config: EngineConfig, *,
+                 metrics: ServerMetrics | None = None,
+                 output_policies: OutputPolicies | None = None) -> None:
+        """`metrics` and `output_policies`: the server's, handed in by server/app.py (and
+        passed on to the registry); by default a private, unserved metrics set and no
+        global policy, for tests and benchmarks that build an engine in process."""
         from transformers import AutoTokenizer
 
         self.config = config
@@ -140,17 +147,22 @@ class Engine(RequestLoop):
                  config.max_active_adapters, self.table.describe(),
                  self.table.capacity_bytes / (1 << 20))
         self.fingerprint = model_fingerprint(model_dir)
-        self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
-                                        allow_pickle=config.allow_pickle,
-                                        host_bytes=config.max_host_adapter_bytes,
-                                        dtype=self.dtype, device=self.device)
-        super().__init__(self.tokenizer, set(), self.max_seq_len, Scheduler(SchedulerConfig(
+        if metrics is None:  # one private set, shared by the engine and its registry
+            metrics = ServerMetrics(process_metrics=False)
+        scheduler = Scheduler(SchedulerConfig(
             max_batch_size=rows,
             max_tokens_per_step=max(config.max_tokens_per_step, rows),
             max_queue=config.max_queue,
             kv_rows=rows,
-        )), thread_name="engine")
-        self.registry.on_ready = self.scheduler.has_work.set
+        ))
+        self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
+                                        allow_pickle=config.allow_pickle,
+                                        host_bytes=config.max_host_adapter_bytes,
+                                        dtype=self.dtype, device=self.device,
+                                        on_ready=scheduler.has_work.set, metrics=metrics)
+        super().__init__(self.tokenizer, set(), self.max_seq_len, scheduler,
+                         thread_name="engine", metrics=metrics,
+                         output_policies=output_policies)
         self.eos_ids = self._eos_ids()
 
     # ---- the Engine protocol (server.engine.protocol), besides the lifecycle's ----------

@@ -71,15 +71,20 @@ class RequestLoop:
     engine_path: EnginePath  # the path that serves this engine's requests
 
     def __init__(self, tokenizer, eos_ids: set[int], max_seq_len: int, scheduler: Scheduler,
-                 thread_name: str) -> None:
+                 thread_name: str, *, metrics: ServerMetrics | None = None,
+                 output_policies: OutputPolicies | None = None, adapter_policy=None) -> None:
+        """`metrics` and `output_policies`: the server's (server/app.py hands them in); by
+        default a private, unserved metrics set and no global policy, for tests and
+        benchmarks that build an engine in process. `adapter_policy`: an engine serving
+        one adapter (ONNX): that adapter version's output policy."""
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_seq_len = max_seq_len
         self.scheduler = scheduler
-        # unserved until the app hands in the server's own (no None checks anywhere)
-        self.metrics = ServerMetrics(process_metrics=False)
-        self.output_policies = OutputPolicies()  # the global policy; the app hands in its own
-        self.adapter_policy = None  # an engine serving one adapter (ONNX): that adapter's
+        self.metrics = metrics if metrics is not None else ServerMetrics(process_metrics=False)
+        self.output_policies = (output_policies if output_policies is not None
+                                else OutputPolicies())
+        self.adapter_policy = adapter_policy
         self._thread_name = thread_name
         self._source = f"{thread_name}@{id(self):x}"  # this engine's share of the gauges
         self._thread: threading.Thread | None = None

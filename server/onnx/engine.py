@@ -26,7 +26,9 @@ from server.engine.engine import helper_thread_init
 from server.engine.lifecycle import RequestLoop, RequestState
 from server.engine.protocol import EngineInfo, Route
 from server.engine.types import ONNX, EngineError, GenerationRequest
+from server.metrics import ServerMetrics
 from server.onnx.session import OnnxDecoderSession
+from server.output_policy import OutputPolicies
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,16 @@ class OnnxEngine(RequestLoop):
 
     def __init__(self, model_path: Path | str, tokenizer, eos_ids: set[int], max_seq_len: int,
                  config: OnnxEngineConfig, *, adapter_id: str = "", adapter_version: str = "",
-                 variant: str = "", fingerprint: str = "") -> None:
+                 variant: str = "", fingerprint: str = "",
+                 metrics: ServerMetrics | None = None,
+                 output_policies: OutputPolicies | None = None, adapter_policy=None) -> None:
+        """`metrics`, `output_policies`, `adapter_policy`: as RequestLoop's (the router
+        hands in the PyTorch engine's and the adapter version's policy)."""
         rows = config.max_batch_size
         super().__init__(tokenizer, eos_ids, max_seq_len, Scheduler(SchedulerConfig(
             max_batch_size=rows, max_tokens_per_step=max(config.max_tokens_per_step, rows),
-            max_queue=config.max_queue, kv_rows=rows)), thread_name=f"onnx-{adapter_id}")
+            max_queue=config.max_queue, kv_rows=rows)), thread_name=f"onnx-{adapter_id}",
+            metrics=metrics, output_policies=output_policies, adapter_policy=adapter_policy)
         self.config = config
         self.session = OnnxDecoderSession(model_path, threads=config.threads,
                                           provider=config.provider)
