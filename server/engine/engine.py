@@ -5,6 +5,7 @@ threads only submit requests and read events."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -180,14 +181,14 @@ class Engine(RequestLoop):
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}
 
     # ---- the backend: adapters, the model, the KV cache -----------------------------
-    def _new_state(self, req: GenerationRequest) -> _State:
+    def _new_state(self, req: GenerationRequest, cancel: Callable[[], None]) -> _State:
         entry = None
         if req.adapter_id:
             try:
                 entry = self.registry.get(req.adapter_id)
             except AdapterNotFoundError as e:
                 raise EngineError("NOT_FOUND", str(e)) from None
-        handle = self._handle(req, entry.version if entry else "")
+        handle = self._handle(req, entry.version if entry else "", cancel)
         state = _State(req, handle, self._stream(req), request_generator(req), entry)
         state.guard = self._guard(entry.policy if entry else None)
         return state

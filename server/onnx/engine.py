@@ -16,6 +16,7 @@ sit does not change its result. When rows join or leave the batch is rebuilt, co
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,11 +97,11 @@ class OnnxEngine(RequestLoop):
         return Route(ONNX, self.variant)
 
     # ---- the backend: a step plan -> logits -------------------------------------------
-    def _new_state(self, req: GenerationRequest) -> RequestState:
+    def _new_state(self, req: GenerationRequest, cancel: Callable[[], None]) -> RequestState:
         if req.adapter_id != self.adapter_id:  # the graph holds one adapter, merged
             raise EngineError("NOT_FOUND", f"adapter {req.adapter_id!r} is not served by "
                               f"this ONNX engine (it serves {self.adapter_id!r})")
-        state = super()._new_state(req)
+        state = super()._new_state(req, cancel)
         state.handle.adapter_version = self.adapter_version
         state.kv = None  # the row's own cache while in prefill
         return state
