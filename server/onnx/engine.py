@@ -26,7 +26,7 @@ import torch
 from server.engine.engine import helper_thread_init
 from server.engine.lifecycle import RequestLoop, RequestState
 from server.engine.protocol import EngineInfo, Route
-from server.engine.types import ONNX, EngineError, GenerationRequest
+from server.engine.types import ONNX, EngineError, GenerationRequest, RequestHandle
 from server.metrics import ServerMetrics
 from server.onnx.session import OnnxDecoderSession
 from server.output_policy import OutputPolicies
@@ -102,9 +102,12 @@ class OnnxEngine(RequestLoop):
             raise EngineError("NOT_FOUND", f"adapter {req.adapter_id!r} is not served by "
                               f"this ONNX engine (it serves {self.adapter_id!r})")
         state = super()._new_state(req, cancel)
-        state.handle.adapter_version = self.adapter_version
         state.kv = None  # the row's own cache while in prefill
         return state
+
+    def _handle(self, req: GenerationRequest, adapter_version: str,
+                cancel: Callable[[], None]) -> RequestHandle:
+        return super()._handle(req, self.adapter_version, cancel)  # the export's version
 
     def _thread_init(self) -> None:
         helper_thread_init()  # sampling only; ONNX Runtime has its own thread pool
