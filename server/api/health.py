@@ -72,7 +72,7 @@ class GrpcHealthReporter:
             if serving != self._status:
                 if status == "unhealthy":
                     log.error("health: NOT_SERVING: %s", detail)
-                else:
+                elif self._status is not None:  # not the first NOT_SERVING, at start
                     log.info("health: %s (%s)", "SERVING" if serving == SERVING
                              else "NOT_SERVING", status)
                 self._status = serving
