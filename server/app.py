@@ -10,11 +10,12 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import __version__
 from server.api.convert import RequestConverter
+from server.api.health import GrpcHealthReporter, ServerHealth
 from server.api.servicer import AdapterAdminServicer, TextGenerationServicer
 from server.config import ServerConfig
 from server.engine.engine import Engine as PyTorchEngine
@@ -46,18 +47,21 @@ class App:
         self.bind_host = _bind_host(config)
         model_dir = resolve_base_model(config.base_model)
         self.model_id = config.base_model or "smollm2-135m-instruct"
-        self.pytorch = PyTorchEngine(model_dir, config.adapter_dir, config.engine)
         self.metrics = ServerMetrics()
-        self.pytorch.metrics = self.metrics
-        self.pytorch.output_policies = self.output_policies
+        # the engine hands the metrics to its registry and, with --onnx, the router to
+        # each ONNX engine: every component gets its collaborators when it is built
+        self.pytorch = PyTorchEngine(model_dir, config.adapter_dir, config.engine,
+                                     metrics=self.metrics,
+                                     output_policies=self.output_policies)
         self.registry = self.pytorch.registry
-        self.registry.metrics = self.metrics
         self.engine: Engine = self.pytorch  # what the APIs serve from
         if config.onnx.enabled:
             from server.onnx.router import EngineRouter
 
             self.engine = EngineRouter(self.pytorch, config.onnx)
         self.health = health.HealthServicer()
+        self.server_health = ServerHealth(self.engine, self.gate)  # gRPC and HTTP probes
+        self.health_reporter: GrpcHealthReporter | None = None
         self.server: grpc.Server | None = None
         self.http = None  # server.api.http.HttpServer with --http-port
         self.port = 0
@@ -102,7 +106,8 @@ class App:
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME,
              pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name], self.server)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING, names)
+        self.health_reporter = GrpcHealthReporter(self.server_health, self.health, names)
+        self.health_reporter.start()  # NOT_SERVING until ready, then the engine's health
         sec = cfg.security
         address = f"{_host(self.bind_host)}:{cfg.port}"
         if sec.tls_cert is not None and sec.tls_key is not None:
@@ -129,9 +134,8 @@ class App:
         if cfg.http_port >= 0:
             self._start_http(conv, interceptor)
         self.engine.warmup()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING, names)
-        if self.http is not None:
-            self.http.api.ready = True
+        self.server_health.mark_ready()
+        self.health_reporter.update()  # SERVING now (HTTP /health reads it at each probe)
         print("switchboard: ready", flush=True)
 
     def reload_output_policy(self) -> bool:
@@ -159,15 +163,11 @@ class App:
 
         host = _bind_host(self.config, self.config.http_host or self.config.host)
         api = HttpApi(self.engine, self.registry, conv, interceptor, self.metrics,
-                      self.model_id)
+                      self.model_id, self.server_health)
         self.http = HttpServer(api, host, self.config.http_port)
         self.http.start()
         print(f"switchboard: http on {host}:{self.http.port} (OpenAI-compatible API)",
               flush=True)
-
-    def _set_health(self, status, names) -> None:
-        for name in ("", *names):
-            self.health.set(name, status)
 
     def _watch(self, interval: float) -> None:
         """--watch: keep the registry in step with the adapter root."""
@@ -187,6 +187,8 @@ class App:
             return
         self._stopped.set()
         grace = self.config.drain_seconds if grace is None else grace
+        if self.health_reporter is not None:
+            self.health_reporter.stop()
         self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         drained = self.gate.drain(grace)

@@ -189,22 +189,26 @@ def metric(port: int, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def wait_on_registry(reg, done, what: str, hang_guard: float = 600.0) -> None:
-    """Block until done() holds, woken by the registry's `on_ready` (called when a host
-    load or a slot write ends, failed or not), so the wait follows the loader threads
-    however slow the machine; `hang_guard` only turns a hung loader into a failure."""
-    cond = threading.Condition()
-    previous = reg.on_ready
+class RegistryWaiter:
+    """A registry's `on_ready` (AdapterRegistry(..., on_ready=RegistryWaiter())): called
+    when a host load or a slot write ends, failed or not, it wakes `wait_on_registry`."""
 
-    def ready() -> None:
-        previous()
-        with cond:
-            cond.notify_all()
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
 
-    reg.on_ready = ready
-    try:
-        with cond:
-            if not cond.wait_for(done, timeout=hang_guard):
+    def __call__(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, done, what: str, hang_guard: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(done, timeout=hang_guard):
                 raise AssertionError(f"{what}: nothing after {hang_guard:.0f} s (loader hung)")
-    finally:
-        reg.on_ready = previous
+
+
+def wait_on_registry(reg, done, what: str, hang_guard: float = 600.0) -> None:
+    """Block until done() holds, woken by the registry's `on_ready` (a RegistryWaiter,
+    given to the registry when it was built), so the wait follows the loader threads
+    however slow the machine; `hang_guard` only turns a hung loader into a failure."""
+    assert isinstance(reg.on_ready, RegistryWaiter), "build it with on_ready=RegistryWaiter()"
+    reg.on_ready.wait(done, what, hang_guard)

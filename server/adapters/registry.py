@@ -90,7 +90,13 @@ class AdapterEntry:
 class AdapterRegistry:
     def __init__(self, root: Path, spec: ModelSpec, table: SlotBuckets,
                  base_fingerprint: str, *, allow_pickle: bool = False,
-                 host_bytes: int = 4 << 30, dtype=torch.float32, device="cpu") -> None:
+                 host_bytes: int = 4 << 30, dtype=torch.float32, device="cpu",
+                 on_ready: Callable[[], None] | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
+        """`on_ready`: called (on a loader or stager thread) when a background host load
+        or slot write ends, failed or not: the engine's wake-up. `metrics`: the server's
+        (server/app.py hands them in); by default a private, unserved set, so tests and
+        benchmarks that build a registry alone need none."""
         self.root = root.resolve()
         self.spec = spec
         self.table = table
@@ -112,9 +118,8 @@ class AdapterRegistry:
         # Slot writes have their own thread: they never queue behind reads from disk.
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage",
                                           initializer=torch.set_num_threads, initargs=(1,))
-        self.on_ready: Callable[[], None] = lambda: None  # the engine's wake-up
-        # unserved until the app hands in the server's own (no None checks anywhere)
-        self.metrics = ServerMetrics(process_metrics=False)
+        self.on_ready: Callable[[], None] = on_ready or (lambda: None)
+        self.metrics = metrics if metrics is not None else ServerMetrics(process_metrics=False)
 
     # ---- admin side -------------------------------------------------------------
     def scan(self, preload: tuple[str, ...] = ()) -> list[str]:

@@ -34,6 +34,7 @@ from starlette.routing import Route
 from server.api import openai as oa
 from server.api.convert import RequestConverter
 from server.api.errors import status_of
+from server.api.health import ServerHealth
 from server.api.servicer import report_finished
 from server.engine.protocol import Engine
 from server.engine.types import ErrorEvent, FinishEvent, FinishReason, TokenEvent
@@ -88,14 +89,15 @@ def _sse(obj: Any) -> str:
 
 class HttpApi:
     def __init__(self, engine: Engine, registry, converter: RequestConverter,
-                 security: SecurityInterceptor, metrics: ServerMetrics, model_id: str) -> None:
+                 security: SecurityInterceptor, metrics: ServerMetrics, model_id: str,
+                 health: ServerHealth) -> None:
         self.engine = engine
+        self.health_state = health  # GET /health: the same answer as gRPC health
         self.registry = registry  # server.adapters.registry.AdapterRegistry: /v1/models
         self.conv = converter
         self.security = security
         self.metrics = metrics
         self.model_id = model_id
-        self.ready = False
         info = engine.info()
         self.max_choices = info.max_batch_size
         self.fingerprint = f"fp_{info.fingerprint[:12]}"
@@ -116,15 +118,11 @@ class HttpApi:
 
     # ---- probes and models ----------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        if self.security.gate.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        if not self.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        health = self.engine.health()
-        if not health.ok:
-            return JSONResponse({"status": "unhealthy", "detail": health.detail},
-                                status_code=503)
-        return JSONResponse({"status": "ok"})
+        status, detail = self.health_state.check()
+        if status == "ok":
+            return JSONResponse({"status": "ok"})
+        body = {"status": status, **({"detail": detail} if status == "unhealthy" else {})}
+        return JSONResponse(body, status_code=503)
 
     def _visible_models(self, request: Request) -> list[dict[str, Any]]:
         if self.security.gate.draining:

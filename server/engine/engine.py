@@ -5,6 +5,7 @@ threads only submit requests and read events."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from server.engine.model import KVCache, load_model
 from server.engine.protocol import EngineInfo
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
+from server.metrics import ServerMetrics
 from server.model_store import model_fingerprint, stop_token_ids
+from server.output_policy import OutputPolicies
 from server.resources import usable_cpus
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
@@ -118,7 +121,12 @@ class _State(RequestState):
 class Engine(RequestLoop):
     engine_path = "pytorch"
 
-    def __init__(self, model_dir: Path | str, adapter_root: Path, config: EngineConfig) -> None:
+    def __init__(self, model_dir: Path | str, adapter_root: Path, config: EngineConfig, *,
+                 metrics: ServerMetrics | None = None,
+                 output_policies: OutputPolicies | None = None) -> None:
+        """`metrics` and `output_policies`: the server's, handed in by server/app.py (and
+        passed on to the registry); by default a private, unserved metrics set and no
+        global policy, for tests and benchmarks that build an engine in process."""
         from transformers import AutoTokenizer
 
         self.config = config
@@ -157,17 +165,22 @@ class Engine(RequestLoop):
                  config.max_active_adapters, self.table.describe(),
                  self.table.capacity_bytes / (1 << 20))
         self.fingerprint = model_fingerprint(model_dir)
-        self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
-                                        allow_pickle=config.allow_pickle,
-                                        host_bytes=config.max_host_adapter_bytes,
-                                        dtype=self.dtype, device=self.device)
-        super().__init__(self.tokenizer, set(), self.max_seq_len, Scheduler(SchedulerConfig(
+        if metrics is None:  # one private set, shared by the engine and its registry
+            metrics = ServerMetrics(process_metrics=False)
+        scheduler = Scheduler(SchedulerConfig(
             max_batch_size=rows,
             max_tokens_per_step=max(config.max_tokens_per_step, rows),
             max_queue=config.max_queue,
             kv_rows=rows,
-        )), thread_name="engine")
-        self.registry.on_ready = self.scheduler.has_work.set
+        ))
+        self.registry = AdapterRegistry(adapter_root, self.spec, self.table, self.fingerprint,
+                                        allow_pickle=config.allow_pickle,
+                                        host_bytes=config.max_host_adapter_bytes,
+                                        dtype=self.dtype, device=self.device,
+                                        on_ready=scheduler.has_work.set, metrics=metrics)
+        super().__init__(self.tokenizer, set(), self.max_seq_len, scheduler,
+                         thread_name="engine", metrics=metrics,
+                         output_policies=output_policies)
         self.eos_ids = self._eos_ids()
 
     # ---- the Engine protocol (server.engine.protocol), besides the lifecycle's ----------
@@ -186,14 +199,14 @@ class Engine(RequestLoop):
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}
 
     # ---- the backend: adapters, the model, the KV cache -----------------------------
-    def _new_state(self, req: GenerationRequest) -> _State:
+    def _new_state(self, req: GenerationRequest, cancel: Callable[[], None]) -> _State:
         entry = None
         if req.adapter_id:
             try:
                 entry = self.registry.get(req.adapter_id)
             except AdapterNotFoundError as e:
                 raise EngineError("NOT_FOUND", str(e)) from None
-        handle = self._handle(req, entry.version if entry else "")
+        handle = self._handle(req, entry.version if entry else "", cancel)
         state = _State(req, handle, self._stream(req), request_generator(req), entry)
         state.guard = self._guard(entry.policy if entry else None)
         return state

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -71,15 +72,20 @@ class RequestLoop:
     engine_path: EnginePath  # the path that serves this engine's requests
 
     def __init__(self, tokenizer, eos_ids: set[int], max_seq_len: int, scheduler: Scheduler,
-                 thread_name: str) -> None:
+                 thread_name: str, *, metrics: ServerMetrics | None = None,
+                 output_policies: OutputPolicies | None = None, adapter_policy=None) -> None:
+        """`metrics` and `output_policies`: the server's (server/app.py hands them in); by
+        default a private, unserved metrics set and no global policy, for tests and
+        benchmarks that build an engine in process. `adapter_policy`: an engine serving
+        one adapter (ONNX): that adapter version's output policy."""
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_seq_len = max_seq_len
         self.scheduler = scheduler
-        # unserved until the app hands in the server's own (no None checks anywhere)
-        self.metrics = ServerMetrics(process_metrics=False)
-        self.output_policies = OutputPolicies()  # the global policy; the app hands in its own
-        self.adapter_policy = None  # an engine serving one adapter (ONNX): that adapter's
+        self.metrics = metrics if metrics is not None else ServerMetrics(process_metrics=False)
+        self.output_policies = (output_policies if output_policies is not None
+                                else OutputPolicies())
+        self.adapter_policy = adapter_policy
         self._thread_name = thread_name
         self._source = f"{thread_name}@{id(self):x}"  # this engine's share of the gauges
         self._thread: threading.Thread | None = None
@@ -127,14 +133,13 @@ class RequestLoop:
         check_engine_path(engine_path)
         if engine_path and engine_path != self.engine_path:
             raise EngineError("FAILED_PRECONDITION", self._no_path(engine_path))
-        state = self._new_state(req)
-        seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
 
-        def cancel() -> None:
+        def cancel() -> None:  # the handle is returned only once `seq` is bound
             seq.cancelled = True
             self.scheduler.has_work.set()
 
-        state.handle.bind_cancel(cancel)
+        state = self._new_state(req, cancel)
+        seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
         try:
             self.scheduler.submit(seq)
         except QueueFullError as e:
@@ -161,8 +166,9 @@ class RequestLoop:
                 f"{self.engine_path} path only")
 
     # ---- backend hooks ------------------------------------------------------------------
-    def _new_state(self, req: GenerationRequest) -> RequestState:
-        state = RequestState(req, self._handle(req, ""), self._stream(req),
+    def _new_state(self, req: GenerationRequest, cancel: Callable[[], None]) -> RequestState:
+        """The request's state and handle (`cancel`: the handle's cancel)."""
+        state = RequestState(req, self._handle(req, "", cancel), self._stream(req),
                              request_generator(req))
         state.guard = self._guard(self.adapter_policy)
         return state
@@ -172,9 +178,10 @@ class RequestLoop:
         its adapter version's (None when there are none)."""
         return self.output_policies.stream_for(adapter_policy)
 
-    def _handle(self, req: GenerationRequest, adapter_version: str) -> RequestHandle:
+    def _handle(self, req: GenerationRequest, adapter_version: str,
+                cancel: Callable[[], None]) -> RequestHandle:
         return RequestHandle(req.request_id, req.adapter_id, adapter_version, self.engine_path,
-                             req.events)
+                             req.events, cancel=cancel)
 
     def _stream(self, req: GenerationRequest) -> TextStream:
         return TextStream(self.tokenizer, req.stopping.stop_sequences)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -140,7 +141,10 @@ class RequestHandle:
     events: Any  # the request's GenerationRequest.events, else a queue.SimpleQueue[Event]
 
     def __init__(self, request_id: str, adapter_id: str, adapter_version: str,
-                 engine_path: EnginePath, events=None) -> None:
+                 engine_path: EnginePath, events=None,
+                 cancel: Callable[[], None] | None = None) -> None:
+        """`cancel`: the engine's way to cancel the request (given by the engine that
+        queues it; by default cancelling does nothing)."""
         if engine_path not in ENGINE_PATHS:
             raise ValueError(f"engine_path {engine_path!r} is not one of "
                              f"{', '.join(ENGINE_PATHS)}")
@@ -149,11 +153,7 @@ class RequestHandle:
         self.adapter_version = adapter_version
         self.engine_path = engine_path
         self.events = queue.SimpleQueue() if events is None else events
-        self._cancel = lambda: None
-
-    def bind_cancel(self, cancel) -> None:
-        """Set by the engine that queued the request."""
-        self._cancel = cancel
+        self._cancel = cancel or (lambda: None)
 
     def cancel(self) -> None:
         self._cancel()

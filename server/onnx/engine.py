@@ -16,6 +16,7 @@ sit does not change its result. When rows join or leave the batch is rebuilt, co
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import torch
 from server.engine.engine import helper_thread_init
 from server.engine.lifecycle import RequestLoop, RequestState
 from server.engine.protocol import EngineInfo, Route
-from server.engine.types import ONNX, EngineError, GenerationRequest
+from server.engine.types import ONNX, EngineError, GenerationRequest, RequestHandle
+from server.metrics import ServerMetrics
 from server.onnx.session import OnnxDecoderSession
+from server.output_policy import OutputPolicies
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,16 @@ class OnnxEngine(RequestLoop):
 
     def __init__(self, model_path: Path | str, tokenizer, eos_ids: set[int], max_seq_len: int,
                  config: OnnxEngineConfig, *, adapter_id: str = "", adapter_version: str = "",
-                 variant: str = "", fingerprint: str = "") -> None:
+                 variant: str = "", fingerprint: str = "",
+                 metrics: ServerMetrics | None = None,
+                 output_policies: OutputPolicies | None = None, adapter_policy=None) -> None:
+        """`metrics`, `output_policies`, `adapter_policy`: as RequestLoop's (the router
+        hands in the PyTorch engine's and the adapter version's policy)."""
         rows = config.max_batch_size
         super().__init__(tokenizer, eos_ids, max_seq_len, Scheduler(SchedulerConfig(
             max_batch_size=rows, max_tokens_per_step=max(config.max_tokens_per_step, rows),
-            max_queue=config.max_queue, kv_rows=rows)), thread_name=f"onnx-{adapter_id}")
+            max_queue=config.max_queue, kv_rows=rows)), thread_name=f"onnx-{adapter_id}",
+            metrics=metrics, output_policies=output_policies, adapter_policy=adapter_policy)
         self.config = config
         self.session = OnnxDecoderSession(model_path, threads=config.threads,
                                           provider=config.provider)
@@ -89,14 +97,17 @@ class OnnxEngine(RequestLoop):
         return Route(ONNX, self.variant)
 
     # ---- the backend: a step plan -> logits -------------------------------------------
-    def _new_state(self, req: GenerationRequest) -> RequestState:
+    def _new_state(self, req: GenerationRequest, cancel: Callable[[], None]) -> RequestState:
         if req.adapter_id != self.adapter_id:  # the graph holds one adapter, merged
             raise EngineError("NOT_FOUND", f"adapter {req.adapter_id!r} is not served by "
                               f"this ONNX engine (it serves {self.adapter_id!r})")
-        state = super()._new_state(req)
-        state.handle.adapter_version = self.adapter_version
+        state = super()._new_state(req, cancel)
         state.kv = None  # the row's own cache while in prefill
         return state
+
+    def _handle(self, req: GenerationRequest, adapter_version: str,
+                cancel: Callable[[], None]) -> RequestHandle:
+        return super()._handle(req, self.adapter_version, cancel)  # the export's version
 
     def _thread_init(self) -> None:
         helper_thread_init()  # sampling only; ONNX Runtime has its own thread pool

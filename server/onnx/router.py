@@ -335,7 +335,7 @@ class EngineRouter:
         base = self.engine
         cfg = self.onnx_config
         ecfg = base.config
-        engine = OnnxEngine(
+        return OnnxEngine(
             path, base.tokenizer, base.eos_ids, base.max_seq_len,
             # 0: as many as the PyTorch engine (affinity capped by a cgroup CPU quota,
             # server.resources), not ONNX Runtime's every host core
@@ -344,11 +344,9 @@ class EngineRouter:
                              max_tokens_per_step=ecfg.max_tokens_per_step,
                              max_queue=ecfg.max_queue),
             adapter_id=entry.adapter_id, adapter_version=entry.version, variant=variant,
-            fingerprint=base.fingerprint)
-        engine.metrics = base.metrics
-        engine.output_policies = base.output_policies
-        engine.adapter_policy = entry.policy  # this version's rules, like its weights
-        return engine
+            fingerprint=base.fingerprint, metrics=base.metrics,
+            output_policies=base.output_policies,
+            adapter_policy=entry.policy)  # this version's rules, like its weights
 
     def _make_room(self, aid: str, size: int) -> tuple[bool, list[OnnxEngine]]:
         """Room for a session of `size` bytes: within --onnx-memory, and within the

@@ -124,7 +124,9 @@ class SecurityInterceptor(grpc.ServerInterceptor):
                  metrics: ServerMetrics | None = None) -> None:
         self.keys = keys
         self.gate = gate
-        self.metrics = metrics  # refusals are counted here (no handler runs for them)
+        # refusals are counted here (no handler runs for them); by default in a private,
+        # unserved set (the app hands in the server's)
+        self.metrics = metrics if metrics is not None else ServerMetrics(process_metrics=False)
         self.max_concurrent_per_key = max_concurrent_per_key  # 0 = no limit
         self.retry_after_ms = retry_after_ms
         self._slots = _Slots()
@@ -158,10 +160,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         try:
             return self._policy(service, method, token, adapter_id)
         except Denied as e:
-            if self.metrics is not None:
-                self.metrics.call_rejected(service.rsplit(".", 1)[-1], e.code.name,
-                                           adapter_id if method in GENERATION_METHODS
-                                           else None)
+            self.metrics.call_rejected(service.rsplit(".", 1)[-1], e.code.name,
+                                       adapter_id if method in GENERATION_METHODS else None)
             raise
 
     def _policy(self, service: str, method: str, token: str | None,

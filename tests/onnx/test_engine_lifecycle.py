@@ -55,8 +55,8 @@ def engine(poisoned_export):
 
     model, path = poisoned_export
     eng = OnnxEngine(path, AutoTokenizer.from_pretrained(str(model)), set(), LONG + 96,
-                     OnnxEngineConfig(threads=1, max_batch_size=4, max_tokens_per_step=64))
-    eng.metrics = ServerMetrics()
+                     OnnxEngineConfig(threads=1, max_batch_size=4, max_tokens_per_step=64),
+                     metrics=ServerMetrics())
     eng.start()
     yield eng
     eng.stop()

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from support import TINY_SPEC as SPEC
-from support import make_lora, wait_on_registry
+from support import RegistryWaiter, make_lora, wait_on_registry
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterNotFoundError, AdapterRegistry
@@ -29,6 +29,7 @@ def registry(root, slots=2, **kw) -> AdapterRegistry:
     """One rank-8 bucket of `slots` slots, as many adapters on the device at most."""
     table = SlotBuckets(SPEC, [(8, slots)], max_active=slots, dtype=torch.float32,
                         device="cpu")
+    kw.setdefault("on_ready", RegistryWaiter())
     return AdapterRegistry(root, SPEC, table, "fp", **kw)
 
 
@@ -126,10 +127,9 @@ def test_background_load_and_failure(root, tmp_path):
     work = tmp_path / "root"
     shutil.copytree(root, work)
     (work / "d" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # corrupt
-    reg = registry(work)
-    reg.scan()
     ready = threading.Event()
-    reg.on_ready = ready.set
+    reg = registry(work, on_ready=ready.set)
+    reg.scan()
     a = reg.get("a")
     assert reg.ensure_host(a) is False  # starts loading on a loader thread
     assert ready.wait(30) and a.tier == "host" and reg.ensure_host(a)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support import TINY_SPEC as SPEC
-from support import make_lora, wait_on_registry
+from support import RegistryWaiter, make_lora, wait_on_registry
 
 from server.adapters.lora import AdapterError
 from server.adapters.registry import AdapterRegistry
@@ -28,7 +28,7 @@ def root(tiny_model, tmp_path_factory):
 def registry(root, max_active: int) -> AdapterRegistry:
     """Two buckets: rank 8 with two slots (0, 1), rank 32 with one (2)."""
     table = SlotBuckets(SPEC, [(8, 2), (32, 1)], max_active, torch.float32, "cpu")
-    reg = AdapterRegistry(root, SPEC, table, "fp")
+    reg = AdapterRegistry(root, SPEC, table, "fp", on_ready=RegistryWaiter())
     reg.scan()
     return reg
 
