@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from adapter_format.manifest import MANIFEST_NAME, ArtifactError, read_manifest
+from server.adapters.buffers import Alloc, fresh
 from server.adapters.formats import AdapterWeights
 from server.adapters.kinds import ADAPTER_TYPES, CONFIG_FILES, AdapterKind, method_of, read_adapter
 from server.adapters.lora import AdapterError
@@ -38,8 +39,8 @@ class Checked:
 
 class AdapterLoader:
     def __init__(self, root: Path, spec: ModelSpec, base_fingerprint: str, *,
-                 allow_pickle: bool = False, alloc=None) -> None:
-        """`alloc`: where read weights go (HostBuffers.take); None: fresh memory."""
+                 allow_pickle: bool = False, alloc: Alloc = fresh) -> None:
+        """`alloc`: the buffers read files go into (the registry's HostBuffers.take)."""
         self.root = root.resolve()
         self.spec = spec
         self.base_fingerprint = base_fingerprint

@@ -88,3 +88,10 @@ def test_signature_changes_with_the_files(root):
     (root / "a" / "adapter_model.safetensors").write_bytes(b"12")
     after = signature(root / "a")
     assert after != before and after[1][:2] == ("adapter_model.safetensors", 2)
+
+
+def test_read_without_a_pool_reads_into_fresh_memory(tiny_model, tmp_path):
+    from support import make_lora
+    make_lora(tiny_model, tmp_path / "a", r=4, targets=["q_proj"], seed=0)
+    method, weights = AdapterLoader(tmp_path, SPEC, "fp").read(tmp_path / "a")
+    assert method == "lora" and weights.rank == 4 and weights.target_modules == ["q_proj"]
