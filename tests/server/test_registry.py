@@ -199,3 +199,41 @@ def test_a_slot_written_for_a_waiting_request_stays_its_own(root):
     wait_on_registry(reg, lambda: not c.staging, "slot write")
     assert lora_slots(reg) == [("c", "2", 0)] and c.tier == "device"
     assert pin(reg, a) == 0 and lora_slots(reg) == [("a", "2", 1)]
+
+
+def test_evictions_and_resident_adapters_are_counted_per_tier(root):
+    """The metrics the registry reports as adapters move between tiers."""
+    probe = registry(root)
+    one = probe.load("a")[0].weights.nbytes
+    reg = registry(root, slots=1, host_bytes=2 * one + one // 2)
+    m = reg.metrics.registry
+
+    def value(name, tier):
+        return m.get_sample_value(name, {"tier": tier}) or 0.0
+
+    def resident():
+        return [value("switchboard_adapters_resident", t) for t in ("disk", "host", "device")]
+
+    reg.scan()
+    assert resident() == [4, 0, 0]
+    a, _ = reg.load("a")
+    b, _ = reg.load("b")
+    a.last_used, b.last_used = 1.0, 2.0
+    assert resident() == [2, 2, 0]
+    reg.load("c")  # a leaves host memory
+    assert value("switchboard_adapter_evictions_total", "host") == 1
+    assert value("switchboard_adapter_loads_total", "host") == 3
+    assert resident() == [2, 2, 0]
+    assert pin(reg, b) == 0
+    assert value("switchboard_adapter_loads_total", "device") == 1
+    assert resident() == [2, 1, 1]
+    reg.release(b)
+    c = reg.get("c")
+    assert pin(reg, c) == 0  # the one slot: b (unpinned) is evicted from the device
+    assert value("switchboard_adapter_evictions_total", "device") == 1
+    assert value("switchboard_adapter_loads_total", "device") == 2
+    reg.release(c)
+    reg.unload("c")  # on the device, unpinned: freed at once
+    assert reg.slot_table()[0] is None and c.tier == "disk"
+    assert value("switchboard_adapter_evictions_total", "device") == 1
+    assert resident() == [2, 1, 0]
