@@ -25,7 +25,8 @@ from benchmarks.kernels import RANK, ROWS_PER_SLOT, SLOTS, _adapter, _decode_inp
 from server import native
 from server.adapters.hooks import AdapterHooks
 from server.adapters.slots import LoraHooks, LoraSlotTable
-from server.engine.model import KVCache, load_model
+from server.engine.loading import load_model
+from server.engine.model import KVCache
 from server.model_store import provision_default_model
 
 

@@ -29,7 +29,8 @@ from server.adapters.hooks import AdapterHooks
 from server.adapters.lora import GROUPS, MODULES, LoraWeights, group_shapes
 from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
 from server.engine.engine import cpu_count
-from server.engine.model import KVCache, StepInputs, load_model
+from server.engine.loading import load_model
+from server.engine.model import KVCache, StepInputs
 from server.model_store import provision_default_model
 
 SLOTS, ROWS_PER_SLOT, RANK = 16, 2, 16

@@ -3,7 +3,7 @@ teacher-forced next-token agreement with fp32 (issue 16).
 
 The text is benchmarks/data/heldout.txt (an original essay written for this benchmark and
 dedicated to the public domain, so no model was trained on it; about 2,500 SmolLM2 tokens).
-Switchboard's logits come from the engine's own model (server.engine.model.load_model with
+Switchboard's logits come from the engine's own model (server.engine.loading.load_model with
 the variant's dtype and --quantize, prefill through DecoderModel.forward), not from
 transformers, so the figures are about the serving path. Perplexity is measured the way
 llama.cpp's llama-perplexity does: the text cut into chunks of --ctx tokens, each scored on
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{a.ctx}")
     from transformers import AutoTokenizer
 
-    from server.engine.model import ModelLoadError, load_model
+    from server.engine.loading import ModelLoadError, load_model
     from server.model_store import provision_default_model
 
     model_dir = provision_default_model()
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
               "text_tokens": len(ids),
               "ctx": a.ctx, "agreement_tokens": a.agreement_tokens,
               "method": "chunks of ctx tokens scored on their second half (llama-perplexity's "
-                        "measure); logits from server.engine.model.load_model",
+                        "measure); logits from server.engine.loading.load_model",
               "variants": rows, "llama_cpp": llama, "bars": BARS}
     path = write_results("quantization", result, a.out)
     print(f"wrote {path}")

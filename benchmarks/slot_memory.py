@@ -23,6 +23,7 @@ from server.adapters.lora import GROUPS, MODULES, LoraWeights, group_shapes
 from server.adapters.slot_buckets import SlotBuckets, default_buckets, table_bytes
 from server.adapters.slots import LoraSlotTable
 from server.config import EngineConfig
+from server.engine.loading import spec_from_hf_config
 from server.engine.model import ModelSpec
 from server.model_store import provision_default_model
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.parse_args(argv)
     model_dir = provision_default_model()
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    spec = spec_from_hf_config(AutoConfig.from_pretrained(model_dir))
     old = LoraSlotTable(spec, 16, 16, torch.float32, "cpu")
     for slot in range(16):
         old.write(slot, lora(spec, 8, slot))

@@ -21,7 +21,7 @@ from server.config import ServerConfig
 from server.engine.engine import Engine as PyTorchEngine
 from server.engine.engine import helper_thread_init, load_engine_adapters
 from server.engine.grammar import GrammarCompiler
-from server.engine.model import ModelLoadError
+from server.engine.loading import ModelLoadError
 from server.engine.protocol import Engine
 from server.metrics import ServerMetrics
 from server.model_store import ModelNotFoundError, resolve_base_model

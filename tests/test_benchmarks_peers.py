@@ -79,7 +79,7 @@ def test_quality_perplexity_through_the_engine_equals_transformers(tiny_model):
     half) give the perplexity transformers' model gives on the same tokens."""
     from transformers import AutoModelForCausalLM
 
-    from server.engine.model import load_model
+    from server.engine.loading import load_model
 
     ctx = 32
     ids = [int(t) for t in torch.randint(3, 49000, (3 * ctx + 5,),

@@ -14,7 +14,9 @@ OURS = PACKAGES
 # (importer prefix, forbidden prefix, allowed exceptions within the forbidden prefix, why)
 # A module matches a prefix when it is the prefix or lies under it. The same table is in
 # docs/architecture.md.
-MODEL = ("server.engine.model", "server.engine.quant")  # the model layer of the server
+# the model layer of the server: the decoder, its weight formats, its loading
+MODEL = ("server.engine.model", "server.engine.quant", "server.engine.nf4",
+         "server.engine.loading")
 RULES: list[tuple[str, str, tuple[str, ...], str]] = [
     ("adapter_format", "server", (), "the artifact contract sits below server and trainer"),
     ("adapter_format", "trainer", (), "the artifact contract sits below server and trainer"),
@@ -35,10 +37,8 @@ RULES: list[tuple[str, str, tuple[str, ...], str]] = [
     ("server.scheduler", "server.engine", (), "the queue knows no engine"),
     ("server.scheduler", "server.adapters", (), "the queue knows no engine"),
     ("server.scheduler", "server.onnx", (), "the queue knows no engine"),
-    ("server.engine.model", "server.engine", MODEL, "the model layer is below the engine"),
-    ("server.engine.quant", "server.engine", MODEL, "the model layer is below the engine"),
-    ("server.engine.model", "server.adapters", (), "the model layer is below the adapters"),
-    ("server.engine.quant", "server.adapters", (), "the model layer is below the adapters"),
+    *((m, "server.engine", MODEL, "the model layer is below the engine") for m in MODEL),
+    *((m, "server.adapters", (), "the model layer is below the adapters") for m in MODEL),
     ("server.adapters", "server.engine", MODEL,
      "adapters sit on the model layer, below the engine (no engine <-> adapters cycle)"),
     ("server.engine", "server.onnx", (), "the ONNX backend builds on the engine, not back"),
@@ -125,6 +125,8 @@ def test_the_rules_see_every_package():
      "x.py:2: trainer.cli imports server.onnx.router"),
     ("server.engine.model", "from . import step\n",
      "x.py:1: server.engine.model imports server.engine.step"),
+    ("server.engine.loading", "from server.adapters.lora import LoraWeights\n",
+     "x.py:1: server.engine.loading imports server.adapters.lora"),
     ("server.config", "from server.engine.engine import Engine\n",
      "x.py:1: server.config imports server.engine.engine"),
 ])
@@ -138,6 +140,7 @@ def test_a_forbidden_import_is_named_with_file_and_line(module, source, expected
     ("trainer.merge", "from server.model_store import resolve\n"),
     ("server.engine.step", "from server.adapters import hooks\n"),
     ("server.engine.model", "from server.engine.quant import MODES\n"),
+    ("server.engine.loading", "from server.engine.nf4 import quantize_nf4\n"),
     ("server.onnx.router", "from adapter_format.manifest import read_manifest\n"),
 ])
 def test_an_allowed_import_passes(module, source):

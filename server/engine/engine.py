@@ -16,7 +16,8 @@ from server.adapters.registry import AdapterEntry, AdapterNotFoundError, Adapter
 from server.adapters.slot_buckets import SlotBuckets, default_buckets
 from server.config import EngineConfig
 from server.engine.lifecycle import RequestLoop, RequestState, request_generator
-from server.engine.model import KVCache, load_model
+from server.engine.loading import load_model
+from server.engine.model import KVCache
 from server.engine.protocol import EngineInfo
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest

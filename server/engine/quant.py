@@ -18,7 +18,7 @@ rows on (prefill) the reference below, whose BLAS GEMM is faster there; anywhere
 (bf16, CUDA, no C compiler, `--cpu-kernels torch`) the reference below: the weight
 dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32 weight the model
 computes with, which the tests load into transformers as the oracle.
-(bitsandbytes' nf4 stays in model.QuantProjection, for QLoRA-trained adapters and CUDA.)
+(bitsandbytes' nf4 is server.engine.nf4's, for QLoRA-trained adapters and CUDA.)
 """
 
 from __future__ import annotations

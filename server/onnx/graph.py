@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engine.model import sliding_windows
+from server.engine.loading import sliding_windows
 
 
 class _Layer(nn.Module):

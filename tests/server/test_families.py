@@ -23,7 +23,7 @@ import pytest
 import torch
 from support import make_lora, make_peft_adapter, make_tiny_model
 
-from server.engine.model import ModelLoadError, ModelSpec
+from server.engine.loading import ModelLoadError, spec_from_hf_config
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -246,7 +246,7 @@ def _config(model_type: str, **fields):
 ])
 def test_unsupported_config_is_refused_naming_field_and_value(model_type, fields, message):
     with pytest.raises(ModelLoadError) as e:
-        ModelSpec.from_hf_config(_config(model_type, **fields))
+        spec_from_hf_config(_config(model_type, **fields))
     assert message in str(e.value)
 
 
@@ -264,20 +264,20 @@ def test_unsupported_config_is_refused_naming_field_and_value(model_type, fields
     ("llama", {}, ()),
 ])
 def test_sliding_windows_read_per_layer(model_type, fields, windows):
-    assert ModelSpec.from_hf_config(_config(model_type, **fields)).windows == windows
+    assert spec_from_hf_config(_config(model_type, **fields)).windows == windows
 
 
 def test_switches_read_from_each_family_config():
-    q2 = ModelSpec.from_hf_config(_config("qwen2"))
-    q3 = ModelSpec.from_hf_config(_config("qwen3", head_dim=32, attention_bias=True))
-    llama = ModelSpec.from_hf_config(_config("llama", attention_bias=True, mlp_bias=True))
+    q2 = spec_from_hf_config(_config("qwen2"))
+    q3 = spec_from_hf_config(_config("qwen3", head_dim=32, attention_bias=True))
+    llama = spec_from_hf_config(_config("llama", attention_bias=True, mlp_bias=True))
     assert (q2.qkv_bias, q2.o_bias, q2.mlp_bias, q2.qk_norm) == (True, False, False, False)
     assert (q3.qkv_bias, q3.o_bias, q3.mlp_bias, q3.qk_norm) == (True, True, False, True)
     assert (q3.head_dim, q3.q_size, q3.hidden_size) == (32, 128, 64)
     assert (llama.qkv_bias, llama.o_bias, llama.mlp_bias, llama.qk_norm) == (True,) * 3 + (
         False,)
     assert (llama.gemma, llama.activation, llama.attn_scale) == (False, "silu", 16**-0.5)
-    gemma = ModelSpec.from_hf_config(_config(
+    gemma = spec_from_hf_config(_config(
         "gemma3_text", head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0))
     assert (gemma.gemma, gemma.qk_norm, gemma.activation) == (True, True, "gelu_pytorch_tanh")

@@ -9,7 +9,8 @@ import torch
 from support import KERNEL_BUILDS, kernels_for, make_tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.engine.model import KVCache, StepInputs, _rope, load_model
+from server.engine.loading import load_model
+from server.engine.model import KVCache, StepInputs, _rope
 
 
 def test_rope_is_bit_identical_to_hf():

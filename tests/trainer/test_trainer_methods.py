@@ -104,12 +104,12 @@ def _server_reads(artifact, tiny_base, served_method):
     """The server's adapter reader accepts what the trainer wrote (skipped until it exists)."""
     try:
         from server.adapters.kinds import read_adapter
-        from server.engine.model import ModelSpec
+        from server.engine.loading import spec_from_hf_config
     except ImportError:
         pytest.skip("server adapter reader not available")
     from transformers import AutoConfig
 
-    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(str(tiny_base)))
+    spec = spec_from_hf_config(AutoConfig.from_pretrained(str(tiny_base)))
     method, weights = read_adapter(artifact, spec)
     assert method == served_method and weights.nbytes > 0
 
