@@ -7,7 +7,7 @@
     few rows (decode: server.engine.model.native_linear).
   * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
     attention over each row's own length, SiLU), one call each where PyTorch takes about
-    28 small ops a layer.
+    28 small ops a layer; called through `DecodeOps`, which checks their operands.
 
 They are built with the system C compiler (-march=native: AVX-512, AVX2 or plain C,
 whatever the CPU has) into the cache (SWITCHBOARD_CACHE, default ~/.cache/switchboard)
@@ -65,8 +65,9 @@ _SIGNATURES = {  # name: (restype, argtypes)
 
 
 class Kernels:
-    """ctypes front of the library; one instance per process. The decode functions take
-    raw pointers (`DecoderModel._forward_decode` makes its tensors contiguous fp32)."""
+    """ctypes front of the library; one instance per process. Its functions take raw
+    pointers: callers go through the checked fronts (`lora` here, `DecodeOps` for decode.c,
+    server.engine.model.native_linear and server.engine.quant for quant.c)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL calls release the GIL
@@ -97,6 +98,141 @@ class Kernels:
             raise MemoryError("lora kernel: no memory for its scratch")
         if y is not out:
             out += y
+
+
+
+class DecodeOps:
+    """decode.c's kernels (the work between a decode step's matmuls: norms, RoPE, cache
+    write, attention, SiLU) for one model's shapes, their operands checked before the raw
+    pointers go to C: float32 CPU tensors, contiguous, of the model's widths and of as many
+    rows as each other. What stays the same from step to step (the norms' weights, the
+    cache layers and RoPE tables) is checked once, when `weight` and `layer` hand out its
+    pointers (`DecoderModel._decode_layers`); a step's own buffers once a step (`step`);
+    each call the projection output it is handed, a few attribute comparisons. The values
+    of the positions and cache rows are the engine's (below the cache's max_len and rows)
+    and not read here. The tensors behind the pointers handed out are the caller's to keep
+    alive (the model's parameters and KV cache)."""
+
+    def __init__(self, kernels: Kernels, hidden: int, intermediate: int, heads: int,
+                 kv_heads: int, head_dim: int, eps: float, scale: float) -> None:
+        self.kernels = kernels
+        self.hidden, self.intermediate, self.eps, self.scale = hidden, intermediate, eps, scale
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qkv_width = (heads + 2 * kv_heads) * head_dim
+        self.attn_width = heads * head_dim
+        self.max_len = 0  # the cache layers' (`layer`)
+
+    def weight(self, w: torch.Tensor | None) -> int:
+        """The pointer of a norm's weight [hidden] (0 for None: no such norm)."""
+        if w is None:
+            return 0
+        if w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous() \
+                or w.shape != (self.hidden,):
+            raise ValueError(f"decode kernels: norm weight {tuple(w.shape)} {w.dtype}, needs "
+                             f"a contiguous float32 CPU tensor ({self.hidden},)")
+        return w.data_ptr()
+
+    def layer(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+              sin_rot: torch.Tensor) -> tuple[int, int, int, int]:
+        """The pointers of a layer's cache k and v [rows, kv_heads, max_len, head_dim] and
+        RoPE tables cos and sin_rot [>= max_len, head_dim]; every layer's cache of one
+        max_len."""
+        shape = k.shape
+        if len(shape) != 4 or shape[1] != self.kv_heads or shape[3] != self.head_dim \
+                or (self.max_len and shape[2] != self.max_len):
+            raise ValueError(f"decode kernels: cache layer {tuple(shape)}, needs [rows, "
+                             f"{self.kv_heads}, {self.max_len or 'max_len'}, {self.head_dim}]")
+        self.max_len = shape[2]
+        for name, t, want in (("k cache", k, shape), ("v cache", v, shape),
+                              ("cos", cos, None), ("sin_rot", sin_rot, None)):
+            if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() or (
+                    t.shape != want if want is not None else (
+                        t.dim() != 2 or t.shape[1] != self.head_dim
+                        or t.shape[0] < self.max_len)):
+                raise ValueError(f"decode kernels: {name} {tuple(t.shape)} {t.dtype}, needs a "
+                                 "contiguous float32 CPU tensor of "
+                                 + (f"{tuple(shape)}" if want is not None else
+                                    f"[>= {self.max_len}, {self.head_dim}]"))
+        return k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin_rot.data_ptr()
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, act: torch.Tensor, attn: torch.Tensor,
+             pos: torch.Tensor, rows: torch.Tensor, threads: int) -> DecodeStep:
+        """The kernels for one step of n decode tokens over its own buffers, checked here
+        once: x (the residual stream) and h (the normed one) [n, hidden], act [n,
+        intermediate], attn [n, heads * head_dim], pos and rows (each token's position and
+        cache row) n int64."""
+        n = x.shape[0]
+        for name, t, shape, dtype in (
+                ("x", x, (n, self.hidden), torch.float32),
+                ("h", h, (n, self.hidden), torch.float32),
+                ("act", act, (n, self.intermediate), torch.float32),
+                ("attn", attn, (n, self.attn_width), torch.float32),
+                ("positions", pos, (n,), torch.int64), ("rows", rows, (n,), torch.int64)):
+            if t.dtype != dtype or not t.is_cpu or not t.is_contiguous() or t.shape != shape:
+                raise ValueError(f"decode kernels: {name} {tuple(t.shape)} {t.dtype}, needs a "
+                                 f"contiguous {str(dtype).removeprefix('torch.')} CPU tensor "
+                                 f"{shape}")
+        return DecodeStep(self, n, x, h, act, attn, pos, rows, threads)
+
+
+class DecodeStep:
+    """`DecodeOps` over one step's buffers (`DecodeOps.step`, checked there): each call
+    checks only the tensor it is handed (a projection's output), then passes pointers."""
+
+    def __init__(self, ops: DecodeOps, n: int, x: torch.Tensor, h: torch.Tensor,
+                 act: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                 threads: int) -> None:
+        self.ops, self.kernels, self.n, self.threads = ops, ops.kernels, n, threads
+        self.x, self.h, self.act, self.attn = (x.data_ptr(), h.data_ptr(), act.data_ptr(),
+                                               attn.data_ptr())
+        self.pos, self.rows = pos.data_ptr(), rows.data_ptr()
+        self.hidden_shape = (n, ops.hidden)
+        self.qkv_shape = (n, ops.qkv_width)
+        self.gu_shape = (n, 2 * ops.intermediate)
+
+    def _ptr(self, name: str, t: torch.Tensor, shape: tuple[int, int]) -> int:
+        if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() \
+                or t.shape != shape:
+            raise ValueError(f"decode kernels: {name} {tuple(t.shape)} {t.dtype}, needs a "
+                             f"contiguous float32 CPU tensor {shape}")
+        return t.data_ptr()
+
+    def norm_input(self, w: int) -> None:
+        """h = rms_norm(x) * weight (w from `DecodeOps.weight`)."""
+        ops = self.ops
+        self.kernels.rms_norm_rows(self.x, w, self.h, self.n, ops.hidden, ops.eps)
+
+    def norm(self, t: torch.Tensor, w: int) -> None:
+        """t = rms_norm(t) * weight in place, t [n, hidden] (the kernel reads, then
+        writes)."""
+        ops = self.ops
+        p = self._ptr("norm input", t, self.hidden_shape)
+        self.kernels.rms_norm_rows(p, w, p, self.n, ops.hidden, ops.eps)
+
+    def add_norm(self, d: torch.Tensor, w: int) -> None:
+        """x += d, then h = rms_norm(x) * weight: the residual add and the next norm."""
+        ops = self.ops
+        self.kernels.add_rms_norm_rows(self.x, self._ptr("residual", d, self.hidden_shape),
+                                       w, self.h, self.n, ops.hidden, ops.eps)
+
+    def silu_mul(self, gu: torch.Tensor) -> None:
+        """act = silu(gate) * up, gu [n, 2 * intermediate] (gate, then up)."""
+        self.kernels.silu_mul_rows(self._ptr("gate_up", gu, self.gu_shape), self.act, self.n,
+                                   self.ops.intermediate)
+
+    def attention(self, qkv: torch.Tensor, layer: tuple[int, int, int, int],
+                  window: int) -> None:
+        """RoPE on qkv's q and k (in place), k and v written at each token's position of
+        its cache row, and attention over the row's positions (its last `window` with a
+        window > 0) into attn; qkv [n, (heads + 2 kv_heads) head_dim], layer from
+        `DecodeOps.layer`."""
+        ops = self.ops
+        k_p, v_p, cos_p, sin_p = layer
+        if self.kernels.decode_attention_rows(
+                self._ptr("qkv", qkv, self.qkv_shape), self.pos, self.rows, self.n, cos_p,
+                sin_p, k_p, v_p, ops.heads, ops.kv_heads, ops.head_dim, ops.max_len, window,
+                ops.scale, self.attn, self.threads):
+            raise MemoryError("decode attention: head_dim over 512 or no memory")
 
 
 def _cpu_signature() -> str:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.quant import SMALL_MATMUL
+from server.native import DecodeOps
 
 # decode steps of fewer rows than this take fp32 projections and the output head through
 # the C kernel (DecoderModel._project): 1.2-1.7x BLAS's speed at 1 row, 2.5-3x at 4-8,
@@ -417,84 +418,82 @@ class DecoderModel(nn.Module):
             x += down if layer.mlp_out_norm is None else layer.mlp_out_norm.forward(down)
         return self._logits(self.norm(x[step.sample_idx]))
 
-    def _decode_layers(self, kv: KVCache) -> list[tuple]:
-        """Per layer, what `_forward_decode` passes to the kernels and never changes between
-        steps: (layer, its norms' weight pointers (input, attention output or 0, MLP input,
-        MLP output or 0, the next layer's input or the final norm), its cache layers'
-        pointers, window, RoPE table pointers). Built once per KV cache: the Module
-        attribute lookups and pointer reads were a third of a step's time outside the
-        matmuls (benchmarks/profile_decode.py)."""
-        key = (id(kv), kv.k[0].data_ptr(), self.norm.weight.data_ptr(), self.cos[0].data_ptr())
+    def _decode_layers(self, kv: KVCache) -> tuple[DecodeOps, list[tuple]]:
+        """The checked decode kernels for this model (server.native.DecodeOps) and, per
+        layer, what `_forward_decode` passes to them and never changes between steps:
+        (layer, its norms' weight pointers (input, attention output or 0, MLP input, MLP
+        output or 0, the next layer's input or the final norm), its cache layers' and RoPE
+        tables' pointers, window), each operand checked once here. Built once per KV cache:
+        the Module attribute lookups and pointer reads were a third of a step's time outside
+        the matmuls (benchmarks/profile_decode.py)."""
+        key = (id(kv), kv.k[0].data_ptr(), self.norm.weight.data_ptr(), self.cos[0].data_ptr(),
+               id(self.kernels))
         if self._decode_cache is not None and self._decode_cache[0] == key:
             return self._decode_cache[1]
         spec, layers = self.spec, []
+        ops = DecodeOps(self.kernels, spec.hidden_size, spec.intermediate_size,
+                        spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
+                        spec.attn_scale)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             t = spec.rope_table(i)
             layers.append((
-                layer, layer.input_norm.weight.data_ptr(),
-                layer.attn_out_norm.weight.data_ptr() if layer.attn_out_norm is not None else 0,
-                layer.post_norm.weight.data_ptr(),
-                layer.mlp_out_norm.weight.data_ptr() if layer.mlp_out_norm is not None else 0,
-                nxt.weight.data_ptr(), kv.k[i].data_ptr(), kv.v[i].data_ptr(), spec.window(i),
-                self.cos[t].data_ptr(), self.sin_rot[t].data_ptr()))
-        self._decode_cache = (key, layers)
-        return layers
+                layer, ops.weight(layer.input_norm.weight),
+                ops.weight(None if layer.attn_out_norm is None else layer.attn_out_norm.weight),
+                ops.weight(layer.post_norm.weight),
+                ops.weight(None if layer.mlp_out_norm is None else layer.mlp_out_norm.weight),
+                ops.weight(nxt.weight), ops.layer(kv.k[i], kv.v[i], self.cos[t], self.sin_rot[t]),
+                spec.window(i)))
+        self._decode_cache = (key, (ops, layers))
+        return ops, layers
 
     def _forward_decode(self, x: torch.Tensor, step: StepInputs, kv: KVCache,
                         hooks: AdapterHooks | None) -> torch.Tensor:
         """`forward` for a step of decode tokens only (one a row), with the native kernels
-        between the matmuls: about 8 calls a layer instead of about 28 ops, and attention
-        over each row's own length. Each residual add is fused with the next norm."""
-        spec, nk = self.spec, self.kernels
-        n, h_size, eps = x.shape[0], spec.hidden_size, spec.rms_norm_eps
+        between the matmuls (server.native.DecodeOps, which checks their operands): about 8
+        calls a layer instead of about 28 ops, and attention over each row's own length.
+        Each residual add is fused with the next norm."""
+        spec = self.spec
+        n = x.shape[0]
         threads = 1 if n == 1 else torch.get_num_threads()
         pos, rows = step.positions.contiguous(), step.rows.contiguous()
         x = x.contiguous()
         h = torch.empty_like(x)
         act = x.new_empty(n, spec.intermediate_size)
         attn = x.new_empty(n, spec.q_size)
-        x_p, h_p, act_p, attn_p = x.data_ptr(), h.data_ptr(), act.data_ptr(), attn.data_ptr()
-        pos_p, rows_p = pos.data_ptr(), rows.data_ptr()
-        heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        max_len, scale, inter = kv.max_len, spec.attn_scale, spec.intermediate_size
         silu, qk_norm = spec.activation == "silu", spec.qk_norm
-        plan = self._decode_layers(kv)
-        nk.rms_norm_rows(x_p, plan[0][1], h_p, n, h_size, eps)
-        for i, (layer, _, attn_out_w, post_w, mlp_out_w, next_w, k_p, v_p, window, cos_p,
-                sin_p) in enumerate(plan):
+        ops, plan = self._decode_layers(kv)
+        run = ops.step(x, h, act, attn, pos, rows, threads)
+        run.norm_input(plan[0][1])
+        for i, (layer, _, attn_out_w, post_w, mlp_out_w, next_w, cache, window) in \
+                enumerate(plan):
             qkv = self._project(layer.qkv, h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
             if qk_norm:
                 self.norm_qk(layer, qkv)
-            if nk.decode_attention_rows(
-                    qkv.data_ptr(), pos_p, rows_p, n, cos_p, sin_p, k_p, v_p, heads, kv_heads,
-                    head_dim, max_len, window, scale, attn_p, threads):
-                raise MemoryError("decode attention: head_dim over 512 or no memory")
+            run.attention(qkv, cache, window)
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
             o = self._project(layer.o, a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
-            o_p = o.data_ptr()
-            if attn_out_w:  # in place (the kernel reads, then writes)
-                nk.rms_norm_rows(o_p, attn_out_w, o_p, n, h_size, eps)
-            nk.add_rms_norm_rows(x_p, o_p, post_w, h_p, n, h_size, eps)
+            if attn_out_w:
+                run.norm(o, attn_out_w)
+            run.add_norm(o, post_w)
             gu = self._project(layer.gate_up, h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
             if silu:
-                nk.silu_mul_rows(gu.data_ptr(), act_p, n, inter)
+                run.silu_mul(gu)
             else:
                 act.copy_(self._mlp_act(gu))
             a = hooks.pre(i, "down", act) if hooks is not None else act
             down = self._project(layer.down, a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
-            d_p = down.data_ptr()
             if mlp_out_w:
-                nk.rms_norm_rows(d_p, mlp_out_w, d_p, n, h_size, eps)
-            nk.add_rms_norm_rows(x_p, d_p, next_w, h_p, n, h_size, eps)
+                run.norm(down, mlp_out_w)
+            run.add_norm(down, next_w)
         return self._logits(h[step.sample_idx])
 
     def _attention(self, q, kc, vc, step: StepInputs, pad, window: int) -> torch.Tensor:

@@ -104,3 +104,60 @@ def test_native_decode_steps_match_the_pytorch_ops(any_model, march):
                     strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert caches[False].k[0][1, :, 3 + 8 :].abs().max() == 0  # nothing past the last position
+
+
+def test_decode_ops_refuse_operands_the_kernels_cannot_take():
+    """server.native.DecodeOps checks what it hands the C kernels as raw pointers: a
+    tensor of the wrong dtype, shape or layout, or on another device, is a ValueError
+    naming the operand, and nothing is written."""
+    from server import native
+
+    ops = native.DecodeOps(kernels_for("native"), 64, 96, 4, 2, 16, 1e-6, 0.25)
+    weight, cache, v_cache = torch.ones(64), torch.zeros(3, 2, 8, 16), torch.zeros(3, 2, 8, 16)
+    cos, sin_rot = torch.ones(8, 16), torch.zeros(8, 16)  # kept alive: ops keep pointers
+    w = ops.weight(weight)
+    layer = ops.layer(cache, v_cache, cos, sin_rot)
+    for bad in (torch.ones(32), torch.ones(64, dtype=torch.float64), torch.ones(128)[::2]):
+        with pytest.raises(ValueError, match="norm weight"):
+            ops.weight(bad)
+    with pytest.raises(ValueError, match="cache layer"):
+        ops.layer(torch.zeros(3, 2, 8, 8), cache, torch.ones(8, 16), torch.ones(8, 16))
+    with pytest.raises(ValueError, match="cos"):  # shorter than the cache
+        ops.layer(cache, cache, torch.ones(4, 16), torch.ones(8, 16))
+    with pytest.raises(ValueError, match="v cache"):
+        ops.layer(cache, cache.transpose(0, 1).contiguous().transpose(0, 1), torch.ones(8, 16),
+                  torch.ones(8, 16))
+
+    def buffers(n=2):
+        return (torch.randn(n, 64), torch.zeros(n, 64), torch.zeros(n, 96),
+                torch.zeros(n, 64), torch.tensor([0, 1][:n]), torch.tensor([0, 2][:n]))
+
+    with pytest.raises(ValueError, match="positions"):
+        x, h, act, attn, pos, rows = buffers()
+        ops.step(x, h, act, attn, pos.int(), rows, 1)
+    with pytest.raises(ValueError, match="act"):
+        x, h, act, attn, pos, rows = buffers()
+        ops.step(x, h, act[:1], attn, pos, rows, 1)
+    x, h, act, attn, pos, rows = buffers()
+    run = ops.step(x, h, act, attn, pos, rows, 1)
+    x0 = x.clone()
+    for bad in (torch.randn(2, 64, dtype=torch.float64), torch.randn(3, 64),
+                torch.randn(64, 2).T):
+        with pytest.raises(ValueError, match="residual"):
+            run.add_norm(bad, w)
+        with pytest.raises(ValueError, match="norm input"):
+            run.norm(bad, w)
+    with pytest.raises(ValueError, match="gate_up"):
+        run.silu_mul(torch.randn(2, 96))
+    with pytest.raises(ValueError, match="qkv"):
+        run.attention(torch.randn(2, 64), layer, 0)
+    assert torch.equal(x, x0) and not h.any() and not act.any() and not cache.any()
+    assert not v_cache.any()
+    # and operands that fit go through: x += d, h = rms_norm(x) (weights of one)
+    d = torch.randn(2, 64)
+    run.add_norm(d, w)
+    torch.testing.assert_close(x, x0 + d)
+    torch.testing.assert_close(h, torch.nn.functional.rms_norm(x, (64,), eps=1e-6))
+    run.attention(torch.randn(2, 128), layer, 0)
+    for c in (cache, v_cache):  # token 0 at position 0 of row 0, token 1 at 1 of row 2
+        assert c[0, :, 0].any() and c[2, :, 1].any() and not c[1].any()
