@@ -13,11 +13,12 @@ dtype; only the stored weights shrink:
         avx512_bf16 or AMX: the rest of the model stays fp32, in the C decode kernels)
 
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
-registers: decode reads 1 or about 0.6 bytes a weight instead of 4), and from GEMM_ROWS
-rows on (prefill) the reference below, whose BLAS GEMM is faster there; anywhere else
-(bf16, CUDA, no C compiler, `--cpu-kernels torch`) the reference below: the weight
-dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32 weight the model
-computes with, which the tests load into transformers as the oracle.
+registers: decode reads 1, about 0.6 or 2 bytes a weight instead of 4), and from GEMM_ROWS
+rows on (prefill) the reference below, whose BLAS GEMM is faster there (bf16 weights: from
+BF16_GEMM_ROWS rows on, and wherever the kernels are missing, PyTorch's bf16 GEMM);
+anywhere else (bf16 activations, CUDA, no C compiler, `--cpu-kernels torch`) the reference
+below: the weight dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32
+weight the model computes with, which the tests load into transformers as the oracle.
 (bitsandbytes' nf4 is server.engine.nf4's, for QLoRA-trained adapters and CUDA.)
 """
 
