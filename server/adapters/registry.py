@@ -42,13 +42,10 @@ import torch
 
 from server.adapters.buffers import HostBuffers
 from server.adapters.formats import AdapterWeights
-from server.adapters.host_cache import HostCache, release_heap
+from server.adapters.host_cache import HostCache
 from server.adapters.kinds import ADAPTER_TYPES, AdapterKind
 from server.adapters.loader import (
     AdapterLoader,
-    check_id,
-    config_summary,
-    read_policy,
     signature,
     summary,
 )
@@ -58,13 +55,6 @@ from server.adapters.slot_manager import SlotManager
 from server.engine.model import ModelSpec
 from server.metrics import ServerMetrics
 from textguard import Policy
-
-# The names these helpers had here before the split (tests import _config_summary).
-_config_summary = config_summary
-_signature = signature
-_check_id = check_id
-_read_policy = read_policy
-_release_heap = release_heap
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from server.adapters.kinds import (
     method_of,
     read_adapter,
 )
+from server.adapters.loader import config_summary
 from server.adapters.lora import AdapterError, LoraWeights, read_lora
-from server.adapters.registry import _config_summary
 from server.adapters.slots import group_modules
 
 GROUPS = group_modules(SPEC)
@@ -97,7 +97,7 @@ def test_lora_kind(root):
     assert all(torch.equal(a, ra) and torch.equal(b, rb) and s == rs for (a, b, s), (ra, rb, rs)
                in zip(weights.modules.values(), ref.modules.values(), strict=True))
     assert _flags(kind) == (True, False, False)  # its weights go into a slot table
-    assert _config_summary(root / "lora", kind) == (4, ["q_proj", "v_proj"])
+    assert config_summary(root / "lora", kind) == (4, ["q_proj", "v_proj"])
     assert kind.virtual_tokens(weights) == 0 and kind.input_embeddings(weights) is None
     with pytest.raises(TypeError):
         kind.to_device(weights, torch.float32, "cpu")
@@ -111,7 +111,7 @@ def test_ia3_kind(root):
     assert isinstance(host, IA3Weights) and host.target_modules == ["down_proj", "k_proj",
                                                                      "v_proj"]
     assert _flags(kind) == (False, True, False)
-    assert _config_summary(root / "ia3", kind)[0] == 0
+    assert config_summary(root / "ia3", kind)[0] == 0
     assert kind.virtual_tokens(host) == 0 and kind.input_embeddings(host) is None
     w = kind.to_device(host, torch.float64, "cpu")
     assert isinstance(w, IA3Weights) and w.out_scale.keys() == host.out_scale.keys()
@@ -143,7 +143,7 @@ def test_bottleneck_kind(root):
     host = kind.read(root / "bottleneck", SPEC)
     assert isinstance(host, BottleneckWeights) and host.size == 16
     assert _flags(kind) == (False, True, False)
-    assert _config_summary(root / "bottleneck", kind)[0] == 0
+    assert config_summary(root / "bottleneck", kind)[0] == 0
     assert kind.virtual_tokens(host) == 0 and kind.input_embeddings(host) is None
     w = kind.to_device(host, torch.float32, "cpu")
     assert (w.activation, w.eps, w.size) == (host.activation, host.eps, host.size)
