@@ -316,10 +316,11 @@ class DecoderModel(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, hidden] after the final norm -> [R, vocab]."""
+        kernels = self.kernels or self.bf16_kernels
         if self.lm_head_q is not None:
             logits = self.lm_head_q.forward(x)
-        elif (self.kernels or self.bf16_kernels) is not None and x.shape[0] < FEW_ROWS:
-            logits = native_linear(self.kernels or self.bf16_kernels, x, self.lm_head, None)
+        elif kernels is not None and x.shape[0] < FEW_ROWS:
+            logits = native_linear(kernels, x, self.lm_head, None)
         else:
             logits = torch.mm(self.lm_head, x.T).T
         cap = self.spec.logit_softcap
