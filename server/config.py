@@ -153,6 +153,11 @@ class EngineConfig:
         "decode-time LoRA and decode steps (native; needs a C compiler), PyTorch ops only "
         "(torch), or native when they build (auto); default %(default)s "
         "(SWITCHBOARD_CPU_KERNELS sets it)")
+    prefix_cache_bytes: int = setting(
+        256 << 20, name="--prefix-cache-memory", type=parse_size,
+        help="memory for the keys and values of prompt prefixes reused across requests of "
+        "the same adapter (automatic prefix caching, LRU; 0 = off), e.g. 256MiB; default "
+        "256MiB")
     allow_pickle: bool = setting(False, help="allow adapter_model.bin (pickle) files")
     # none; int8, int4 (weight-only, server.engine.quant); nf4 (bitsandbytes)
     quantize: str = setting("none", reads="--quantize")

@@ -369,6 +369,16 @@ class ServerMetrics:
             "capacity (rows x max sequence length), 0..1: how full the taken rows are.",
             registry=r,
         )  # fmt: skip
+        self.prefix_cache_queried_tokens = Counter(
+            "switchboard_prefix_cache_queried_tokens", "Prompt tokens of admitted requests "
+            "looked up in the prefix cache.",
+            registry=r,
+        )  # fmt: skip
+        self.prefix_cache_hit_tokens = Counter(
+            "switchboard_prefix_cache_hit_tokens", "Prompt tokens whose keys and values came "
+            "from the prefix cache instead of being computed.",
+            registry=r,
+        )  # fmt: skip
 
         # Structured output.
         self.grammar_compiles_total = Counter(
@@ -553,6 +563,10 @@ class ServerMetrics:
         self.batch_size.observe(batch_size)
         self.step_tokens.observe(tokens)
         self.step_duration.observe(max(0.0, seconds))
+
+    def prefix_cache_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_cache_queried_tokens.inc(prompt_tokens)
+        self.prefix_cache_hit_tokens.inc(hit_tokens)
 
     def set_kv_cache_usage(self, used_fraction: float, tokens_fraction: float | None = None
                            ) -> None:

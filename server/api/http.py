@@ -320,7 +320,8 @@ class HttpApi:
         n = len(choices) // parsed.prompts
         prompt = sum(c.finish.prompt_tokens for c in choices[::n] if c.finish)
         completion = sum(c.finish.completion_tokens for c in choices if c.finish)
-        return oa.usage(prompt, completion)
+        cached = sum(c.finish.cached_tokens for c in choices[::n] if c.finish)
+        return oa.usage(prompt, completion, cached)
 
     def _unary(self, parsed: oa.Parsed, choices: list[_Choice]) -> Response:
         err = self._failure(choices)

@@ -18,6 +18,7 @@ from server.config import EngineConfig
 from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.loading import load_model
 from server.engine.model import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.protocol import EngineInfo
 from server.engine.step import pack_step
 from server.engine.types import EngineError, ErrorEvent, GenerationRequest
@@ -116,6 +117,12 @@ class _State(RequestState):
         self.prefix_written = False  # prefix adapters: keys/values placed in the KV cache
         self.share_checked = False  # req.prefill_from looked at
         self.copy_from: tuple[int, int] | None = None  # (row, tokens) to copy into our row
+        # the prefix cache (server.engine.prefix_cache): the prompt's block names (None: not
+        # looked up yet, or not cacheable), cached blocks to load into our row, and how many
+        # of the prompt's blocks are in the cache or our row
+        self.prefix_digests: list[bytes] | None = None
+        self.prefix_blocks: list = []
+        self.prefix_stored = 0
         self.waiting_for_slot = False
 
 
@@ -151,6 +158,10 @@ class Engine(RequestLoop):
                 "or lower --max-seq-len"
             )
         self.kv = KVCache(self.spec, rows, self.max_seq_len, self.dtype, self.device)
+        # longrope: a prefix's keys depend on the sequence's length (prefix_cache's docstring)
+        self.prefix_cache = PrefixCache(
+            self.kv, 0 if self.spec.rope_long_from else config.prefix_cache_bytes,
+            KVCache.bytes_per_token(self.spec, self.dtype))
         self.kernels = native.pick(config.cpu_kernels, self.device, self.dtype)
         self.model.kernels = self.kernels
         self.model.bf16_kernels = native.pick_bf16(config.cpu_kernels, self.device, self.dtype)
@@ -197,6 +208,7 @@ class Engine(RequestLoop):
         weights = sum(t.numel() * t.element_size()
                       for t in (*self.model.parameters(), *self.model.buffers()))
         return {"base_model": weights, "kv_cache": self.kv.nbytes,
+                "prefix_cache": self.prefix_cache.nbytes,
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}
 
     # ---- the backend: adapters, the model, the KV cache -----------------------------
@@ -218,7 +230,7 @@ class Engine(RequestLoop):
         torch.ones(1 << 16).sum()  # binds this thread's OpenMP team to that count now
 
     def _can_admit(self, seq: Sequence) -> bool:
-        return self._admit_adapter(seq) and self._share_prefill(seq)
+        return self._admit_adapter(seq) and self._share_prefill(seq) and self._reuse_prefix(seq)
 
     def _share_prefill(self, seq: Sequence) -> bool:
         """`req.prefill_from` names a request with the same prompt and adapter (a sibling
@@ -244,6 +256,24 @@ class Engine(RequestLoop):
             return True  # nothing to share: the whole prefill
         state.copy_from = (leader.row, n)
         seq.num_computed = n
+        return True
+
+    def _reuse_prefix(self, seq: Sequence) -> bool:
+        """The longest cached prefix of the prompt under the request's adapter: its keys and
+        values are copied into our row (in `_forward`) and only the rest is computed. Runs
+        last in `_can_admit` (the request is admitted in this plan); once."""
+        state: _State = seq.payload
+        if state.prefix_digests is not None or not self.prefix_cache.enabled or state.virtual:
+            return True
+        root = "" if state.entry is None else f"{state.entry.adapter_id}\0{state.entry.version}"
+        state.prefix_digests = self.prefix_cache.digests(root, seq.prompt_ids)
+        if state.copy_from is not None:  # a sibling's prefill is copied instead
+            state.cached_tokens = seq.num_computed
+            return True
+        blocks = self.prefix_cache.match(state.prefix_digests, len(seq.prompt_ids))
+        state.prefix_blocks, state.prefix_stored = blocks, len(blocks)
+        seq.num_computed = state.cached_tokens = len(blocks) * self.prefix_cache.block
+        self.metrics.prefix_cache_lookup(len(seq.prompt_ids), state.cached_tokens)
         return True
 
     def _admit_adapter(self, seq: Sequence) -> bool:
@@ -295,10 +325,29 @@ class Engine(RequestLoop):
         for e in plan.entries:
             self._place_prefix(e.seq)
             self._copy_shared_prefill(e.seq)
+            self._load_prefix(e.seq)
         packed = pack_step(plan.entries, self.table, self.device,
                            self.model.spec.rope_long_from)
         logits = self.model(packed.inputs, self.kv, packed.hooks)
+        for e in plan.entries:
+            self._store_prefix(e)
         return packed.sampled, logits, packed.num_tokens
+
+    def _load_prefix(self, seq: Sequence) -> None:
+        state: _State = seq.payload
+        if state.prefix_blocks:
+            self.prefix_cache.load(state.prefix_blocks, seq.row)
+            state.prefix_blocks = []
+
+    def _store_prefix(self, e: Entry) -> None:
+        """The prompt's blocks this step completed, into the prefix cache."""
+        state: _State = e.seq.payload
+        if state.prefix_digests is None:
+            return
+        done = min(e.start + e.n, len(e.seq.prompt_ids)) // self.prefix_cache.block
+        if done > state.prefix_stored:
+            self.prefix_cache.store(state.prefix_digests[:done], state.prefix_stored, e.seq.row)
+            state.prefix_stored = done
 
     def _copy_shared_prefill(self, seq: Sequence) -> None:
         """The keys and values of a shared prefill (`_share_prefill`): the source row is

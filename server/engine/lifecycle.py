@@ -56,6 +56,7 @@ class RequestState:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.virtual = 0  # virtual tokens (soft prompt or prefix) before the prompt
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from a cache
         self.error: tuple[str, str] | None = None  # (code, message) for a dropped request
         self.guard = None  # textguard PolicyStream: the output policy, when there is one
         # structured output: the request's position in its grammar (None = free text)
@@ -354,7 +355,8 @@ class RequestLoop:
                 self._report_filtered(state, rules, guard.stop_rule)
         state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
                                             len(seq.output_ids), timings, tail, ids, lps,
-                                            bool(rules), rules, tops))
+                                            bool(rules), rules, tops,
+                                            cached_tokens=state.cached_tokens))
 
     def _report_filtered(self, state: RequestState, rules: tuple[str, ...],
                          stop_rule: str) -> None:

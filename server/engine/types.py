@@ -107,6 +107,7 @@ class FinishEvent:
     filtered: bool = False  # an output-policy rule matched (redact or stop)
     filter_rules: tuple[str, ...] = ()  # the rules' names, never the matched text
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # held back
+    cached_tokens: int = 0  # of prompt_tokens, those not computed (prefix cache, siblings)
 
 
 @dataclass

@@ -200,9 +200,10 @@ def test_n_choices_seed_and_usage(client, base_id):
 
 @pytest.mark.parametrize("adapter", ["", ADAPTER], ids=["base", "adapter"])
 def test_n_choices_share_the_prefill(server, client, base_id, adapter):
-    """n = 4: the first choice computes the prompt, the other three copy its keys and
-    values and compute only the last prompt token (the engine's own token count says so),
-    and every greedy choice equals the answer to a single request."""
+    """n = 4: the first choice computes the prompt (but the 192 tokens of its 12 full
+    blocks, which the single request before left in the prefix cache), the other three
+    copy its keys and values and compute only the last prompt token (the engine's own
+    token count says so), and every greedy choice equals the answer to a single request."""
     prompt = list(range(1000, 1200))  # 200 token ids
     kw = dict(model=adapter or base_id, prompt=prompt, max_tokens=6, temperature=0,
               extra_body={"ignore_eos": True})
@@ -211,8 +212,9 @@ def test_n_choices_share_the_prefill(server, client, base_id, adapter):
     r = client.completions.create(n=4, **kw)
     processed = metric(server.metrics_port, "switchboard_step_tokens_sum") - before
     assert [c.text for c in r.choices] == [single] * 4
-    assert processed == 200 + 3 * 1 + 4 * (6 - 1)  # not 4 * 200 + 4 * 5
+    assert processed == (200 - 192) + 3 * 1 + 4 * (6 - 1)  # not 4 * 200 + 4 * 5
     assert r.usage.prompt_tokens == 200 and r.usage.completion_tokens == 24
+    assert r.usage.prompt_tokens_details.cached_tokens == 192
 
 
 BAD = [  # (endpoint, body fields, param, words in the message)
