@@ -47,9 +47,10 @@ class App:
         self.bind_host = _bind_host(config)
         model_dir = resolve_base_model(config.base_model)
         self.model_id = config.base_model or "smollm2-135m-instruct"
-        self.metrics = ServerMetrics()
-        # the engine hands the metrics to its registry and, with --onnx, the router to
-        # each ONNX engine: every component gets its collaborators when it is built
+        # the memory gauge reads the served engine (self._memory) at each scrape; the
+        # engine hands the metrics to its registry and, with --onnx, the router to each
+        # ONNX engine: every component gets its collaborators when it is built
+        self.metrics = ServerMetrics(memory_source=self._memory)
         self.pytorch = PyTorchEngine(model_dir, config.adapter_dir, config.engine,
                                      metrics=self.metrics,
                                      output_policies=self.output_policies)
@@ -124,7 +125,6 @@ class App:
         if cfg.metrics_port >= 0:
             self.metrics.set_info(__version__, self.model_id, info.dtype, info.device,
                                   info.quantization)
-            self.metrics.set_memory_source(self.engine.memory)  # read at each scrape
             self.metrics.set_adapter_slots(info.max_active_adapters)
             self.metrics_port = self.metrics.start_http_server(
                 cfg.metrics_host or self.bind_host, cfg.metrics_port)
@@ -137,6 +137,11 @@ class App:
         self.server_health.mark_ready()
         self.health_reporter.update()  # SERVING now (HTTP /health reads it at each probe)
         print("switchboard: ready", flush=True)
+
+    def _memory(self) -> dict[str, int]:
+        """The served engine's bytes per part: the metrics' memory source. Read only by a
+        scrape, so only once the metrics port is up, long after the engine is built."""
+        return self.engine.memory()
 
     def reload_output_policy(self) -> bool:
         """SIGHUP: read --output-policy again; a malformed file keeps the previous policy.

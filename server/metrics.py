@@ -238,10 +238,13 @@ class ServerMetrics:
         created_series: bool = False,
         label_half_life_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        memory_source: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         """`process_metrics` adds the process_*/python_* collectors (default: only when
         the registry is our own). `created_series=False` turns off the `*_created`
-        samples for the whole process (prometheus_client keeps that switch global)."""
+        samples for the whole process (prometheus_client keeps that switch global).
+        `memory_source`: the bytes held per part (`Engine.memory`), read at every scrape
+        (adapters come and go); without it only what `set_memory` sets is exported."""
         if not created_series:
             prometheus_client.disable_created_metrics()
         own_registry = registry is None
@@ -428,7 +431,8 @@ class ServerMetrics:
 
         # Memory and identity: read from `memory_source` at each scrape.
         self.memory_bytes = _PartsGauge(
-            "switchboard_memory_bytes", "Memory held by a part of the server.", "part"
+            "switchboard_memory_bytes", "Memory held by a part of the server.", "part",
+            memory_source,
         )
         r.register(self.memory_bytes)
         self.build_info = Info(
@@ -634,10 +638,6 @@ class ServerMetrics:
         """Bytes held by `part` ("base_model", "kv_cache", "adapters_host", ...)."""
         self.memory_bytes.values[part] = nbytes
 
-    def set_memory_source(self, source: Callable[[], dict[str, int]]) -> None:
-        """Read the parts' bytes from `source()` at every scrape (adapters come and go)."""
-        self.memory_bytes.source = source
-
     def set_info(
         self, version: str, model_id: str, dtype: str, device: str, quantization: str
     ) -> None:
@@ -692,10 +692,11 @@ class _PartsGauge:
     """A gauge by one label whose values are read at scrape time from `source` (plus any
     set in `values`); a source that fails leaves the last good values in the scrape."""
 
-    def __init__(self, name: str, documentation: str, label: str) -> None:
+    def __init__(self, name: str, documentation: str, label: str,
+                 source: Callable[[], dict[str, int]] | None = None) -> None:
         self.name, self.documentation, self.label = name, documentation, label
         self.values: dict[str, float] = {}
-        self.source: Callable[[], dict[str, int]] | None = None
+        self.source = source
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.documentation, labels=[self.label])

@@ -1,6 +1,11 @@
 """One request lifecycle for every backend: queue, admission, the step loop, sampling, stop
 conditions, finish, cancel, deadline, per-row fault isolation and the engine's metrics.
 
+A failing step fails only its own rows (`_run_isolated`). Anything else that escapes the
+step loop ends the engine thread (`_die`): every request it holds ends with UNAVAILABLE
+and the reason, new ones are refused the same way, and `health()` turns not ok, so the
+server reports NOT_SERVING and a supervisor can replace it; nothing is left hanging.
+
 A backend (the PyTorch model, an ONNX Runtime session) subclasses `RequestLoop` and turns
 a step plan into logits (`_forward`); it may also gate admission (`_can_admit`), free what
 a row held (`_release`), say why a dropped request ended (`_deadline_error`) and report its
@@ -91,6 +96,11 @@ class RequestLoop:
         self._source = f"{thread_name}@{id(self):x}"  # this engine's share of the gauges
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # The requests accepted and not ended yet (their last event not sent), so that a
+        # dying engine thread can end each of them; and why it died, once it has.
+        self._live_lock = threading.Lock()
+        self._live: set[RequestState] = set()
+        self._died: str | None = None
 
     # ---- what other threads call ------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +120,8 @@ class RequestLoop:
         return running == 0 and waiting == 0
 
     def health(self) -> EngineHealth:
+        if self._died is not None:
+            return EngineHealth(False, self._died)
         if self._thread is None:
             return EngineHealth(False, f"the {self.engine_path} engine has not started")
         if self._stopping.is_set():
@@ -141,9 +153,15 @@ class RequestLoop:
 
         state = self._new_state(req, cancel)
         seq = Sequence(req.request_id, list(req.prompt_ids), payload=state, deadline=req.deadline)
+        with self._live_lock:  # live before it is queued: a thread dying from now on ends it
+            if self._died is not None:
+                raise EngineError("UNAVAILABLE", self._died)
+            self._live.add(state)
         try:
             self.scheduler.submit(seq)
         except QueueFullError as e:
+            with self._live_lock:
+                self._live.discard(state)
             raise EngineError("RESOURCE_EXHAUSTED", str(e), cause="queue_full") from None
         return state.handle
 
@@ -214,7 +232,13 @@ class RequestLoop:
 
     # ---- the engine thread --------------------------------------------------------------
     def _loop(self) -> None:
-        self._thread_init()
+        try:
+            self._thread_init()
+            self._steps()
+        except BaseException as e:  # a bug, not a request's failure: the thread ends here
+            self._die(e)
+
+    def _steps(self) -> None:
         while not self._stopping.is_set():
             if not self.scheduler.has_work.wait(timeout=0.5):
                 continue
@@ -227,6 +251,27 @@ class RequestLoop:
                 time.sleep(0.001)  # waiting requests that cannot be admitted yet
                 continue
             self._report_gauges()
+
+    def _die(self, cause: BaseException) -> None:
+        """The step loop raised: end every live request with UNAVAILABLE and the reason,
+        refuse new ones (`submit`) and report it (`health`). The backend's state (rows,
+        slots, cache) is not trusted any more, so nothing of it is released or reused."""
+        reason = (f"the {self.engine_path} engine thread died ({type(cause).__name__}: "
+                  f"{cause}); this server serves no more generations until it is restarted")
+        log.critical("%s", reason, exc_info=cause)
+        with self._live_lock:
+            self._died = reason
+            live, self._live = self._live, set()
+        for state in live:
+            state.handle.events.put(ErrorEvent("UNAVAILABLE", reason))
+        self.metrics.set_requests(0, 0, self._source)
+        self.metrics.set_adapter_requests((), (), self._source)
+
+    def _end(self, state: RequestState, event: FinishEvent | ErrorEvent) -> None:
+        """Send a request's last event (it is no longer live)."""
+        with self._live_lock:
+            self._live.discard(state)
+        state.handle.events.put(event)
 
     def _run_isolated(self, plan: StepPlan) -> None:
         try:
@@ -353,10 +398,10 @@ class RequestLoop:
             rules = tuple(guard.hits)
             if rules:
                 self._report_filtered(state, rules, guard.stop_rule)
-        state.handle.events.put(FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
-                                            len(seq.output_ids), timings, tail, ids, lps,
-                                            bool(rules), rules, tops,
-                                            cached_tokens=state.cached_tokens))
+        self._end(state, FinishEvent(reason, len(seq.prompt_ids) - state.virtual,
+                                     len(seq.output_ids), timings, tail, ids, lps,
+                                     bool(rules), rules, tops,
+                                     cached_tokens=state.cached_tokens))
 
     def _report_filtered(self, state: RequestState, rules: tuple[str, ...],
                          stop_rule: str) -> None:
@@ -374,14 +419,14 @@ class RequestLoop:
         state: RequestState = seq.payload
         self._release(seq)
         if state.error is not None:
-            state.handle.events.put(ErrorEvent(*state.error))
+            self._end(state, ErrorEvent(*state.error))
         elif seq.cancelled:
             timings = Timings(total_seconds=time.monotonic() - state.arrival)
-            state.handle.events.put(FinishEvent(
+            self._end(state, FinishEvent(
                 FinishReason.CANCELLED, len(seq.prompt_ids) - state.virtual,
                 len(seq.output_ids), timings))
         else:
-            state.handle.events.put(self._deadline_error(seq))
+            self._end(state, self._deadline_error(seq))
 
     def _drop(self, seq: Sequence, code: str, message: str) -> None:
         """Fail a waiting request at the next step (the scheduler removes it)."""
@@ -391,7 +436,7 @@ class RequestLoop:
     def _fail(self, seq: Sequence, code: str, message: str) -> None:
         self.scheduler.finish(seq)
         self._release(seq)
-        seq.payload.handle.events.put(ErrorEvent(code, message))
+        self._end(seq.payload, ErrorEvent(code, message))
 
     def _report_gauges(self) -> None:
         running, waiting = self.scheduler.payloads()

@@ -206,6 +206,25 @@ def test_every_observation_shows_up_in_the_exposition():
     assert not any(name.endswith("_created") for name, _ in s)
 
 
+def test_the_memory_source_given_at_construction_is_read_at_each_scrape():
+    parts = {"base_model": 100, "adapters_host": 0}
+    broken = []
+
+    def source() -> dict[str, int]:
+        if broken:
+            raise RuntimeError("engine gone")
+        return dict(parts)
+
+    m = ServerMetrics(memory_source=source)
+    assert samples(m)[("switchboard_memory_bytes", frozenset({("part", "adapters_host")}))] == 0
+    parts["adapters_host"] = 4096  # an adapter loaded: the next scrape shows it
+    assert samples(m)[("switchboard_memory_bytes", frozenset({("part", "adapters_host")}))] == 4096
+    broken.append(True)  # a failing source keeps the last values; the scrape still answers
+    s = samples(m)
+    assert s[("switchboard_memory_bytes", frozenset({("part", "base_model")}))] == 100
+    assert s[("switchboard_memory_bytes", frozenset({("part", "adapters_host")}))] == 4096
+
+
 def test_buckets_cover_llm_serving_ranges():
     m = ServerMetrics()
     assert m.time_to_first_token._upper_bounds[0] == 0.005
