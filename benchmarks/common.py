@@ -34,13 +34,14 @@ class Server:
     """`switchboard serve` as a subprocess on loopback, port picked by the server; used by
     the benchmarks and the tests. `--metrics-port -1` unless the args name one."""
 
-    def __init__(self, args: list, timeout: float = 600.0) -> None:
+    def __init__(self, args: list, timeout: float = 600.0, cwd: Path = REPO) -> None:
+        """cwd: the source tree to run (benchmarks.ab_serving runs an older revision's)."""
         args = [str(a) for a in args]
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
                "--port", "0", *args]
         if "--metrics-port" not in args:
             cmd += ["--metrics-port", "-1"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.port = 0
         self.metrics_port = 0
