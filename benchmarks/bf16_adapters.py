@@ -27,6 +27,7 @@ from server.adapters.hooks import AdapterHooks
 from server.adapters.slots import LoraHooks, LoraSlotTable
 from server.engine.loading import load_model
 from server.engine.model import KVCache
+from server.engine.ops import ModelOps
 from server.model_store import provision_default_model
 
 
@@ -35,8 +36,9 @@ def _steps(dtype: torch.dtype) -> dict:
     model = load_model(provision_default_model(), dtype, torch.device("cpu"))
     spec = model.spec
     model.build_rope(512)
-    model.kernels = kernels if dtype == torch.float32 else None
-    model.bf16_kernels = kernels if dtype == torch.bfloat16 else None
+    # the engine's ops on this CPU with --cpu-kernels auto (the fp32 model's fused decode;
+    # the bf16 model's few-row kernel)
+    model.use_ops(ModelOps.pick("auto", torch.device("cpu"), dtype))
     batch = SLOTS * ROWS_PER_SLOT
     kv = KVCache(spec, batch, 512, dtype, "cpu")
     table = LoraSlotTable(spec, SLOTS, RANK, dtype, "cpu", kernels)

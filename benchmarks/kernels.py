@@ -31,6 +31,7 @@ from server.adapters.slots import BatchedRows, LoraHooks, LoraSlotTable
 from server.engine.engine import cpu_count
 from server.engine.loading import load_model
 from server.engine.model import KVCache, StepInputs
+from server.engine.ops import TORCH_OPS, ModelOps
 from server.model_store import provision_default_model
 
 SLOTS, ROWS_PER_SLOT, RANK = 16, 2, 16
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(cpu_count())
     kernels = native.kernels()
+    native_ops = ModelOps(kernels, fused_decode=True)  # the engine's on an fp32 CPU
     model = load_model(provision_default_model(), torch.float32, torch.device("cpu"))
     spec = model.spec
     model.build_rope(512)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step(rows: int, ctx: int, native_path: bool, adapters: bool):
         def run():
-            model.kernels = kernels if native_path else None
+            model.use_ops(native_ops if native_path else TORCH_OPS)
             hooks = (AdapterHooks([lora_hooks(native_path)], [], tables[None].groups)
                      if adapters else None)
             model(_decode_inputs(rows, ctx), kv, hooks)

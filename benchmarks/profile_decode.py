@@ -8,8 +8,9 @@ figures do, each step N rows). The engine's loop runs on this thread so that cPr
 sees it. Two passes per variant: unprofiled (wall time a decode step, from the moment
 every request has its first token to the last token, median of --runs), then one more
 pass under cProfile, whose time is split into:
-  * matmuls: the layers' projections (Projection / QuantizedProjection .forward, BLAS
-    or server/csrc/quant.c) and the output head (DecoderModel._logits);
+  * matmuls: the layers' projections (server.engine.ops: Projection.forward's BLAS or
+    native_linear's few-row kernel; QuantizedProjection.forward, server/csrc/quant.c)
+    and the output head (DecoderModel._logits);
   * between the matmuls: the rest of `_forward_decode` (server/csrc/decode.c through ctypes:
     norms, RoPE, attention, SiLU) and its Python;
   * model, other: the embedding lookup and `forward`'s own work;
@@ -127,7 +128,7 @@ def _split(stats: pstats.Stats) -> dict[str, float]:
     # DecoderModel.forward share a name, so the torch ops are counted, not the callers
     blas = sum(v for k, v in own.items()
                if "'__matmul__'" in k or "method addmm " in k or "method mm " in k)
-    matmuls = blas + own.get("quant.py:_native", 0.0) + own.get("model.py:_matmul", 0.0)
+    matmuls = blas + own.get("quant.py:_native", 0.0) + own.get("ops.py:native_linear", 0.0)
     return {"engine_step_s": loop, "model_forward_s": model, "matmuls_s": matmuls,
             "output_head_s": cum.get("model.py:_logits", 0.0),
             "between_matmuls_s": max(0.0, decode - matmuls),

@@ -4,7 +4,7 @@
     weights once per step with register-blocked FMAs, one call per projection group.
   * quant.c: weight-only int8 and int4 projections (server.engine.quant), fp32
     activations, the weights dequantized in registers; and fp32 and bf16 projections of
-    few rows (decode: server.engine.model.native_linear).
+    few rows (server.engine.ops.native_linear).
   * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
     attention over each row's own length, SiLU), one call each where PyTorch takes about
     28 small ops a layer; called through `DecodeOps`, which checks their operands.
@@ -67,7 +67,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
 class Kernels:
     """ctypes front of the library; one instance per process. Its functions take raw
     pointers: callers go through the checked fronts (`lora` here, `DecodeOps` for decode.c,
-    server.engine.model.native_linear and server.engine.quant for quant.c)."""
+    server.engine.ops.native_linear and server.engine.quant for quant.c)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL calls release the GIL

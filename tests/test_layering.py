@@ -14,9 +14,9 @@ OURS = PACKAGES
 # (importer prefix, forbidden prefix, allowed exceptions within the forbidden prefix, why)
 # A module matches a prefix when it is the prefix or lies under it. The same table is in
 # docs/architecture.md.
-# the model layer of the server: the decoder, its weight formats, its loading
-MODEL = ("server.engine.model", "server.engine.quant", "server.engine.nf4",
-         "server.engine.loading")
+# the model layer of the server: the decoder, its ops, its weight formats, its loading
+MODEL = ("server.engine.model", "server.engine.ops", "server.engine.quant",
+         "server.engine.nf4", "server.engine.loading")
 RULES: list[tuple[str, str, tuple[str, ...], str]] = [
     ("adapter_format", "server", (), "the artifact contract sits below server and trainer"),
     ("adapter_format", "trainer", (), "the artifact contract sits below server and trainer"),

@@ -130,7 +130,7 @@ void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const flo
     rows_matmul(x, xs, m, q, WT_I8, s, bias, n_out, k_len, y, ys, threads);
 }
 
-/* fp32 weights [N, K] (nn.Linear's layout), few rows (decode: DecoderModel._project). */
+/* fp32 weights [N, K] (nn.Linear's layout), few rows (server.engine.ops). */
 void f32_matmul(const float *x, int64_t xs, int64_t m, const float *w, const float *bias,
                 int64_t n_out, int64_t k_len, float *y, int64_t ys, int64_t threads)
 {

@@ -18,6 +18,7 @@ from server.config import EngineConfig
 from server.engine.lifecycle import RequestLoop, RequestState, request_generator
 from server.engine.loading import load_model
 from server.engine.model import KVCache
+from server.engine.ops import ModelOps
 from server.engine.prefix_cache import PrefixCache
 from server.engine.protocol import EngineInfo
 from server.engine.step import pack_step
@@ -162,16 +163,15 @@ class Engine(RequestLoop):
         self.prefix_cache = PrefixCache(
             self.kv, 0 if self.spec.rope_long_from else config.prefix_cache_bytes,
             KVCache.bytes_per_token(self.spec, self.dtype))
-        self.kernels = native.pick(config.cpu_kernels, self.device, self.dtype)
-        self.model.kernels = self.kernels
-        self.model.bf16_kernels = native.pick_bf16(config.cpu_kernels, self.device, self.dtype)
-        if self.kernels is not None and self.model.native_fallbacks():
+        self.ops = ModelOps.pick(config.cpu_kernels, self.device, self.dtype)
+        self.model.use_ops(self.ops)
+        if self.ops.fused_decode and self.model.native_fallbacks():
             log.info("cpu kernels: decode steps run %s with PyTorch ops, the rest of the step "
                      "with the native kernels", " and ".join(self.model.native_fallbacks()))
         buckets = config.lora_slots or default_buckets(config.max_lora_rank,
                                                        config.max_active_adapters)
         self.table = SlotBuckets(self.spec, buckets, config.max_active_adapters, self.dtype,
-                                 self.device, self.kernels or self.model.bf16_kernels)
+                                 self.device, self.ops.kernels)
         log.info("adapter slots: up to %d adapters on the device; LoRA slots by rank %s "
                  "(%.0f MiB when every bucket is in use; a bucket is allocated on first use)",
                  config.max_active_adapters, self.table.describe(),

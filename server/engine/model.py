@@ -11,26 +11,28 @@ windows per layer among them), and anything not computed exactly as transformers
 refused at load (server.engine.loading). q/k/v and gate/up are fused into one matmul
 each. The KV cache keeps every position; a sliding window only bounds
 which keys attention reads.
-On the CPU in fp32, steps of decode tokens only run the work between the matmuls in the
-C kernels of `server.native` (`_forward_decode`); PyTorch's ops are the general path.
+How the matmuls and decode steps run is one `ModelOps` object (server.engine.ops) chosen
+once by the engine and handed over with `use_ops` (PyTorch's ops until then): its
+`linear`/`logits` take few-row projections and the output head through the C kernels
+where it has them, and with its `fused_decode` (the CPU in fp32) steps of decode tokens
+only run the work between the matmuls in server.native's decode kernels
+(`_forward_decode`); PyTorch's ops are the general path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.quant import SMALL_MATMUL
-from server.native import DecodeOps
+from server.engine.ops import TORCH_OPS, ModelOps, Projection
 
-# decode steps of fewer rows than this take fp32 projections and the output head through
-# the C kernel (DecoderModel._project): 1.2-1.7x BLAS's speed at 1 row, 2.5-3x at 4-8,
-# 1.5x at 16, about even at 32 and slower from 64 (default model's shapes, 2 threads)
-FEW_ROWS = 32
+if TYPE_CHECKING:
+    from server.native import DecodeOps
+
 # the config's activation name -> the gated MLP's activation, as transformers' ACT2FN has it
 ACTIVATIONS = {"silu": F.silu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -167,56 +169,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def native_linear(kernels, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
-                  ) -> torch.Tensor:
-    """x [R, in] @ w[out, in]^T (+ bias) with server/csrc/quant.c's few-row kernel:
-    f32_matmul for fp32 weights, bf16_matmul for bf16 ones (x, the bias and the result in
-    the weight's dtype; a bf16 product is summed in fp32 and rounded once). The operands
-    are checked first, the kernel taking raw pointers."""
-    n_out, k_in = w.shape
-    dtype = w.dtype
-    if dtype not in (torch.float32, torch.bfloat16) or x.dtype != dtype or x.dim() != 2 \
-            or x.shape[1] != k_in or not w.is_contiguous() or x.device.type != "cpu" \
-            or w.device.type != "cpu" or (bias is not None and (
-                bias.shape != (n_out,) or bias.dtype != dtype or not bias.is_contiguous())):
-        raise ValueError(f"native_linear: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
-                         f"{w.dtype}: needs CPU tensors of one dtype (float32 or bfloat16), "
-                         f"x [R, {k_in}], w and the bias ({n_out},) contiguous")
-    if dtype == torch.bfloat16:
-        fn, x = kernels.bf16_matmul, x.float()
-        bias = None if bias is None else bias.float()
-    else:
-        fn = kernels.f32_matmul
-        if x.stride(1) != 1:
-            x = x.contiguous()
-    rows = x.shape[0]
-    y = x.new_empty(rows, n_out)
-    threads = 1 if rows * n_out * k_in < SMALL_MATMUL else torch.get_num_threads()
-    fn(x.data_ptr(), x.stride(0), rows, w.data_ptr(),
-       None if bias is None else bias.data_ptr(), n_out, k_in, y.data_ptr(), n_out, threads)
-    return y if dtype == torch.float32 else y.to(dtype)
-
-
-class Projection(nn.Module):
-    """y = x @ W^T + b, W [out, in] (nn.Linear's layout). Steps of fewer than FEW_ROWS
-    decode rows on the CPU go through the C kernel (`DecoderModel._project`), the rest
-    through BLAS."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """weight in nn.Linear's [out, in] layout."""
-        self.weight.copy_(weight)
-        if self.bias is not None:
-            self.bias.copy_(bias)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -266,12 +218,13 @@ class DecoderModel(nn.Module):
         self.rope_len = 0  # positions per table (rows of a table: 2x that with longrope)
         self.cos: list[torch.Tensor] = []  # per RoPE table, made by build_rope
         self.sin_rot: list[torch.Tensor] = []
-        # server.native.Kernels (CPU, fp32) for steps of decode tokens only, or None
-        self.kernels = None
-        # server.native.Kernels for a bf16 model on the CPU: its projections and output
-        # head of fewer than FEW_ROWS rows (the rest of its step is PyTorch's), or None
-        self.bf16_kernels = None
+        # how the matmuls and decode steps run (server.engine.ops): `use_ops`
+        self.ops: ModelOps = TORCH_OPS
         self._decode_cache: tuple | None = None  # (key, _decode_layers' list)
+
+    def use_ops(self, ops: ModelOps) -> None:
+        """Run with `ops` (server.engine.ops.ModelOps.pick) from the next step on."""
+        self.ops = ops
 
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
         """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]
@@ -316,32 +269,12 @@ class DecoderModel(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, hidden] after the final norm -> [R, vocab]."""
-        kernels = self.kernels or self.bf16_kernels
         if self.lm_head_q is not None:
             logits = self.lm_head_q.forward(x)
-        elif kernels is not None and x.shape[0] < FEW_ROWS:
-            logits = native_linear(kernels, x, self.lm_head, None)
         else:
-            logits = torch.mm(self.lm_head, x.T).T
+            logits = self.ops.logits(self.lm_head, x)
         cap = self.spec.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
-
-    def _project(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """proj(x) for a step of decode rows: an fp32 Projection through the C kernel when
-        the rows are few (it reads the weights at 1.2-3x BLAS's speed there on a 2-core
-        AVX2 EPYC: docs/performance.md), anything else through its own forward."""
-        if type(proj) is Projection and x.shape[0] < FEW_ROWS:
-            return native_linear(self.kernels, x, proj.weight, proj.bias)
-        return proj.forward(x)
-
-    def _linear(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """proj(x) on PyTorch's path: a bf16 Projection of few rows on the CPU through the C
-        kernel (PyTorch's bf16 matmul of one row is ~60x slower), anything else its own
-        forward."""
-        if self.bf16_kernels is not None and type(proj) is Projection \
-                and x.shape[0] < FEW_ROWS:
-            return native_linear(self.bf16_kernels, x, proj.weight, proj.bias)
-        return proj.forward(x)
 
     def _mlp_act(self, gu: torch.Tensor) -> torch.Tensor:
         gate, up = gu.chunk(2, dim=-1)
@@ -355,7 +288,8 @@ class DecoderModel(nn.Module):
             x = x * self.embed_scale
         if step.embed_override is not None:
             x[step.embed_override[0]] = step.embed_override[1]
-        if self.kernels is not None and not step.prefill and step.rope_long is None:
+        ops = self.ops
+        if ops.fused_decode and not step.prefill and step.rope_long is None:
             return self._forward_decode(x, step, kv, hooks)  # decode tokens only
         rope_pos = step.positions
         if step.rope_long is not None:  # longrope: the long table's rows for these tokens
@@ -378,7 +312,7 @@ class DecoderModel(nn.Module):
                      + step.positions[:, None]).view(-1)
         for i, layer in enumerate(self.layers):
             h = layer.input_norm.forward(x)  # .forward: no Module.__call__ overhead
-            qkv = self._linear(layer.qkv, h)
+            qkv = ops.linear(layer.qkv, h)
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
             if spec.qk_norm:
@@ -402,25 +336,25 @@ class DecoderModel(nn.Module):
             attn = self._attention(q, kc, vc, step, pad, window)
             if hooks is not None:
                 attn = hooks.pre(i, "o", attn)
-            o = self._linear(layer.o, attn)
+            o = ops.linear(layer.o, attn)
             if hooks is not None:
                 hooks.linear(i, "o", attn, o)
             x += o if layer.attn_out_norm is None else layer.attn_out_norm.forward(o)
             h = layer.post_norm.forward(x)
-            gu = self._linear(layer.gate_up, h)
+            gu = ops.linear(layer.gate_up, h)
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
             act = self._mlp_act(gu)
             if hooks is not None:
                 act = hooks.pre(i, "down", act)
-            down = self._linear(layer.down, act)
+            down = ops.linear(layer.down, act)
             if hooks is not None:
                 hooks.linear(i, "down", act, down)
             x += down if layer.mlp_out_norm is None else layer.mlp_out_norm.forward(down)
         return self._logits(self.norm(x[step.sample_idx]))
 
     def _decode_layers(self, kv: KVCache) -> tuple[DecodeOps, list[tuple]]:
-        """The checked decode kernels for this model (server.native.DecodeOps) and, per
+        """The checked decode kernels for this model (ModelOps.decode_ops) and, per
         layer, what `_forward_decode` passes to them and never changes between steps:
         (layer, its norms' weight pointers (input, attention output or 0, MLP input, MLP
         output or 0, the next layer's input or the final norm), its cache layers' and RoPE
@@ -428,13 +362,13 @@ class DecoderModel(nn.Module):
         the Module attribute lookups and pointer reads were a third of a step's time outside
         the matmuls (benchmarks/profile_decode.py)."""
         key = (id(kv), kv.k[0].data_ptr(), self.norm.weight.data_ptr(), self.cos[0].data_ptr(),
-               id(self.kernels))
+               self.ops)  # the object: compared by identity, kept alive
         if self._decode_cache is not None and self._decode_cache[0] == key:
             return self._decode_cache[1]
         spec, layers = self.spec, []
-        ops = DecodeOps(self.kernels, spec.hidden_size, spec.intermediate_size,
-                        spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
-                        spec.attn_scale)
+        ops = self.ops.decode_ops(spec.hidden_size, spec.intermediate_size, spec.num_heads,
+                                  spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
+                                  spec.attn_scale)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             t = spec.rope_table(i)
@@ -463,25 +397,26 @@ class DecoderModel(nn.Module):
         act = x.new_empty(n, spec.intermediate_size)
         attn = x.new_empty(n, spec.q_size)
         silu, qk_norm = spec.activation == "silu", spec.qk_norm
-        ops, plan = self._decode_layers(kv)
-        run = ops.step(x, h, act, attn, pos, rows, threads)
+        linear = self.ops.linear
+        decode, plan = self._decode_layers(kv)
+        run = decode.step(x, h, act, attn, pos, rows, threads)
         run.norm_input(plan[0][1])
         for i, (layer, _, attn_out_w, post_w, mlp_out_w, next_w, cache, window) in \
                 enumerate(plan):
-            qkv = self._project(layer.qkv, h).contiguous()
+            qkv = linear(layer.qkv, h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "qkv", h, qkv)
             if qk_norm:
                 self.norm_qk(layer, qkv)
             run.attention(qkv, cache, window)
             a = hooks.pre(i, "o", attn) if hooks is not None else attn
-            o = self._project(layer.o, a).contiguous()
+            o = linear(layer.o, a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "o", a, o)
             if attn_out_w:
                 run.norm(o, attn_out_w)
             run.add_norm(o, post_w)
-            gu = self._project(layer.gate_up, h).contiguous()
+            gu = linear(layer.gate_up, h).contiguous()
             if hooks is not None:
                 hooks.linear(i, "gate_up", h, gu)
             if silu:
@@ -489,7 +424,7 @@ class DecoderModel(nn.Module):
             else:
                 act.copy_(self._mlp_act(gu))
             a = hooks.pre(i, "down", act) if hooks is not None else act
-            down = self._project(layer.down, a).contiguous()
+            down = linear(layer.down, a).contiguous()
             if hooks is not None:
                 hooks.linear(i, "down", a, down)
             if mlp_out_w:

@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine.loading import load_model
 from server.engine.model import KVCache, StepInputs, _rope
+from server.engine.ops import TORCH_OPS, ModelOps
 
 
 def test_rope_is_bit_identical_to_hf():
@@ -84,7 +85,7 @@ def test_native_decode_steps_match_the_pytorch_ops(any_model, march):
     prompts = {0: [3, 9, 4, 1, 5, 2, 6], 1: [8, 4, 6], 2: [5] * 20}
     caches, logits = {}, {}
     for kernels in (None, kernels_for(march)):
-        model.kernels = kernels
+        model.use_ops(TORCH_OPS if kernels is None else ModelOps(kernels, fused_decode=True))
         kv = KVCache(model.spec, rows=3, max_len=64, dtype=torch.float32, device="cpu")
         for row, ids in prompts.items():
             _prefill(model, kv, row, ids)
@@ -161,3 +162,62 @@ def test_decode_ops_refuse_operands_the_kernels_cannot_take():
     run.attention(torch.randn(2, 128), layer, 0)
     for c in (cache, v_cache):  # token 0 at position 0 of row 0, token 1 at 1 of row 2
         assert c[0, :, 0].any() and c[2, :, 1].any() and not c[1].any()
+
+
+def test_the_ops_are_chosen_once_by_mode_device_and_dtype():
+    """server.engine.ops.ModelOps.pick: the fp32 CPU gets the fused decode and the few-row
+    kernel, a bf16 CPU with auto the few-row kernel only, torch mode, float16 and CUDA
+    PyTorch's ops only (CUDA's choice is made without a GPU: no kernel is built for it)."""
+    from server import native
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    kernels = native.kernels()
+    for mode in ("auto", "native"):
+        ops = ModelOps.pick(mode, cpu, torch.float32)
+        assert ops.fused_decode and ops.kernels is kernels
+    ops = ModelOps.pick("auto", cpu, torch.bfloat16)
+    assert ops.kernels is kernels and not ops.fused_decode
+    for mode, device, dtype in (("torch", cpu, torch.float32), ("torch", cpu, torch.bfloat16),
+                                ("auto", cpu, torch.float16), ("auto", cuda, torch.float32),
+                                ("auto", cuda, torch.bfloat16)):
+        ops = ModelOps.pick(mode, device, dtype)
+        assert ops.kernels is None and not ops.fused_decode, (mode, device, dtype)
+    assert TORCH_OPS.kernels is None and not TORCH_OPS.fused_decode
+    with pytest.raises(ValueError, match="fused decode"):
+        ModelOps(None, fused_decode=True)
+    with pytest.raises(ValueError, match="fused decode"):
+        ModelOps(kernels).decode_ops(64, 96, 4, 2, 16, 1e-6, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_of_a_plain_projection_take_the_kernel_and_the_rest_their_forward(dtype):
+    """ModelOps.linear and .logits: fewer than FEW_ROWS rows of a plain Projection (and of
+    the output head) through native_linear when the ops have the kernels, FEW_ROWS rows and
+    anything not a plain Projection (a quantized one) through its own forward; PyTorch's
+    ops always through the forward."""
+    from server.engine.ops import FEW_ROWS, Projection, native_linear
+    from server.engine.quant import QuantizedProjection
+
+    ops = ModelOps.pick("auto", torch.device("cpu"), dtype)
+    assert ops.kernels is not None
+    g = torch.Generator().manual_seed(0)
+    proj = Projection(64, 48, bias=True).requires_grad_(False)
+    proj.load(torch.randn(48, 64, generator=g), torch.randn(48, generator=g))
+    proj = proj.to(dtype)
+    head = torch.randn(100, 64, generator=g).to(dtype)
+    quantized = QuantizedProjection(torch.randn(48, 64, generator=g), None, "int8",
+                                    ops.kernels)
+    for rows in (1, 3, FEW_ROWS - 1, FEW_ROWS):
+        x = torch.randn(rows, 64, generator=g).to(dtype)
+        few = rows < FEW_ROWS
+        want = (native_linear(ops.kernels, x, proj.weight, proj.bias) if few
+                else proj.forward(x))
+        assert torch.equal(ops.linear(proj, x), want)
+        assert torch.equal(TORCH_OPS.linear(proj, x), proj.forward(x))
+        want = native_linear(ops.kernels, x, head, None) if few else torch.mm(head, x.T).T
+        assert torch.equal(ops.logits(head, x), want)
+        assert torch.equal(TORCH_OPS.logits(head, x), torch.mm(head, x.T).T)
+        x32 = x.float()
+        assert torch.equal(ops.linear(quantized, x32), quantized.forward(x32))
+    with pytest.raises(ValueError, match="native_linear"):  # its operand checks stay
+        ops.linear(proj, torch.randn(2, 64, dtype=torch.float64))

@@ -14,7 +14,7 @@ import torch
 from support import KERNEL_BUILDS, kernels_for, make_lora
 
 from server.engine.loading import ModelLoadError, load_model
-from server.engine.model import native_linear
+from server.engine.ops import native_linear
 from server.engine.quant import (
     BF16_GEMM_ROWS,
     GEMM_ROWS,
