@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cold-loads", type=int, default=20)
     p.add_argument("--seed", type=int, default=1, help="run i's traffic uses seed + i")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtype", default="auto", help="the servers' --dtype (the nf4 one's too)")
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.adapters, a.new_tokens, a.cold_loads = 1, 48, 16, 5
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         after_names = names[a.slots + a.cold_loads : a.slots + 2 * a.cold_loads]
         args = ["--adapter-dir", root, "--enable-admin", "--max-active-adapters", a.slots,
                 "--max-lora-rank", 16, "--max-seq-len", 512, "--kv-cache-memory", "1GiB",
-                "--max-host-adapter-memory", budget]
+                "--max-host-adapter-memory", budget, "--dtype", a.dtype]
         with Server(args + ["--metrics-port", 0]) as server:
             load(server.target, resident, a.slots, 4)  # warm-up: each resident one loaded
             # Cold loads on a server whose host budget has room (then unloaded again) ...
