@@ -207,6 +207,7 @@ class Engine(RequestLoop):
     def memory(self) -> dict[str, int]:
         weights = sum(t.numel() * t.element_size()
                       for t in (*self.model.parameters(), *self.model.buffers()))
+        weights += sum(getattr(m, "packed_nbytes", 0) for m in self.model.modules())
         return {"base_model": weights, "kv_cache": self.kv.nbytes,
                 "prefix_cache": self.prefix_cache.nbytes,
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}

@@ -177,6 +177,11 @@ def test_bf16_weights_take_the_bf16_gemm_from_bf16_gemm_rows():
         else:
             assert not torch.equal(y, proj.reference(x))  # the activations were rounded
             torch.testing.assert_close(y, rounded, rtol=2 ** -7, atol=2 ** -8 * scale)
+            # through oneDNN's pre-packed copy: PyTorch's GEMM on the plain weight, bit for bit
+            plain = torch.nn.functional.linear(x.bfloat16(), proj.q).float() + bias
+            assert torch.equal(y, plain)
+    if torch.backends.mkldnn.is_available():  # the copy is counted (Engine.memory)
+        assert proj.packed_nbytes == proj.q.numel() * proj.q.element_size()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
