@@ -158,6 +158,11 @@ class EngineConfig:
         help="memory for the keys and values of prompt prefixes reused across requests of "
         "the same adapter (automatic prefix caching, LRU; 0 = off), e.g. 256MiB; default "
         "256MiB")
+    prepack_weights: bool = setting(
+        False, help="on the CPU, keep a second copy of the base model's fp32 (or bf16) "
+        "projection weights in oneDNN's blocked layout for steps of 4 rows or more (batches, "
+        "prefill): about 1.9x faster projections on a 32-row step, for twice the weights' "
+        "memory; one stream keeps the C kernel on the plain weights")
     allow_pickle: bool = setting(False, help="allow adapter_model.bin (pickle) files")
     # none; int8, int4 (weight-only, server.engine.quant); nf4 (bitsandbytes)
     quantize: str = setting("none", reads="--quantize")

@@ -226,6 +226,16 @@ class DecoderModel(nn.Module):
         """Run with `ops` (server.engine.ops.ModelOps.pick) from the next step on."""
         self.ops = ops
 
+    def prepack(self) -> int:
+        """--prepack-weights: each plain Projection (fp32 or bf16) on the CPU keeps oneDNN's
+        copy of its weight (server.engine.ops.Projection.prepack); quantized projections
+        keep their own layouts. Returns how many were packed."""
+        projections = [m for m in self.modules()
+                       if type(m) is Projection and m.weight.device.type == "cpu"]
+        for proj in projections:
+            proj.prepack()
+        return sum(proj.packed is not None for proj in projections)
+
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
         """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]
         (after the adapters, before RoPE, as in HF's Qwen3Attention), in place. PyTorch's

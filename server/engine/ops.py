@@ -25,13 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from server import native
-from server.engine.quant import SMALL_MATMUL
+from server.engine.quant import SMALL_MATMUL, linear_packed, pack_weight
 
 # steps of fewer rows than this take plain projections and the output head through the C
 # kernel (ModelOps.linear, .logits): in fp32 1.2-1.7x BLAS's speed at 1 row, 2.5-3x at
 # 4-8, 1.5x at 16, about even at 32 and slower from 64 (default model's shapes, 2
 # threads); in bf16 PyTorch's matmul of one row is ~60x slower
 FEW_ROWS = 32
+# with --prepack-weights, from this many rows on a plain projection runs on its oneDNN copy:
+# the default model's 120 projections, weights cold, 2 threads, Zen 5 (C kernel / packed):
+# 1 row 16.7 / 26.3 ms, 2 rows 18.0 / 28.6, 4 rows 26.2 / 24.6, 16 rows 63.8 / 32.9, 32
+# rows BLAS 112.9 / 60.5 (docs/performance.md)
+PACKED_ROWS = 4
 
 
 def native_linear(kernels, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
@@ -73,6 +78,18 @@ class Projection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # oneDNN's copy of the weight (`prepack`, --prepack-weights), or None
+        self.packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Keep oneDNN's blocked copy of the weight beside it (the CPU only): ModelOps.linear
+        takes steps of PACKED_ROWS rows or more through it."""
+        self.packed = pack_weight(self.weight.detach())
+
+    @property
+    def packed_nbytes(self) -> int:
+        p = self.packed
+        return 0 if p is None else p.numel() * p.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -111,11 +128,16 @@ class ModelOps:
                 f"fused_decode={self.fused_decode})")
 
     def linear(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """proj(x), x [R, in]: a plain Projection of fewer than FEW_ROWS rows through the
-        C kernel when the ops have it, anything else (quantized projections keep their
-        own kernels) through its own forward."""
-        if self.kernels is not None and type(proj) is Projection and x.shape[0] < FEW_ROWS:
-            return native_linear(self.kernels, x, proj.weight, proj.bias)
+        """proj(x), x [R, in]: a plain Projection through its pre-packed copy from
+        PACKED_ROWS rows when it has one (--prepack-weights), else of fewer than FEW_ROWS
+        rows through the C kernel when the ops have it; anything else (quantized
+        projections keep their own kernels) through its own forward."""
+        if type(proj) is Projection:
+            rows = x.shape[0]
+            if proj.packed is not None and rows >= PACKED_ROWS:
+                return linear_packed(x, proj.weight, proj.packed, proj.bias)
+            if self.kernels is not None and rows < FEW_ROWS:
+                return native_linear(self.kernels, x, proj.weight, proj.bias)
         return proj.forward(x)
 
     def logits(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

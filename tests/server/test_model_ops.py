@@ -221,3 +221,51 @@ def test_few_rows_of_a_plain_projection_take_the_kernel_and_the_rest_their_forwa
         assert torch.equal(ops.linear(quantized, x32), quantized.forward(x32))
     with pytest.raises(ValueError, match="native_linear"):  # its operand checks stay
         ops.linear(proj, torch.randn(2, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_projections_take_the_packed_copy_from_packed_rows(dtype):
+    """--prepack-weights: a plain Projection keeps oneDNN's copy of its weight; from
+    PACKED_ROWS rows ModelOps.linear multiplies with it (the same product as the plain
+    weight's up to fp32 rounding, bf16's bit for bit), below it the C kernel as before; the
+    copy is counted, and a model packs its plain projections only."""
+    from server.engine.ops import PACKED_ROWS, Projection, native_linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    ops = ModelOps.pick("auto", torch.device("cpu"), dtype)
+    g = torch.Generator().manual_seed(1)
+    proj = Projection(96, 40, bias=True).requires_grad_(False)
+    proj.load(torch.randn(40, 96, generator=g), torch.randn(40, generator=g))
+    proj = proj.to(dtype)
+    proj.prepack()
+    assert proj.packed_nbytes == proj.weight.numel() * proj.weight.element_size()
+    for rows in (1, PACKED_ROWS - 1, PACKED_ROWS, 33, 200):
+        x = torch.randn(rows, 96, generator=g).to(dtype)
+        got, plain = ops.linear(proj, x), torch.nn.functional.linear(x, proj.weight, proj.bias)
+        if rows < PACKED_ROWS:
+            assert torch.equal(got, native_linear(ops.kernels, x, proj.weight, proj.bias))
+        elif dtype == torch.bfloat16 and proj.bias is None:
+            assert torch.equal(got, plain)
+        else:
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+            torch.testing.assert_close(got.float(), plain.float(), rtol=tol,
+                                       atol=tol * float(plain.abs().max()))
+
+
+def test_prepack_packs_every_plain_projection_of_a_model(tmp_path):
+    """DecoderModel.prepack (--prepack-weights) packs the four projections of every layer,
+    and a 12-row projection through the copy agrees with the one before within fp32
+    rounding (the served tokens: benchmarks/results/prepack-check.json)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    model_dir = make_tiny_model(tmp_path / "m")
+    model = load_model(model_dir, torch.float32, torch.device("cpu"), "none")
+    model.use_ops(ModelOps.pick("auto", torch.device("cpu"), torch.float32))
+    model.build_rope(64)
+    x = torch.randn(12, model.spec.hidden_size)
+    layer = model.layers[0]
+    before = model.ops.linear(layer.gate_up, x)
+    assert model.prepack() == 4 * len(model.layers)
+    after = model.ops.linear(layer.gate_up, x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
