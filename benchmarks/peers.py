@@ -53,7 +53,7 @@ from clients.workload import builtin_prompts
 VARIANTS = {
     "fp32": (["--dtype", "float32"], "F32"),
     # fp32 with a oneDNN-packed copy of the weights for batches (twice the weights' memory)
-    "fp32-prepack": (["--dtype", "float32", "--prepack-weights"], "F32"),
+    "fp32-prepack": (["--dtype", "float32", "--prepack-weights", "on"], "F32"),
     # what --dtype auto serves on a CPU with avx512_bf16/AMX: bf16 weights, fp32 activations
     "bf16": (["--dtype", "float32", "--quantize", "bf16"], "BF16"),
     "bf16-act": (["--dtype", "bfloat16"], None),  # all in bf16 (PyTorch's ops)

@@ -158,11 +158,14 @@ class EngineConfig:
         help="memory for the keys and values of prompt prefixes reused across requests of "
         "the same adapter (automatic prefix caching, LRU; 0 = off), e.g. 256MiB; default "
         "256MiB")
-    prepack_weights: bool = setting(
-        False, help="on the CPU, keep a second copy of the base model's fp32 (or bf16) "
-        "projection weights in oneDNN's blocked layout for steps of 4 rows or more (batches, "
-        "prefill): about 1.9x faster projections on a 32-row step, for twice the weights' "
-        "memory; one stream keeps the C kernel on the plain weights")
+    prepack_weights: str = setting(
+        "auto", choices=("auto", "on", "off"),
+        help="on the CPU, keep a second copy of the base model's projection weights in "
+        "oneDNN's blocked layout for its GEMM (fp32 and bf16 weights: steps of 4 rows or "
+        "more, bf16 weights under fp32 activations: 32 or more): 1.3-1.9x faster "
+        "projections in a 32-row step, for twice the weights' memory; one stream keeps the "
+        "C kernel on the plain weights. auto: on for bf16 weights (--quantize bf16, what "
+        "--dtype auto serves on a CPU with bf16), off for fp32; default %(default)s")
     allow_pickle: bool = setting(False, help="allow adapter_model.bin (pickle) files")
     # none; int8, int4 (weight-only, server.engine.quant); nf4 (bitsandbytes)
     quantize: str = setting("none", reads="--quantize")

@@ -165,7 +165,8 @@ class Engine(RequestLoop):
             KVCache.bytes_per_token(self.spec, self.dtype))
         self.ops = ModelOps.pick(config.cpu_kernels, self.device, self.dtype)
         self.model.use_ops(self.ops)
-        if config.prepack_weights:
+        if config.prepack_weights == "on" or (config.prepack_weights == "auto"
+                                              and self.quantize == "bf16"):
             self.model.prepack()
         if self.ops.fused_decode and self.model.native_fallbacks():
             log.info("cpu kernels: decode steps run %s with PyTorch ops, the rest of the step "

@@ -227,14 +227,14 @@ class DecoderModel(nn.Module):
         self.ops = ops
 
     def prepack(self) -> int:
-        """--prepack-weights: each plain Projection (fp32 or bf16) on the CPU keeps oneDNN's
-        copy of its weight (server.engine.ops.Projection.prepack); quantized projections
-        keep their own layouts. Returns how many were packed."""
-        projections = [m for m in self.modules()
-                       if type(m) is Projection and m.weight.device.type == "cpu"]
-        for proj in projections:
-            proj.prepack()
-        return sum(proj.packed is not None for proj in projections)
+        """--prepack-weights: each plain Projection (fp32 or bf16) and each bf16-weight
+        QuantizedProjection on the CPU keeps oneDNN's copy of its weight
+        (server.engine.ops.Projection.prepack, quant.QuantizedProjection.prepack); int8 and
+        int4 keep their own layouts. Returns how many were packed."""
+        for m in self.modules():
+            if hasattr(m, "prepack") and m is not self:
+                m.prepack()
+        return sum(getattr(m, "packed_nbytes", 0) > 0 for m in self.modules())
 
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
         """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]

@@ -147,6 +147,13 @@ class QuantizedProjection(nn.Module):
         self.kernels = kernels
         self._bind()
 
+    def prepack(self) -> None:
+        """bf16 weights (--prepack-weights, on by default for them): keep oneDNN's copy of
+        the weight for the GEMM path (pack_weight); other modes have no such path."""
+        if self.mode == "bf16":
+            self._prepacked = True
+            self._packed = pack_weight(self.q)
+
     @property
     def packed_nbytes(self) -> int:
         """Bytes of the weight's pre-packed copy (pack_weight), 0 without one."""
@@ -187,8 +194,8 @@ class QuantizedProjection(nn.Module):
         of a small projection's time)."""
         self._call, self._weight_args = None, ()
         nk, q = self.kernels, self.q
-        # bf16 on the CPU: oneDNN's copy of the weight for the GEMM path (pack_weight)
-        self._packed = pack_weight(q) if self.mode == "bf16" else None
+        # bf16 on the CPU after `prepack`: oneDNN's copy of the weight for the GEMM path
+        self._packed = pack_weight(q) if getattr(self, "_prepacked", False) else None
         if nk is None or q.device.type != "cpu" or (
                 self.bias is not None and self.bias.dtype != torch.float32):
             return

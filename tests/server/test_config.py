@@ -34,7 +34,7 @@ FLAGS: dict[str, list[str]] = {
     "engine.max_seq_len": ["--max-seq-len", "100"],
     "engine.kv_cache_bytes": ["--kv-cache-memory", "1GiB"],
     "engine.prefix_cache_bytes": ["--prefix-cache-memory", "64MiB"],
-    "engine.prepack_weights": ["--prepack-weights"],
+    "engine.prepack_weights": ["--prepack-weights", "on"],
     "engine.max_active_adapters": ["--max-active-adapters", "4"],
     "engine.max_lora_rank": ["--max-lora-rank", "32"],
     "engine.lora_slots": ["--lora-slots", "8:4,32:1"],

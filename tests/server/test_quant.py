@@ -167,6 +167,8 @@ def test_bf16_weights_take_the_bf16_gemm_from_bf16_gemm_rows():
     w, bias = _weights(96, 128, seed=5), torch.randn(96)
     proj = QuantizedProjection(w, bias, "bf16", kernels_for("native"))
     assert torch.equal(proj.dequantized(), w.bfloat16().float())
+    assert proj.packed_nbytes == 0
+    proj.prepack()  # --prepack-weights (auto: on for bf16 weights)
     for m in (BF16_GEMM_ROWS - 1, BF16_GEMM_ROWS, GEMM_ROWS + 5):
         x = torch.randn(m, 128)
         y = proj(x)
