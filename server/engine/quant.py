@@ -145,6 +145,7 @@ class QuantizedProjection(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.kernels = kernels
+        self._prepacked = False  # `prepack` asked for (kept across .to(): `_bind`)
         self._bind()
 
     def prepack(self) -> None:
@@ -195,7 +196,7 @@ class QuantizedProjection(nn.Module):
         self._call, self._weight_args = None, ()
         nk, q = self.kernels, self.q
         # bf16 on the CPU after `prepack`: oneDNN's copy of the weight for the GEMM path
-        self._packed = pack_weight(q) if getattr(self, "_prepacked", False) else None
+        self._packed = pack_weight(q) if self._prepacked else None
         if nk is None or q.device.type != "cpu" or (
                 self.bias is not None and self.bias.dtype != torch.float32):
             return
