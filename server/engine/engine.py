@@ -360,9 +360,8 @@ class Engine(RequestLoop):
         if state.copy_from is None:
             return
         row, n = state.copy_from
-        for layer in range(self.spec.num_layers):
-            self.kv.k[layer][seq.row, :, :n] = self.kv.k[layer][row, :, :n]
-            self.kv.v[layer][seq.row, :, :n] = self.kv.v[layer][row, :, :n]
+        self.kv.write_prefix(seq.row, [k[row, :, :n] for k in self.kv.k],
+                             [v[row, :, :n] for v in self.kv.v])
         state.copy_from = None
 
     def _place_prefix(self, seq: Sequence) -> None:
@@ -372,9 +371,7 @@ class Engine(RequestLoop):
         if state.prefix_written or state.entry is None or not state.entry.kind.writes_prefix:
             return
         keys, values = state.entry.kind.prefix_kv(state.entry.device_weights)
-        for layer in range(self.spec.num_layers):
-            self.kv.k[layer][seq.row, :, : state.virtual] = keys[layer]
-            self.kv.v[layer][seq.row, :, : state.virtual] = values[layer]
+        self.kv.write_prefix(seq.row, keys, values)  # state.virtual positions
         state.prefix_written = True
 
     def _deadline_error(self, seq: Sequence) -> ErrorEvent:

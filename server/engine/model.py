@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.ops import TORCH_OPS, ModelOps, Projection
+from server.engine.quant import QuantizedProjection
 
 if TYPE_CHECKING:
     from server.native import DecodeOps
@@ -145,6 +146,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def write_prefix(self, row: int, keys, values) -> None:
+        """Positions [0, n) of `row` from keys[layer], values[layer] ([kv_heads, n, dim]
+        each; a list per layer or one [layers, kv_heads, n, dim] tensor)."""
+        n = keys[0].shape[-2]
+        for layer, (kc, vc) in enumerate(zip(self.k, self.v, strict=True)):
+            kc[row, :, :n] = keys[layer]
+            vc[row, :, :n] = values[layer]
+
     @staticmethod
     def bytes_per_token(spec: ModelSpec, dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
@@ -231,10 +240,11 @@ class DecoderModel(nn.Module):
         QuantizedProjection on the CPU keeps oneDNN's copy of its weight
         (server.engine.ops.Projection.prepack, quant.QuantizedProjection.prepack); int8 and
         int4 keep their own layouts. Returns how many were packed."""
-        for m in self.modules():
-            if hasattr(m, "prepack") and m is not self:
-                m.prepack()
-        return sum(getattr(m, "packed_nbytes", 0) > 0 for m in self.modules())
+        projections = [m for m in self.modules()
+                       if isinstance(m, (Projection, QuantizedProjection))]
+        for proj in projections:
+            proj.prepack()
+        return sum(proj.packed_nbytes > 0 for proj in projections)
 
     def norm_qk(self, layer: DecoderLayer, qkv: torch.Tensor) -> None:
         """spec.qk_norm: the per-head RMSNorm of the queries and keys inside qkv [T, width]

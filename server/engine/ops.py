@@ -95,10 +95,12 @@ class Projection(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """weight in nn.Linear's [out, in] layout."""
+        """weight in nn.Linear's [out, in] layout (a packed copy follows it)."""
         self.weight.copy_(weight)
         if self.bias is not None:
             self.bias.copy_(bias)
+        if self.packed is not None:
+            self.prepack()
 
 
 class ModelOps:

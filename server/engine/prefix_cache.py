@@ -79,12 +79,8 @@ class PrefixCache:
         """Write matched blocks into positions [0, len(blocks) * block) of `row`."""
         if not blocks:
             return
-        keys = torch.cat([k for k, _ in blocks], dim=2)  # [layers, kv_heads, n, dim]
-        values = torch.cat([v for _, v in blocks], dim=2)
-        n = keys.shape[2]
-        for layer, (kc, vc) in enumerate(zip(self.kv.k, self.kv.v, strict=True)):
-            kc[row, :, :n] = keys[layer]
-            vc[row, :, :n] = values[layer]
+        self.kv.write_prefix(row, torch.cat([k for k, _ in blocks], dim=2),  # [layers, ...]
+                             torch.cat([v for _, v in blocks], dim=2))
 
     def store(self, digests: list[bytes], first: int, row: int) -> int:
         """Copy blocks first.. of `digests` (their tokens already in `row`'s cache) into the
@@ -113,6 +109,3 @@ class PrefixCache:
         for d in reversed(chain):
             if d in self._blocks:
                 self._blocks.move_to_end(d)
-
-    def clear(self) -> None:
-        self._blocks.clear()
