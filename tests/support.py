@@ -165,6 +165,24 @@ class ServerProcess(Server):
         super().__init__(args, timeout)
 
 
+def http_call(server, path: str, body: dict | None = None, headers: dict | None = None,
+              timeout: float = 60) -> tuple[int, dict, str]:
+    """(status, headers, body text) of a plain HTTP call to the server's --http-port (a
+    JSON body POSTed, else GET); an HTTP error status is returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

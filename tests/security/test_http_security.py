@@ -12,7 +12,7 @@ import grpc
 import openai
 import pytest
 from security_support import bearer, code_of, small, write_keys
-from support import ServerProcess, make_lora, metric, wait_for
+from support import ServerProcess, http_call, make_lora, metric, wait_for
 
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -155,14 +155,5 @@ def _status(server, path: str) -> int:
 
 
 def _raw(server, path: str, body: dict | None = None) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    status, _, text = http_call(server, path, body, timeout=10)
+    return status, text

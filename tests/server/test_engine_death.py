@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.error
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import REPO, ServerProcess, metric, wait_for
+from support import REPO, ServerProcess, http_call, metric, wait_for
 
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -69,14 +67,8 @@ def _status(health, service: str = "") -> int:
 
 
 def _http(server, path: str, body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, _, text = http_call(server, path, body, timeout=30)
+    return status, json.loads(text)
 
 
 def _request(request_id: str = "", tokens: int = 4) -> pb.GenerateRequest:

@@ -13,7 +13,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
-from support import ServerProcess, make_lora, metric, wait_for
+from support import ServerProcess, http_call, make_lora, metric, wait_for
 
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -57,16 +57,7 @@ def grpc_stub(server):
         yield pb_grpc.TextGenerationStub(channel)
 
 
-def raw(server, path: str, body: dict | None = None, headers: dict | None = None):
-    """(status, headers, body text) of a plain HTTP call."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, dict(r.headers), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read().decode()
+raw = http_call  # (status, headers, body text) of a plain HTTP call
 
 
 def test_health_and_models(server, client, base_id):

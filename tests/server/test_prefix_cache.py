@@ -5,12 +5,11 @@ adapters or versions, with the same tokens as a server without the cache."""
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import grpc
 import pytest
 import torch
-from support import make_lora, metric
+from support import http_call, make_lora, metric
 
 from server.engine.model import KVCache
 from server.engine.prefix_cache import PrefixCache
@@ -140,10 +139,9 @@ def test_server_reuses_a_prompt_prefix_per_adapter_with_the_same_tokens(tiny_mod
     assert _gen(stub, "kv") == replaced and hits() == 128
 
     # the OpenAI usage reports the reused tokens
-    body = json.dumps({"model": "kv-other", "prompt": PROMPT, "max_tokens": 2}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v1/completions",
-                                 data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        usage = json.loads(r.read())["usage"]
+    status, _, text = http_call(server, "/v1/completions",
+                                {"model": "kv-other", "prompt": PROMPT, "max_tokens": 2})
+    assert status == 200
+    usage = json.loads(text)["usage"]
     assert usage["prompt_tokens"] == 40
     assert usage["prompt_tokens_details"] == {"cached_tokens": 32}
