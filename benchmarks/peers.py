@@ -59,6 +59,9 @@ VARIANTS = {
     "bf16-act": (["--dtype", "bfloat16"], None),  # all in bf16 (PyTorch's ops)
     "int8": (["--dtype", "float32", "--quantize", "int8"], "Q8_0"),
     "int4": (["--dtype", "float32", "--quantize", "int4"], "Q4_0"),
+    # 8-bit activations, as llama.cpp's Q8_0 and Q4_0 compute
+    "w8a8": (["--dtype", "float32", "--quantize", "w8a8"], "Q8_0"),
+    "w4a8": (["--dtype", "float32", "--quantize", "w4a8"], "Q4_0"),
     "nf4": (["--dtype", "float32", "--quantize", "nf4"], None),
 }
 BARS = {"adapters_32": 3.0, "base_32": 1.0, "single": 0.8}

@@ -167,7 +167,7 @@ class EngineConfig:
         "C kernel on the plain weights. auto: on for bf16 weights (--quantize bf16, what "
         "--dtype auto serves on a CPU with bf16), off for fp32; default %(default)s")
     allow_pickle: bool = setting(False, help="allow adapter_model.bin (pickle) files")
-    # none; int8, int4 (weight-only, server.engine.quant); nf4 (bitsandbytes)
+    # none; int8, int4, bf16, w8a8, w4a8 (server.engine.quant); nf4 (bitsandbytes)
     quantize: str = setting("none", reads="--quantize")
 
 
@@ -269,11 +269,15 @@ class ServerConfig:
     adapter_dir: Path = setting(
         Path("adapters"), help="adapter root, scanned at start (default %(default)s)")
     quantize: str = setting(  # EngineConfig.quantize reads it too
-        "none", choices=("none", "int8", "int4", "bf16", "nf4"),
+        "none", choices=("none", "int8", "int4", "bf16", "w8a8", "w4a8", "nf4"),
         help="base model weights: int8 (per channel), int4 (per group of 32) or bf16, "
         "weight-only (fp32 activations), with this project's CPU kernels (--dtype auto picks "
-        "bf16 on a CPU with avx512_bf16 or AMX); nf4 through bitsandbytes (what QLoRA trains "
-        "against; fast on CUDA); adapters stay in full precision (default %(default)s)")
+        "bf16 on a CPU with avx512_bf16 or AMX); w8a8 and w4a8: int8 or int4 weights with "
+        "each token's activations rounded to int8 for the base matmuls (integer dot "
+        "products, AVX-512 VNNI where the CPU has it, as llama.cpp's Q8_0 and Q4_0: faster "
+        "and no longer exact on the dequantized weights); nf4 through bitsandbytes (what "
+        "QLoRA trains against; fast on CUDA); adapters stay in full precision (default "
+        "%(default)s)")
     preload: tuple[str, ...] = setting(
         (), type=parse_ids, help="comma-separated adapter ids to load into memory at start")
     watch_seconds: float = setting(

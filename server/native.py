@@ -5,6 +5,8 @@
   * quant.c: weight-only int8 and int4 projections (server.engine.quant), fp32
     activations, the weights dequantized in registers; and fp32 and bf16 projections of
     few rows (server.engine.ops.native_linear).
+  * qa8.c: int8 and int4 projections with the activations rounded to int8 a row
+    (`--quantize w8a8|w4a8`), integer dot products (AVX-512 VNNI where the CPU has it).
   * decode.c: the non-matmul work of a step of decode tokens (norms, RoPE, cache write,
     attention over each row's own length, SiLU), one call each where PyTorch takes about
     28 small ops a layer; called through `DecodeOps`, which checks their operands.
@@ -59,6 +61,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
                                              _I, _F, _P, _I]),
     "q8_matmul": (None, [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I]),
     "q4_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]),
+    "q8a8_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I, _I]),
+    "q4a8_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]),
     "f32_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
     "bf16_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
 }
@@ -67,7 +71,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
 class Kernels:
     """ctypes front of the library; one instance per process. Its functions take raw
     pointers: callers go through the checked fronts (`lora` here, `DecodeOps` for decode.c,
-    server.engine.ops.native_linear and server.engine.quant for quant.c)."""
+    server.engine.ops.native_linear and server.engine.quant for quant.c and qa8.c)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL calls release the GIL

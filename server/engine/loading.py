@@ -4,8 +4,8 @@ copied into the decoder's layout (q/k/v and gate/up fused, Gemma's norms as 1 + 
 `spec_from_hf_config` accepts only a config of one of FAMILIES whose every switch this
 decoder computes exactly as transformers does, and refuses anything else with a
 ModelLoadError naming the field; `load_model` reads the weights through transformers and,
-with `--quantize`, swaps the layers' projections (server.engine.quant for int8, int4 and
-bf16; server.engine.nf4 for bitsandbytes' nf4).
+with `--quantize`, swaps the layers' projections (server.engine.quant for int8, int4,
+bf16, w8a8 and w4a8; server.engine.nf4 for bitsandbytes' nf4).
 """
 
 from __future__ import annotations
@@ -127,11 +127,11 @@ def sliding_windows(cfg) -> tuple[int, ...]:
 def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
                quantize: str = "none") -> DecoderModel:
     """Build a DecoderModel from a Hugging Face model directory (or hub id); with
-    quantize int8, int4 or bf16 the layers' projections become weight-only quantized ones
+    quantize int8, int4, bf16, w8a8 or w4a8 the layers' projections become quantized ones
     (server.engine.quant), with nf4 bitsandbytes layers (server.engine.nf4)."""
     if quantize not in ("none", "nf4", *QUANT_MODES):
-        raise ModelLoadError(f"quantize {quantize!r} is not one of none, int8, int4, bf16, "
-                             "nf4")
+        raise ModelLoadError(f"quantize {quantize!r} is not one of none, "
+                             f"{', '.join(QUANT_MODES)}, nf4")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -168,7 +168,7 @@ def load_model(model_dir: Path | str, dtype: torch.dtype, device: torch.device,
     model.to(device=device, dtype=dtype).eval()
     for m, w in upcast.items():  # Gemma's norm weights stay fp32 (RMSNorm)
         m.weight = nn.Parameter(w.to(device))
-    if quantize in QUANT_MODES:  # weight-only int8/int4 (server.engine.quant)
+    if quantize in QUANT_MODES:  # server.engine.quant
         try:
             quantize_model(model, quantize, device, dtype)
         except QuantizeError as e:

@@ -11,6 +11,12 @@ dtype; only the stored weights shrink:
         w[n, k] = lo[n, g] + scale[n, g] * u[n, k],  u in 0..15,  g = k // GROUP
   bf16: w rounded to bf16 (half fp32's bytes; what `--dtype auto` picks on a CPU with
         avx512_bf16 or AMX: the rest of the model stays fp32, in the C decode kernels)
+  w8a8, w4a8: int8 or int4 weights as above, and each row of activations rounded to int8
+        with its own scale (max |x| / 127) before the base matmul, which then runs in
+        integer arithmetic (server/csrc/qa8.c: AVX-512 VNNI where the CPU has it), as
+        llama.cpp's Q8_0 and Q4_0 do: no longer the fp32 matmul with the dequantized
+        weights, but that of the rounded activations (`quantize_rows`); adapters still
+        see the unrounded activations
 
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
 registers: decode reads 1, about 0.6 or 2 bytes a weight instead of 4), and from GEMM_ROWS
@@ -31,7 +37,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "int4", "bf16")
+MODES = ("int8", "int4", "bf16", "w8a8", "w4a8")
+# the modes that round the activations to int8, and the weights' format of each
+ACT8_MODES = {"w8a8": "int8", "w4a8": "int4"}
 GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # matmuls of fewer multiply-adds than this run on one thread (a tiny model's); the default
@@ -109,6 +117,14 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP
     return packed.reshape(n_out, k_in // 2).contiguous(), scale.contiguous(), lo.contiguous()
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (xq: integers in -127..127 as x's float dtype, scale [..., 1]): each
+    row rounded to int8 with its own scale max|x| / 127, half to even (what qa8.c does)."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(x * inv).clamp(-127, 127), amax / 127.0
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
@@ -130,7 +146,9 @@ class QuantizedProjection(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise QuantizeError(f"quantize {mode!r} is not one of {', '.join(MODES)}")
-        self.mode = mode
+        # mode: the weights' format; act8: the activations rounded to int8 (w8a8, w4a8)
+        self.act8 = mode in ACT8_MODES
+        self.mode = mode = ACT8_MODES.get(mode, mode)
         self.out_features, self.in_features = weight.shape
         if mode == "bf16":
             q, scale = weight.detach().to(torch.bfloat16).contiguous(), None
@@ -175,12 +193,16 @@ class QuantizedProjection(nn.Module):
             y = linear_packed(x.to(torch.bfloat16), self.q, self._packed).float()
             return y if self.bias is None else y + self.bias
         if self._call is not None and x.dtype == torch.float32 and x.dim() == 2 \
-                and not x.is_cuda and x.shape[0] < GEMM_ROWS:
+                and not x.is_cuda and (self.act8 or x.shape[0] < GEMM_ROWS):
             return self._native(x)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain implementation: dequantize, then one matmul in x's dtype."""
+        """The plain implementation: dequantize, then one matmul in x's dtype (w8a8 and
+        w4a8: of x's rows rounded to int8, `quantize_rows`)."""
+        if self.act8:
+            xq, xs = quantize_rows(x.float())
+            x = (xq * xs).to(x.dtype)
         y = x @ self.dequantized().to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -204,12 +226,18 @@ class QuantizedProjection(nn.Module):
         if self.mode == "bf16":
             self._call = nk.bf16_matmul
             self._weight_args = (q.data_ptr(), bias, self.out_features, self.in_features)
+        elif self.mode == "int8" and self.act8:
+            # qa8.c multiplies x + 128 (unsigned) by q: it takes 128 * sum_k q[n, k] back
+            self._wsum = q.sum(1, dtype=torch.int32)
+            self._call = nk.q8a8_matmul
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self._wsum.data_ptr(),
+                                 bias, self.out_features, self.in_features)
         elif self.mode == "int8":
             self._call = nk.q8_matmul
             self._weight_args = (q.data_ptr(), self.scale.data_ptr(), bias,
                                  self.out_features, self.in_features)
         else:
-            self._call = nk.q4_matmul
+            self._call = nk.q4a8_matmul if self.act8 else nk.q4_matmul
             self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self.lo.data_ptr(), bias,
                                  self.out_features, self.in_features, GROUP)
         self._macs = self.in_features * self.out_features
@@ -224,7 +252,7 @@ class QuantizedProjection(nn.Module):
         threads = 1 if m * self._macs < SMALL_MATMUL else torch.get_num_threads()
         if self._call(x.data_ptr(), x.stride(0), m, *self._weight_args, y.data_ptr(), n_out,
                       threads):
-            raise MemoryError("int4 matmul: no memory for its row sums")
+            raise MemoryError(f"{self.mode} matmul: no memory for its scratch")
         return y
 
 
@@ -246,11 +274,12 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
                  "(the int8/int4 kernels are for the CPU in float32)", mode, device.type,
                  str(dtype).removeprefix("torch."))
     # The output projection (vocab x hidden: a fifth of the default model's weights) in
-    # int8 for both modes (4 bits there cost the most quality); the model's lm_head (and
+    # int8 for the 4-bit modes too (4 bits there cost the most quality; w4a8: w8a8); the model's lm_head (and
     # with tied embeddings the input embeddings, the same tensor) becomes its dequantized
     # weight, so the model stays one set of weights (the tests' oracle loads it).
     head = QuantizedProjection(model.lm_head.detach().float(), None,
-                               "bf16" if mode == "bf16" else "int8", kernels)
+                               {"bf16": "bf16", "w8a8": "w8a8", "w4a8": "w8a8"}.get(mode, "int8"),
+                               kernels)
     with torch.no_grad():
         model.lm_head.copy_(head.dequantized().to(model.lm_head.dtype))
     if kernels is not None:
