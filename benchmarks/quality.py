@@ -13,9 +13,10 @@ itself when the peers build exists (benchmarks.llamacpp; `make bench-peers` make
 Agreement: the argmax of each position's logits over the first 512 predictions, against
 fp32's (llama.cpp: its "Same top p" against its F32 logits, --kl-divergence).
 
-Bars (issue 16): int8 perplexity within 1% of fp32, int4 within 8%.
+Bars (issue 16): int8 perplexity within 1% of fp32, int4 within 8% (the same for w8a8 and
+w4a8, whose activations are rounded to int8 as well).
 
-    python -m benchmarks.quality [--variants fp32,bf16,int8,int4,nf4] [--ctx 512]
+    python -m benchmarks.quality [--variants fp32,bf16,int8,int4,w8a8,w4a8,nf4] [--ctx 512]
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ VARIANTS = {  # name -> (dtype, quantize)
     "bf16": (torch.bfloat16, "none"),
     "int8": (torch.float32, "int8"),
     "int4": (torch.float32, "int4"),
+    "w8a8": (torch.float32, "w8a8"),  # activations rounded to int8 too (as llama.cpp's)
+    "w4a8": (torch.float32, "w4a8"),
     "nf4": (torch.float32, "nf4"),
 }
-BARS = {"int8": 0.01, "int4": 0.08}  # perplexity within this fraction of fp32's
+# perplexity within this fraction of fp32's (8-bit and 4-bit weights alike with 8-bit
+# activations)
+BARS = {"int8": 0.01, "int4": 0.08, "w8a8": 0.01, "w4a8": 0.08}
 
 
 def chunk_logits(model, ids: list[int], dtype) -> torch.Tensor:
@@ -117,7 +122,7 @@ def llama_perplexity(ctx: int, fp32_ppl: float | None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="fp32,bf16,int8,int4,nf4")
+    p.add_argument("--variants", default="fp32,bf16,int8,int4,w8a8,w4a8,nf4")
     p.add_argument("--ctx", type=int, default=512, help="chunk length (llama-perplexity -c)")
     p.add_argument("--agreement-tokens", type=int, default=512)
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp's figures")

@@ -117,11 +117,61 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP
     return packed.reshape(n_out, k_in // 2).contiguous(), scale.contiguous(), lo.contiguous()
 
 
+def interleave_int8(q: torch.Tensor) -> torch.Tensor:
+    """quantize_int8's q [N, K] -> the layout of qa8.c's q8a8_matmul: for each block of 16
+    output channels, K / 4 runs of 64 bytes, byte 4 * lane + b of run j holding
+    q[lane, 4 j + b] (N padded to 16, K to 4, with zeros)."""
+    n_out, k_in = q.shape
+    blocks, quads = -(-n_out // 16), -(-k_in // 4)
+    padded = q.new_zeros(blocks * 16, quads * 4)
+    padded[:n_out, :k_in] = q
+    return padded.view(blocks, 16, quads, 4).transpose(1, 2).contiguous()
+
+
+def deinterleave_int8(q: torch.Tensor, n_out: int, k_in: int) -> torch.Tensor:
+    """interleave_int8's inverse: q [N, K]."""
+    blocks, quads = q.shape[:2]
+    return q.transpose(1, 2).reshape(blocks * 16, quads * 4)[:n_out, :k_in]
+
+
+def interleave_int4(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_int4's weight (groups of 32) -> the layout of qa8.c's q4a8_matmul: for each
+    block of 16 output channels (the last padded with zeros) and group g, 4 pairs of 64
+    bytes, byte 4 * lane + b of pair p holding u[lane, 32 g + 8 p + b] (low nibble) and
+    u[lane, 32 g + 8 p + 4 + b] (high); scale and lo as [blocks, groups, 16]. As many
+    bytes as before (and padding)."""
+    n_out, ng = scale.shape
+    blocks = -(-n_out // 16)
+    u = _unpack_int4(packed)
+    u = torch.cat([u, u.new_zeros(blocks * 16 - n_out, u.shape[1])])
+    u = u.view(blocks, 16, ng, 4, 2, 4)  # block, lane, group, pair, half, b
+    q = (u[:, :, :, :, 0] | (u[:, :, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
+
+    def per_block(t):
+        t = torch.cat([t, t.new_zeros(blocks * 16 - n_out, ng)])
+        return t.view(blocks, 16, ng).transpose(1, 2).contiguous()
+
+    return q.contiguous(), per_block(scale), per_block(lo)
+
+
+def deinterleave_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, n_out: int
+                      ) -> torch.Tensor:
+    """The fp32 weight [n_out, K] of interleave_int4's layout."""
+    blocks, ng = scale.shape[:2]
+    u = torch.stack([q & 15, q >> 4], dim=4)  # block, group, pair, lane, half, b
+    u = u.permute(0, 3, 1, 2, 4, 5).reshape(blocks * 16, ng, 32).float()
+    s = scale.transpose(1, 2).reshape(blocks * 16, ng, 1)
+    low = lo.transpose(1, 2).reshape(blocks * 16, ng, 1)
+    return (low + s * u).reshape(blocks * 16, ng * 32)[:n_out]
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (xq: integers in -127..127 as x's float dtype, scale [..., 1]): each
     row rounded to int8 with its own scale max|x| / 127, half to even (what qa8.c does)."""
     amax = x.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # (tensor / tensor: `127.0 / amax` would multiply by amax's reciprocal, not what C does)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return torch.round(x * inv).clamp(-127, 127), amax / 127.0
 
 
@@ -129,11 +179,17 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """quantize_int4's bytes [N, K/2] -> u [N, K] (uint8, 0..15)."""
+    n_out, half = packed.shape
+    blocks = packed.view(n_out, half // 16, 1, 16)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).view(n_out, 2 * half)
+
+
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
                     ) -> torch.Tensor:
     n_out, half = packed.shape
-    blocks = packed.view(n_out, half // 16, 1, 16)
-    u = torch.cat([blocks & 15, blocks >> 4], dim=2).view(n_out, scale.shape[1], -1).float()
+    u = _unpack_int4(packed).view(n_out, scale.shape[1], -1).float()
     return (lo[..., None] + scale[..., None] * u).view(n_out, 2 * half)
 
 
@@ -155,9 +211,13 @@ class QuantizedProjection(nn.Module):
             self.register_buffer("lo", None)
         elif mode == "int8":
             q, scale = quantize_int8(weight)
+            if self.act8:  # qa8.c's layout
+                q = interleave_int8(q)
             self.register_buffer("lo", None)
         else:
             q, scale, lo = quantize_int4(weight)
+            if self.act8:  # qa8.c's layout
+                q, scale, lo = interleave_int4(q, scale, lo)
             self.register_buffer("lo", lo)
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
@@ -183,8 +243,13 @@ class QuantizedProjection(nn.Module):
         """The fp32 weight [out, in] this projection computes with."""
         if self.mode == "bf16":
             return self.q.float()
+        if self.mode == "int8" and self.act8:
+            return dequantize_int8(deinterleave_int8(self.q, self.out_features,
+                                                     self.in_features), self.scale)
         if self.mode == "int8":
             return dequantize_int8(self.q, self.scale)
+        if self.act8:
+            return deinterleave_int4(self.q, self.scale, self.lo, self.out_features)
         return dequantize_int4(self.q, self.scale, self.lo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +293,7 @@ class QuantizedProjection(nn.Module):
             self._weight_args = (q.data_ptr(), bias, self.out_features, self.in_features)
         elif self.mode == "int8" and self.act8:
             # qa8.c multiplies x + 128 (unsigned) by q: it takes 128 * sum_k q[n, k] back
-            self._wsum = q.sum(1, dtype=torch.int32)
+            self._wsum = q.sum((1, 3), dtype=torch.int32).flatten()[:self.out_features]
             self._call = nk.q8a8_matmul
             self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self._wsum.data_ptr(),
                                  bias, self.out_features, self.in_features)
@@ -236,8 +301,12 @@ class QuantizedProjection(nn.Module):
             self._call = nk.q8_matmul
             self._weight_args = (q.data_ptr(), self.scale.data_ptr(), bias,
                                  self.out_features, self.in_features)
+        elif self.act8:
+            self._call = nk.q4a8_matmul
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self.lo.data_ptr(), bias,
+                                 self.out_features, self.in_features)
         else:
-            self._call = nk.q4a8_matmul if self.act8 else nk.q4_matmul
+            self._call = nk.q4_matmul
             self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self.lo.data_ptr(), bias,
                                  self.out_features, self.in_features, GROUP)
         self._macs = self.in_features * self.out_features
@@ -282,7 +351,7 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
                                kernels)
     with torch.no_grad():
         model.lm_head.copy_(head.dequantized().to(model.lm_head.dtype))
-    if kernels is not None:
+    if kernels is not None or head.act8:  # (w8a8's head rounds its input, kernels or not)
         model.lm_head_q = head.to(device)
     for layer in model.layers:
         for name in _PROJECTIONS:

@@ -1,7 +1,8 @@
-"""Weight-only int8/int4 projections (`--quantize int8|int4`, server.engine.quant): the
+"""Quantized projections (`--quantize int8|int4|bf16|w8a8|w4a8`, server.engine.quant): the
 quantization error is bounded, the C kernels compute the matmul with the dequantized
-weights for any row count on every build (native, AVX2, plain C), and greedy output
-through the server equals PEFT/transformers run on the same dequantized weights, for the
+weights (w8a8/w4a8: of the activations rounded to int8 a row) for any row count on every
+build (native, AVX2, plain C), and greedy output through the server equals
+PEFT/transformers run on the same dequantized weights (and rounded activations), for the
 base model and a LoRA adapter, alone and in one mixed batch."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from server.engine.quant import (
     dequantize_int8,
     quantize_int4,
     quantize_int8,
+    quantize_rows,
 )
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -86,18 +88,47 @@ def test_int4_packing_order():
     assert torch.equal(dequantize_int4(packed, scale, lo), w)
 
 
+def test_activation_rows_round_to_int8_with_their_own_scale():
+    x = torch.randn(5, 300) * torch.logspace(-4, 2, 5)[:, None]
+    x[2] = 0.0
+    xq, xs = quantize_rows(x)
+    assert xs.shape == (5, 1) and torch.equal(xq, xq.round())
+    assert xq.abs().max() == 127 and torch.all(xq.abs().amax(1)[[0, 1, 3, 4]] == 127)
+    assert torch.all(xq[2] == 0) and xs[2] == 0
+    # round to nearest: at most half a step of the row's own scale, whatever its size
+    assert torch.all((xq * xs - x).abs() <= xs / 2 * (1 + 1e-5))
+
+
+@pytest.mark.parametrize(("mode", "weights"), [("w8a8", "int8"), ("w4a8", "int4")])
+def test_int8_activations_cost_a_bounded_error(mode, weights):
+    """w8a8/w4a8 compute with the weights of int8/int4 and the activations rounded: close
+    to the weight-only result (within the rounding of int8 rows), yet not equal to it."""
+    w = _weights(64, 576, seed=5)
+    x = torch.randn(9, 576)
+    a8 = QuantizedProjection(w, None, mode, kernels_for("native"))
+    wo = QuantizedProjection(w, None, weights, kernels_for("native"))
+    assert torch.equal(a8.dequantized(), wo.dequantized())
+    y, ref = a8(x), wo(x)
+    assert not torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+    rel = (y - ref).norm(dim=1) / ref.norm(dim=1)
+    assert rel.max() < 0.02, rel.max()
+
+
 def test_int4_needs_inputs_in_whole_groups():
     with pytest.raises(QuantizeError, match=r"in_features \(48\).*group size 32"):
         quantize_int4(torch.randn(8, 48))
 
 
 @pytest.mark.parametrize("march", KERNEL_BUILDS)
-@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16", "w8a8", "w4a8"])
 def test_native_kernel_matches_the_reference(march, mode):
     """Any row count (the 4-row blocks and their tails), with and without bias, a strided
-    input; K not a multiple of the vector width for int8 and bf16."""
+    input; K not a multiple of the vector width for int8 and bf16 (w8a8: nor of 64, the
+    VNNI step; w4a8: K = 96, a last block of 32), N not a multiple of 4 (the channel
+    tiles)."""
     kernels = kernels_for(march)
-    shapes = [(40, 64), (130, 576), (24, 96)] + ([(33, 70)] if mode != "int4" else [])
+    shapes = [(40, 64), (130, 576), (24, 96)] + (
+        [(33, 70), (7, 100)] if mode not in ("int4", "w4a8") else [(7, 160)])
     rows = (1, 2, 3, 4, 5, 9, 33) if mode != "bf16" else (1, 2, 3, 4, 5, 9, BF16_GEMM_ROWS - 1)
     for n_out, k_in in shapes:
         w = _weights(n_out, k_in, seed=n_out)
@@ -203,14 +234,24 @@ def test_prefill_rows_go_through_blas_and_agree_with_the_kernel(mode):
 
 
 def test_load_model_rejects_an_unknown_mode(tiny_model):
-    with pytest.raises(ModelLoadError, match="int3.*none, int8, int4, bf16, nf4"):
+    with pytest.raises(ModelLoadError, match="int3.*none, int8, int4, bf16, w8a8, w4a8, nf4"):
         load_model(tiny_model, torch.float32, torch.device("cpu"), "int3")
+
+
+class _Int8RowsLinear(torch.nn.Linear):
+    """nn.Linear of the input's rows rounded to int8 (w8a8/w4a8's base matmuls); PEFT
+    wraps it as any nn.Linear, its LoRA seeing the unrounded input."""
+
+    def forward(self, x):
+        xq, xs = quantize_rows(x)
+        return super().forward(xq * xs)
 
 
 def _dequantized_hf_model(tiny_model, mode: str):
     """transformers' model of `tiny_model` holding the weights our engine computes with
     under --quantize `mode` (each projection's dequantized weight, split back into
-    q/k/v and gate/up; the output head and the tied embeddings dequantized)."""
+    q/k/v and gate/up; the output head and the tied embeddings dequantized; w8a8 and
+    w4a8: each projection and the head rounding its input rows to int8)."""
     from transformers import AutoModelForCausalLM
 
     ours = load_model(tiny_model, torch.float32, torch.device("cpu"), mode)
@@ -229,6 +270,10 @@ def _dequantized_hf_model(tiny_model, mode: str):
                            (mlp.up_proj, up), (mlp.down_proj, src.down.dequantized())):
                 assert not torch.equal(lin.weight, w)  # quantization changed it
                 lin.weight.copy_(w)
+                if mode in ("w8a8", "w4a8"):
+                    lin.__class__ = _Int8RowsLinear
+    if mode in ("w8a8", "w4a8"):
+        hf.lm_head.__class__ = _Int8RowsLinear
     return hf
 
 
@@ -273,7 +318,9 @@ def _request(adapter: str, prompt: list[int]) -> pb.GenerateRequest:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "kernels"), [("int8", "native"), ("int4", "native"),
-                                               ("int4", "torch"), ("bf16", "native")])
+                                               ("int4", "torch"), ("bf16", "native"),
+                                               ("w8a8", "native"), ("w4a8", "native"),
+                                               ("w8a8", "torch")])
 def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_root,
                                                             start_server, mode, kernels):
     oracle = _oracle(_dequantized_hf_model(tiny_model, mode), adapter_root / "r16-all")
