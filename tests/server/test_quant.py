@@ -17,6 +17,7 @@ from support import KERNEL_BUILDS, kernels_for, make_lora
 from server.engine.loading import ModelLoadError, load_model
 from server.engine.ops import native_linear
 from server.engine.quant import (
+    ACT8_MODES,
     BF16_GEMM_ROWS,
     GEMM_ROWS,
     GROUP,
@@ -270,9 +271,9 @@ def _dequantized_hf_model(tiny_model, mode: str):
                            (mlp.up_proj, up), (mlp.down_proj, src.down.dequantized())):
                 assert not torch.equal(lin.weight, w)  # quantization changed it
                 lin.weight.copy_(w)
-                if mode in ("w8a8", "w4a8"):
+                if mode in ACT8_MODES:
                     lin.__class__ = _Int8RowsLinear
-    if mode in ("w8a8", "w4a8"):
+    if mode in ACT8_MODES:
         hf.lm_head.__class__ = _Int8RowsLinear
     return hf
 
@@ -330,6 +331,16 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
                     adapter_root / "r16-all")
     # the quantized weights change some greedy tokens, or this test proves little
     assert any(oracle[k][0] != plain[k][0] for k in oracle)
+    # w8a8/w4a8: so does the rounding of the activations (against the same weights alone),
+    # which also moves the oracle's inputs across rounding boundaries where ours differ by
+    # fp32 rounding (summation order): one step of an activation moves a logprob by up to
+    # ~1e-2 here, hence the looser bound; the tokens must still be equal
+    tolerance = 1e-3
+    if mode in ACT8_MODES:
+        weights_only = _oracle(_dequantized_hf_model(tiny_model, ACT8_MODES[mode]),
+                               adapter_root / "r16-all")
+        assert any(oracle[k][0] != weights_only[k][0] for k in oracle)
+        tolerance = 5e-2
     assert any(oracle[("r16-all", i)][0] != oracle[("", i)][0] for i in range(len(PROMPTS)))
     server = start_server("--base-model", tiny_model, "--adapter-dir", adapter_root,
                           "--quantize", mode, "--cpu-kernels", kernels, "--max-batch-size", 8,
@@ -343,7 +354,7 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
         tokens, logprobs = oracle[(key, i)]
         assert list(result.token_ids) == tokens, f"{label} {key or 'base'} prompt {i}"
         diff = max(abs(a - b) for a, b in zip(result.logprobs, logprobs, strict=True))
-        assert diff < 1e-3, f"{label} {key or 'base'} prompt {i}: logprob off by {diff}"
+        assert diff < tolerance, f"{label} {key or 'base'} prompt {i}: logprob off by {diff}"
 
     for key, i in oracle:  # alone: one-row decode steps, whole prefills
         check(stub.Generate(_request(key, PROMPTS[i]), timeout=60), key, i, "alone")
