@@ -343,9 +343,10 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
                  "(the int8/int4 kernels are for the CPU in float32)", mode, device.type,
                  str(dtype).removeprefix("torch."))
     # The output projection (vocab x hidden: a fifth of the default model's weights) in
-    # int8 for the 4-bit modes too (4 bits there cost the most quality; w4a8: w8a8); the model's lm_head (and
-    # with tied embeddings the input embeddings, the same tensor) becomes its dequantized
-    # weight, so the model stays one set of weights (the tests' oracle loads it).
+    # int8 for the 4-bit modes too (4 bits there cost the most quality; w4a8's is w8a8);
+    # the model's lm_head (and with tied embeddings the input embeddings, the same tensor)
+    # becomes its dequantized weight, so the model stays one set of weights (the tests'
+    # oracle loads it).
     head = QuantizedProjection(model.lm_head.detach().float(), None,
                                {"bf16": "bf16", "w8a8": "w8a8", "w4a8": "w8a8"}.get(mode, "int8"),
                                kernels)
