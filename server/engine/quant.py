@@ -11,12 +11,12 @@ dtype; only the stored weights shrink:
         w[n, k] = lo[n, g] + scale[n, g] * u[n, k],  u in 0..15,  g = k // GROUP
   bf16: w rounded to bf16 (half fp32's bytes; what `--dtype auto` picks on a CPU with
         avx512_bf16 or AMX: the rest of the model stays fp32, in the C decode kernels)
-  w8a8, w4a8: int8 or int4 weights as above, and each row of activations rounded to int8
-        with its own scale (max |x| / 127) before the base matmul, which then runs in
-        integer arithmetic (server/csrc/qa8.c: AVX-512 VNNI where the CPU has it), as
-        llama.cpp's Q8_0 and Q4_0 do: no longer the fp32 matmul with the dequantized
-        weights, but that of the rounded activations (`quantize_rows`); adapters still
-        see the unrounded activations
+  w8a8, w4a8: int8 or int4 weights as above, and the activations rounded to int8 in
+        blocks of ACT_BLOCK inputs, each with its own scale (max |x| / 127 over the block)
+        before the base matmul, which then runs in integer arithmetic
+        (server/csrc/qa8.c: AVX-512 VNNI where the CPU has it), as llama.cpp's Q8_0 and
+        Q4_0 do: no longer the fp32 matmul with the dequantized weights, but that of the
+        rounded activations (`round_activations`); adapters still see the unrounded ones
 
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
 registers: decode reads 1, about 0.6 or 2 bytes a weight instead of 4), and from GEMM_ROWS
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 MODES = ("int8", "int4", "bf16", "w8a8", "w4a8")
 # the modes that round the activations to int8, and the weights' format of each
 ACT8_MODES = {"w8a8": "int8", "w4a8": "int4"}
+# their activations' block: inputs that share one scale (llama.cpp's Q8_0 has 32; one scale
+# a row of 576 cost w8a8 2.3% perplexity on the default model, blocks of 32 0.3%:
+# benchmarks/quality.py); also int4's GROUP, which w4a8's kernel assumes
+ACT_BLOCK = 32
 GROUP = 32  # int4 inputs per scale; measured in benchmarks/quant_kernels.py
 _PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # matmuls of fewer multiply-adds than this run on one thread (a tiny model's); the default
@@ -117,15 +121,18 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP
     return packed.reshape(n_out, k_in // 2).contiguous(), scale.contiguous(), lo.contiguous()
 
 
-def interleave_int8(q: torch.Tensor) -> torch.Tensor:
-    """quantize_int8's q [N, K] -> the layout of qa8.c's q8a8_matmul: for each block of 16
+def interleave_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8's q [N, K] -> (the layout of qa8.c's q8a8_matmul: for each block of 16
     output channels, K / 4 runs of 64 bytes, byte 4 * lane + b of run j holding
-    q[lane, 4 j + b] (N padded to 16, K to 4, with zeros)."""
+    q[lane, 4 j + b], N padded to 16 and K to ACT_BLOCK with zeros; 128 times the sum of
+    each block of ACT_BLOCK inputs, [blocks, K / ACT_BLOCK, 16] int32)."""
     n_out, k_in = q.shape
-    blocks, quads = -(-n_out // 16), -(-k_in // 4)
-    padded = q.new_zeros(blocks * 16, quads * 4)
+    blocks, k_pad = -(-n_out // 16), -(-k_in // ACT_BLOCK) * ACT_BLOCK
+    padded = q.new_zeros(blocks * 16, k_pad)
     padded[:n_out, :k_in] = q
-    return padded.view(blocks, 16, quads, 4).transpose(1, 2).contiguous()
+    wsum = padded.view(blocks, 16, k_pad // ACT_BLOCK, ACT_BLOCK).sum(3, dtype=torch.int32)
+    return (padded.view(blocks, 16, k_pad // 4, 4).transpose(1, 2).contiguous(),
+            (wsum * 128).transpose(1, 2).contiguous())
 
 
 def deinterleave_int8(q: torch.Tensor, n_out: int, k_in: int) -> torch.Tensor:
@@ -166,13 +173,27 @@ def deinterleave_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, n_
     return (low + s * u).reshape(blocks * 16, ng * 32)[:n_out]
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (xq: integers in -127..127 as x's float dtype, scale [..., 1]): each
-    row rounded to int8 with its own scale max|x| / 127, half to even (what qa8.c does)."""
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (xq [..., K / ACT_BLOCK, ACT_BLOCK]: integers in -127..127 as x's
+    float dtype, scale [..., K / ACT_BLOCK, 1]): each block of ACT_BLOCK inputs (the last
+    padded with zeros) rounded to int8 with its own scale max|x| / 127, half to even (what
+    qa8.c does)."""
+    k_in = x.shape[-1]
+    pad = -k_in % ACT_BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x.reshape(*x.shape[:-1], -1, ACT_BLOCK)
     amax = x.abs().amax(dim=-1, keepdim=True)
     # (tensor / tensor: `127.0 / amax` would multiply by amax's reciprocal, not what C does)
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return torch.round(x * inv).clamp(-127, 127), amax / 127.0
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x with each block of ACT_BLOCK inputs rounded to int8 (quantize_blocks), in x's
+    dtype: the input w8a8 and w4a8 multiply the weights with."""
+    xq, xs = quantize_blocks(x.float())
+    return (xq * xs).flatten(-2)[..., :x.shape[-1]].to(x.dtype)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -211,8 +232,9 @@ class QuantizedProjection(nn.Module):
             self.register_buffer("lo", None)
         elif mode == "int8":
             q, scale = quantize_int8(weight)
-            if self.act8:  # qa8.c's layout
-                q = interleave_int8(q)
+            if self.act8:  # qa8.c's layout, and its sums of each block of weights
+                q, wsum128 = interleave_int8(q)
+                self.register_buffer("wsum128", wsum128)
             self.register_buffer("lo", None)
         else:
             q, scale, lo = quantize_int4(weight)
@@ -264,10 +286,9 @@ class QuantizedProjection(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain implementation: dequantize, then one matmul in x's dtype (w8a8 and
-        w4a8: of x's rows rounded to int8, `quantize_rows`)."""
+        w4a8: of x rounded to int8 in blocks, `round_activations`)."""
         if self.act8:
-            xq, xs = quantize_rows(x.float())
-            x = (xq * xs).to(x.dtype)
+            x = round_activations(x)
         y = x @ self.dequantized().to(x.dtype).T
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -292,10 +313,8 @@ class QuantizedProjection(nn.Module):
             self._call = nk.bf16_matmul
             self._weight_args = (q.data_ptr(), bias, self.out_features, self.in_features)
         elif self.mode == "int8" and self.act8:
-            # qa8.c multiplies x + 128 (unsigned) by q: it takes 128 * sum_k q[n, k] back
-            self._wsum = q.sum((1, 3), dtype=torch.int32).flatten()[:self.out_features]
             self._call = nk.q8a8_matmul
-            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self._wsum.data_ptr(),
+            self._weight_args = (q.data_ptr(), self.scale.data_ptr(), self.wsum128.data_ptr(),
                                  bias, self.out_features, self.in_features)
         elif self.mode == "int8":
             self._call = nk.q8_matmul

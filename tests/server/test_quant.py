@@ -18,6 +18,7 @@ from server.engine.loading import ModelLoadError, load_model
 from server.engine.ops import native_linear
 from server.engine.quant import (
     ACT8_MODES,
+    ACT_BLOCK,
     BF16_GEMM_ROWS,
     GEMM_ROWS,
     GROUP,
@@ -27,7 +28,8 @@ from server.engine.quant import (
     dequantize_int8,
     quantize_int4,
     quantize_int8,
-    quantize_rows,
+    quantize_blocks,
+    round_activations,
 )
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -89,15 +91,22 @@ def test_int4_packing_order():
     assert torch.equal(dequantize_int4(packed, scale, lo), w)
 
 
-def test_activation_rows_round_to_int8_with_their_own_scale():
-    x = torch.randn(5, 300) * torch.logspace(-4, 2, 5)[:, None]
-    x[2] = 0.0
-    xq, xs = quantize_rows(x)
-    assert xs.shape == (5, 1) and torch.equal(xq, xq.round())
-    assert xq.abs().max() == 127 and torch.all(xq.abs().amax(1)[[0, 1, 3, 4]] == 127)
-    assert torch.all(xq[2] == 0) and xs[2] == 0
-    # round to nearest: at most half a step of the row's own scale, whatever its size
-    assert torch.all((xq * xs - x).abs() <= xs / 2 * (1 + 1e-5))
+def test_activations_round_to_int8_in_blocks_with_their_own_scale():
+    """Blocks of ACT_BLOCK inputs, the last one short (K = 300), an all-zero block and
+    blocks of very different magnitudes."""
+    x = torch.randn(3, 300) * torch.logspace(-4, 2, 300)
+    x[1, 32:64] = 0.0
+    xq, xs = quantize_blocks(x)
+    blocks = -(-300 // ACT_BLOCK)
+    assert xq.shape == (3, blocks, ACT_BLOCK) and xs.shape == (3, blocks, 1)
+    assert torch.equal(xq, xq.round()) and xq.abs().max() == 127
+    assert torch.all(xq[1, 1] == 0) and xs[1, 1] == 0
+    assert torch.all(xq[:, :, :].abs().amax(-1)[xs[..., 0] > 0] == 127)
+    assert torch.all(xq[:, -1, 300 % ACT_BLOCK:] == 0)  # the padding
+    # round to nearest: at most half a step of the block's own scale, whatever its size
+    err = (round_activations(x) - x).abs()
+    step = xs.expand(-1, -1, ACT_BLOCK).flatten(1)[:, :300]
+    assert torch.all(err <= step / 2 * (1 + 1e-5))
 
 
 @pytest.mark.parametrize(("mode", "weights"), [("w8a8", "int8"), ("w4a8", "int4")])
@@ -239,13 +248,12 @@ def test_load_model_rejects_an_unknown_mode(tiny_model):
         load_model(tiny_model, torch.float32, torch.device("cpu"), "int3")
 
 
-class _Int8RowsLinear(torch.nn.Linear):
-    """nn.Linear of the input's rows rounded to int8 (w8a8/w4a8's base matmuls); PEFT
+class _Int8ActivationsLinear(torch.nn.Linear):
+    """nn.Linear of the input rounded to int8 in blocks (w8a8/w4a8's base matmuls); PEFT
     wraps it as any nn.Linear, its LoRA seeing the unrounded input."""
 
     def forward(self, x):
-        xq, xs = quantize_rows(x)
-        return super().forward(xq * xs)
+        return super().forward(round_activations(x))
 
 
 def _dequantized_hf_model(tiny_model, mode: str):
@@ -272,9 +280,9 @@ def _dequantized_hf_model(tiny_model, mode: str):
                 assert not torch.equal(lin.weight, w)  # quantization changed it
                 lin.weight.copy_(w)
                 if mode in ACT8_MODES:
-                    lin.__class__ = _Int8RowsLinear
+                    lin.__class__ = _Int8ActivationsLinear
     if mode in ACT8_MODES:
-        hf.lm_head.__class__ = _Int8RowsLinear
+        hf.lm_head.__class__ = _Int8ActivationsLinear
     return hf
 
 
