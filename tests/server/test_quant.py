@@ -26,9 +26,9 @@ from server.engine.quant import (
     QuantizeError,
     dequantize_int4,
     dequantize_int8,
+    quantize_blocks,
     quantize_int4,
     quantize_int8,
-    quantize_blocks,
     round_activations,
 )
 from switchboard.v1 import switchboard_pb2 as pb
@@ -312,10 +312,15 @@ def _oracle(hf, adapter_dir):
                         out = model.generate(input_ids=torch.tensor([prompt]),
                                              generation_config=gc)
                 toks = out.sequences[0, len(prompt):].tolist()
-                lps = [float(torch.log_softmax(s[0].float(), -1)[t])
-                       for s, t in zip(out.scores, toks, strict=True)]
-                results[(key, i)] = (toks, lps)
+                dists = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
+                lps = [float(d[t]) for d, t in zip(dists, toks, strict=True)]
+                results[(key, i)] = (toks, lps, dists)
     return results
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    """The first index where the two token lists differ (their length if none)."""
+    return next((t for t, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 def _request(adapter: str, prompt: list[int]) -> pb.GenerateRequest:
@@ -339,17 +344,20 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
                     adapter_root / "r16-all")
     # the quantized weights change some greedy tokens, or this test proves little
     assert any(oracle[k][0] != plain[k][0] for k in oracle)
-    # w8a8/w4a8: so does the rounding of the activations (against the same weights alone),
-    # which also moves the oracle's inputs across rounding boundaries where ours differ by
-    # fp32 rounding (summation order): one step of an activation moves a logprob by up to
-    # ~1e-2 here, hence the looser bound; the tokens must still be equal
-    tolerance = 1e-3
+    # w8a8/w4a8: so does the rounding of the activations (against the same weights alone).
+    # The oracle's inputs cross rounding boundaries where ours differ by fp32 rounding
+    # (summation order): one step of one activation moves a logprob by up to ~1e-2 here,
+    # and may flip a near tie. So there the tokens are compared up to the first difference,
+    # which must be a near tie in the oracle (its logprobs of the two tokens within the
+    # tolerance), and the server must be closer to the oracle than to the same weights
+    # without rounded activations (mean logprob difference over what was compared).
+    tolerance, weights_only = 1e-3, None
+    distance: dict[str, list[float]] = {"oracle": [], "weights only": []}
     if mode in ACT8_MODES:
         weights_only = _oracle(_dequantized_hf_model(tiny_model, ACT8_MODES[mode]),
                                adapter_root / "r16-all")
         assert any(oracle[k][0] != weights_only[k][0] for k in oracle)
         tolerance = 5e-2
-    assert any(oracle[("r16-all", i)][0] != oracle[("", i)][0] for i in range(len(PROMPTS)))
     server = start_server("--base-model", tiny_model, "--adapter-dir", adapter_root,
                           "--quantize", mode, "--cpu-kernels", kernels, "--max-batch-size", 8,
                           "--max-tokens-per-step", 24, "--max-seq-len", 256,
@@ -359,10 +367,23 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
     assert info.quantization == mode
 
     def check(result, key, i, label):
-        tokens, logprobs = oracle[(key, i)]
-        assert list(result.token_ids) == tokens, f"{label} {key or 'base'} prompt {i}"
-        diff = max(abs(a - b) for a, b in zip(result.logprobs, logprobs, strict=True))
-        assert diff < tolerance, f"{label} {key or 'base'} prompt {i}: logprob off by {diff}"
+        name = f"{label} {key or 'base'} prompt {i}"
+        tokens, logprobs, dists = oracle[(key, i)]
+        got = list(result.token_ids)
+        n = len(tokens)
+        if weights_only is not None:
+            n = _first_difference(got, tokens)
+            if n < len(tokens):
+                gap = float(dists[n][tokens[n]] - dists[n][got[n]])
+                assert gap < tolerance, f"{name}: token {n} differs, not a near tie ({gap})"
+            other, other_lps = weights_only[(key, i)][:2]
+            same = min(n, _first_difference(other, tokens))
+            for ref, lps in (("oracle", logprobs), ("weights only", other_lps)):
+                distance[ref] += [abs(a - b) for a, b in
+                                  zip(result.logprobs[:same], lps[:same], strict=True)]
+        assert got[:n] == tokens[:n], name
+        diff = max(abs(a - b) for a, b in zip(result.logprobs[:n], logprobs[:n], strict=True))
+        assert diff < tolerance, f"{name}: logprob off by {diff}"
 
     for key, i in oracle:  # alone: one-row decode steps, whole prefills
         check(stub.Generate(_request(key, PROMPTS[i]), timeout=60), key, i, "alone")
@@ -382,3 +403,6 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
     assert not errors
     for (key, i), result in results.items():  # mixed: multi-row steps, chunked prefills
         check(result, key, i, "mixed")
+    if weights_only is not None:
+        mean = {ref: sum(d) / len(d) for ref, d in distance.items()}
+        assert mean["oracle"] < mean["weights only"], mean
