@@ -16,7 +16,11 @@ the slow ones: about 20 ms a round):
     input channels, x in fp32 and bf16);
   * this project's C kernels (server/csrc/quant.c): int8 per channel, int4 per group of
     32 and 64, on 1 thread and on all (what won, see docs/performance.md);
-  * bitsandbytes int8 and nf4 (the engine's quantized projections before this benchmark).
+  * bitsandbytes int8 and nf4 (the engine's quantized projections before this benchmark);
+  * 8-bit activations (`--quantize w8a8|w4a8`): `torch._int_mm` (oneDNN's int8 GEMM, x
+    already int8: the matmul alone) and this project's server/csrc/qa8.c (the rounding of
+    x included), int8 per channel and int4 per group of 32;
+  * bf16 weights through oneDNN's pre-packed copy (`--quantize bf16`'s batch path).
 Reported: microseconds a call, the weight bytes read a second (GB/s), and each one's
 speed-up over fp32 `x @ W^T` at the same shape and M.
 
@@ -40,7 +44,13 @@ import torch.nn.functional as F
 
 from benchmarks.common import print_table, write_results
 from server import native
-from server.engine.quant import quantize_int4, quantize_int8
+from server.engine.quant import (
+    QuantizedProjection,
+    linear_packed,
+    pack_weight,
+    quantize_int4,
+    quantize_int8,
+)
 
 SHAPES = {  # name: (in_features, out_features)
     "qkv 576->960": (576, 960),
@@ -82,6 +92,14 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[],
         "int8 _weight_int8pack_mm bf16": (lambda: torch._weight_int8pack_mm(xb, q8, s8b),
                                           w.numel() + out_f * 2),
     }
+    x8, q8t = torch.randint(-127, 128, (max(m, 17), in_f), dtype=torch.int8), q8.T.contiguous()
+    found["w8a8 torch._int_mm (oneDNN; x int8, 17+ rows)"] = (lambda: torch._int_mm(x8, q8t),
+                                                            w.numel())
+    wb = w.to(torch.bfloat16)
+    wb_packed = pack_weight(wb)
+    if wb_packed is not None:
+        found["bf16 oneDNN pre-packed (bf16 x)"] = (lambda: linear_packed(xb, wb, wb_packed),
+                                                    w.numel() * 2)
     for g in (g for g in GROUPS if in_f % g == 0):  # 576 is no multiple of 128
         packed, sz = quantize_int4_torch(w, g)
         szb = sz.to(torch.bfloat16)
@@ -106,6 +124,13 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, tuple[Callable[[],
                 lambda th=th: nk.q8_matmul(x.data_ptr(), in_f, m, q8.data_ptr(), s8.data_ptr(),
                                            None, out_f, in_f, y.data_ptr(), out_f, th),
                 w.numel() + out_f * 4)
+            for mode, nbytes in (("w8a8", w.numel() + out_f * 4),
+                                 ("w4a8", w.numel() // 2 + w.numel() // 32 * 8)):
+                proj = QuantizedProjection(w, None, mode, nk)  # (the lambda keeps it alive)
+                found[f"{mode} native server/csrc/qa8.c {th}t"] = (
+                    lambda proj=proj, th=th: proj._call(
+                        x.data_ptr(), in_f, m, *proj._weight_args, y.data_ptr(), out_f, th),
+                    nbytes)
             for g in (32, 64):
                 packed, scale, lo = quantize_int4(w, g)
                 nbytes = w.numel() // 2 + scale.numel() * 8
