@@ -263,7 +263,7 @@ def ratios(sb: dict, peers: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default="fp32,bf16,int8,int4",
+    p.add_argument("--variants", default="fp32,bf16,int8,int4,w8a8,w4a8",
                    help="Switchboard variants, comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--quants", default=",".join(llamacpp.QUANTS),
                    help="llama.cpp quantizations: " + ", ".join(llamacpp.QUANTS))
