@@ -5,7 +5,7 @@ Steps, each a subprocess with its own time limit, in this order:
   1. parity-fp32, parity-bf16: tests/server/test_parity.py (greedy tokens and logprobs of the
      real server against PEFT, 8 adapters, alone and mixed) on CUDA in fp32 and in bf16
      (SWITCHBOARD_TEST_DEVICE / SWITCHBOARD_TEST_DTYPE);
-  2. quantized: benchmarks.quality on CUDA, the base in fp32, bf16, int8, int4 and nf4
+  2. quantized: benchmarks.quality on CUDA, the base in fp32, bf16, int8, int4, w8a8, w4a8 and nf4
      (perplexity on the held-out text, top-1 agreement with fp32; bars: int8 within 1%,
      int4 within 8%);
   3. onnx-cuda: tests/onnx (not slow) with ONNX Runtime's CUDA execution provider, which

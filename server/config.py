@@ -273,8 +273,8 @@ class ServerConfig:
         help="base model weights: int8 (per channel), int4 (per group of 32) or bf16, "
         "weight-only (fp32 activations), with this project's CPU kernels (--dtype auto picks "
         "bf16 on a CPU with avx512_bf16 or AMX); w8a8 and w4a8: int8 or int4 weights with "
-        "each token's activations rounded to int8 for the base matmuls (integer dot "
-        "products, AVX-512 VNNI where the CPU has it, as llama.cpp's Q8_0 and Q4_0: faster "
+        "the activations rounded to int8 in blocks of 32 for the base matmuls (integer dot "
+        "products, AVX-512 VNNI or AVX2, as llama.cpp's Q8_0 and Q4_0: faster "
         "and no longer exact on the dequantized weights); nf4 through bitsandbytes (what "
         "QLoRA trains against; fast on CUDA); adapters stay in full precision (default "
         "%(default)s)")

@@ -18,8 +18,10 @@
    FMA's), a lane holding one channel's sum: no horizontal sums, and each block of 32 is
    scaled once, one conversion and FMA a block. vpdpbusd multiplies unsigned by signed
    bytes: w8a8 stores xq + 128 and subtracts 128 * sum_{k in g} q[n, k] (wsum128, computed
-   once by the caller); w4a8 multiplies the unsigned nibbles u by the signed xq. Without
-   VNNI, plain C loops over the same layouts. A block of 16 channels is done RB rows at a
+   once by the caller); w4a8 multiplies the unsigned nibbles u by the signed xq. With AVX2
+   and no VNNI, vpmaddubsw + vpmaddwd do the same on two halves of 8 channels (w8a8 with
+   |xq| times the weight carrying xq's sign, so no pair sum leaves int16); elsewhere plain
+   C loops over the same layouts. A block of 16 channels is done RB rows at a
    time (its weights stay in L1 while the row tiles pass); blocks of channels are split
    over the OpenMP team. */
 #include <stdint.h>
@@ -29,9 +31,17 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define VNNI 1
+#define AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VNNI 0
+#define AVX2 1
 #else
 #define VNNI 0
+#define AVX2 0
 #endif
+/* w8a8 multiplies xq + 128 (VNNI's unsigned operand; plain C the same) or, with AVX2,
+   |xq| by the weight with xq's sign (vpmaddubsw's products stay within int16) */
+#define W8_SHIFTED (!AVX2)
 
 #define RB 6   /* rows a tile */
 #define QB 32  /* inputs a block (one activation scale; one int4 weight group) */
@@ -114,7 +124,7 @@ int q8a8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const fl
     float *xscale, *gsx;
     uint8_t *xu = scratch(m, k_len, &xscale, &gsx);
     if (!xu) return -1;
-    quantize_blocks(x, xs, m, k_len, 1, xu, xscale, NULL);
+    quantize_blocks(x, xs, m, k_len, W8_SHIFTED, xu, xscale, NULL);
     const int64_t nblocks = (n_out + 15) / 16;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < nblocks; blk++) {
@@ -149,6 +159,36 @@ int q8a8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const fl
             for (int r = 0; r < nr; r++)
                 _mm512_mask_storeu_ps(y + (r0 + r) * ys + n0, mask,
                                       _mm512_fmadd_ps(acc[r], sv, bv));
+#elif AVX2
+            /* each 64-byte run as two halves of 8 channels; vpmaddubsw + vpmaddwd stand in
+               for vpdpbusd (3 instructions, and the sign moved onto the weights) */
+            const __m256i ones = _mm256_set1_epi16(1);
+            (void)ob; /* (xq not shifted: nothing to take back) */
+            for (int r = 0; r < nr; r++) {
+                __m256 lo8 = _mm256_setzero_ps(), hi8 = lo8;
+                for (int64_t g = 0; g < ng; g++) {
+                    const int32_t *xr = (const int32_t *)(xu + (r0 + r) * kp + g * QB);
+                    __m256i tl = _mm256_setzero_si256(), th = tl;
+                    for (int j = 0; j < 8; j++) {
+                        const __m256i xb = _mm256_set1_epi32(xr[j]), ax = _mm256_abs_epi8(xb);
+                        const int8_t *wp = qb + (g * 8 + j) * 64;
+                        const __m256i wl = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)wp), xb);
+                        const __m256i wh = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(wp + 32)), xb);
+                        tl = _mm256_add_epi32(tl, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, wl), ones));
+                        th = _mm256_add_epi32(th, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, wh), ones));
+                    }
+                    const __m256 xsc = _mm256_set1_ps(xscale[(r0 + r) * ng + g]);
+                    lo8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tl), xsc, lo8);
+                    hi8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(th), xsc, hi8);
+                }
+                float t[16];
+                _mm256_storeu_ps(t, lo8);
+                _mm256_storeu_ps(t + 8, hi8);
+                for (int lane = 0; lane < nb; lane++) {
+                    const int64_t n = n0 + lane;
+                    y[(r0 + r) * ys + n] = fmaf(t[lane], s[n], bias ? bias[n] : 0.0f);
+                }
+            }
 #else
             for (int r = 0; r < nr; r++) {
                 const uint8_t *xr = xu + (r0 + r) * kp;
@@ -225,6 +265,43 @@ int q4a8_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const f
             const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
             for (int r = 0; r < nr; r++)
                 _mm512_mask_storeu_ps(y + (r0 + r) * ys + n0, mask, _mm512_add_ps(acc[r], bv));
+#elif AVX2
+            const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+            for (int r = 0; r < nr; r++) {
+                __m256 lo8 = _mm256_setzero_ps(), hi8 = lo8;
+                for (int64_t g = 0; g < ng; g++) {
+                    const int64_t rg = (r0 + r) * ng + g;
+                    const int32_t *xr = (const int32_t *)(xq + (r0 + r) * kp + g * QB);
+                    __m256i tl = _mm256_setzero_si256(), th = tl;
+                    for (int p = 0; p < 4; p++) {
+                        const __m256i x0 = _mm256_set1_epi32(xr[2 * p]);
+                        const __m256i x1 = _mm256_set1_epi32(xr[2 * p + 1]);
+                        const uint8_t *vp = qb + g * 256 + p * 64;
+                        const __m256i vl = _mm256_loadu_si256((const __m256i *)vp);
+                        const __m256i vh = _mm256_loadu_si256((const __m256i *)(vp + 32));
+                        tl = _mm256_add_epi32(tl, _mm256_madd_epi16(_mm256_add_epi16(
+                            _mm256_maddubs_epi16(_mm256_and_si256(vl, low), x0),
+                            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vl, 4), low), x1)),
+                            ones));
+                        th = _mm256_add_epi32(th, _mm256_madd_epi16(_mm256_add_epi16(
+                            _mm256_maddubs_epi16(_mm256_and_si256(vh, low), x0),
+                            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 4), low), x1)),
+                            ones));
+                    }
+                    const __m256 xsc = _mm256_set1_ps(xscale[rg]), gs = _mm256_set1_ps(gsx[rg]);
+                    lo8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tl),
+                                          _mm256_mul_ps(_mm256_loadu_ps(sb + g * 16), xsc), lo8);
+                    hi8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(th),
+                                          _mm256_mul_ps(_mm256_loadu_ps(sb + g * 16 + 8), xsc), hi8);
+                    lo8 = _mm256_fmadd_ps(_mm256_loadu_ps(lb + g * 16), gs, lo8);
+                    hi8 = _mm256_fmadd_ps(_mm256_loadu_ps(lb + g * 16 + 8), gs, hi8);
+                }
+                float t[16];
+                _mm256_storeu_ps(t, lo8);
+                _mm256_storeu_ps(t + 8, hi8);
+                for (int lane = 0; lane < nb; lane++)
+                    y[(r0 + r) * ys + n0 + lane] = t[lane] + (bias ? bias[n0 + lane] : 0.0f);
+            }
 #else
             for (int r = 0; r < nr; r++) {
                 const int8_t *xr = xq + (r0 + r) * kp;
