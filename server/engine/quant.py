@@ -13,14 +13,15 @@ dtype; only the stored weights shrink:
         avx512_bf16 or AMX: the rest of the model stays fp32, in the C decode kernels)
   w8a8, w4a8: int8 or int4 weights as above, and the activations rounded to int8 in
         blocks of ACT_BLOCK inputs, each with its own scale (max |x| / 127 over the block)
-        before the base matmul, which then runs in integer arithmetic
-        (server/csrc/qa8.c: AVX-512 VNNI where the CPU has it), as llama.cpp's Q8_0 and
-        Q4_0 do: no longer the fp32 matmul with the dequantized weights, but that of the
-        rounded activations (`round_activations`); adapters still see the unrounded ones
+        before the base matmul, which then runs in integer arithmetic (server/csrc/qa8.c:
+        AVX-512 VNNI or AVX2 integer dot products), as llama.cpp's Q8_0 and Q4_0 do: no
+        longer the fp32 matmul with the dequantized weights, but that of the rounded
+        activations (`round_activations`); adapters still see the unrounded ones
 
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
-registers: decode reads 1, about 0.6 or 2 bytes a weight instead of 4), and from GEMM_ROWS
-rows on (prefill) the reference below, whose BLAS GEMM is faster there (bf16 weights: from
+registers: decode reads 1, about 0.6 or 2 bytes a weight instead of 4; w8a8 and w4a8:
+qa8.c for every row count, its integer GEMM faster than BLAS's fp32 one even at 512 rows),
+and from GEMM_ROWS rows on (prefill) the reference below, whose BLAS GEMM is faster there (bf16 weights: from
 BF16_GEMM_ROWS rows on, and wherever the kernels are missing, PyTorch's bf16 GEMM);
 anywhere else (bf16 activations, CUDA, no C compiler, `--cpu-kernels torch`) the reference
 below: the weight dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32
@@ -366,9 +367,8 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
     # the model's lm_head (and with tied embeddings the input embeddings, the same tensor)
     # becomes its dequantized weight, so the model stays one set of weights (the tests'
     # oracle loads it).
-    head = QuantizedProjection(model.lm_head.detach().float(), None,
-                               {"bf16": "bf16", "w8a8": "w8a8", "w4a8": "w8a8"}.get(mode, "int8"),
-                               kernels)
+    head_mode = "bf16" if mode == "bf16" else "w8a8" if mode in ACT8_MODES else "int8"
+    head = QuantizedProjection(model.lm_head.detach().float(), None, head_mode, kernels)
     with torch.no_grad():
         model.lm_head.copy_(head.dequantized().to(model.lm_head.dtype))
     if kernels is not None or head.act8:  # (w8a8's head rounds its input, kernels or not)
