@@ -21,8 +21,9 @@ dtype; only the stored weights shrink:
 On the CPU in fp32 the matmul is server/csrc/quant.c (the weights dequantized in
 registers: decode reads 1, about 0.6 or 2 bytes a weight instead of 4; w8a8 and w4a8:
 qa8.c for every row count, its integer GEMM faster than BLAS's fp32 one even at 512 rows),
-and from GEMM_ROWS rows on (prefill) the reference below, whose BLAS GEMM is faster there (bf16 weights: from
-BF16_GEMM_ROWS rows on, and wherever the kernels are missing, PyTorch's bf16 GEMM);
+and from GEMM_ROWS rows on (prefill) the reference below, whose BLAS GEMM is faster there
+(bf16 weights: from BF16_GEMM_ROWS rows on, and wherever the kernels are missing,
+PyTorch's bf16 GEMM);
 anywhere else (bf16 activations, CUDA, no C compiler, `--cpu-kernels torch`) the reference
 below: the weight dequantized to x's dtype, then a matmul. `dequantized()` gives the fp32
 weight the model computes with, which the tests load into transformers as the oracle.
