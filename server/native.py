@@ -63,6 +63,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "q4_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I]),
     "q8a8_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I, _I]),
     "q4a8_matmul": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I, _I]),
+    "qa8_path": (ctypes.c_int, []),
     "f32_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
     "bf16_matmul": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _I, _I]),
 }

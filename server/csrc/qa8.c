@@ -328,3 +328,9 @@ int q4a8_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const f
     free(buf);
     return 0;
 }
+
+/* Which inner products this build does: 2 AVX-512 VNNI, 1 AVX2, 0 plain C (logged). */
+int qa8_path(void)
+{
+    return VNNI ? 2 : AVX2 ? 1 : 0;
+}

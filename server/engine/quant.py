@@ -359,6 +359,12 @@ def quantize_model(model: nn.Module, mode: str, device: torch.device,
             kernels = native.kernels()
         except native.NativeError as e:
             log.warning("--quantize %s computes with dequantized weights (slow): %s", mode, e)
+        if kernels is not None and mode in ACT8_MODES:
+            path = kernels.qa8_path()
+            (log.info if path else log.warning)(
+                "--quantize %s: integer dot products with %s", mode,
+                ("plain C loops (no AVX2 here: slower than --quantize int8/int4)", "AVX2",
+                 "AVX-512 VNNI")[path])
     else:
         log.info("--quantize %s on %s in %s: the weights are dequantized for each matmul "
                  "(the int8/int4 kernels are for the CPU in float32)", mode, device.type,

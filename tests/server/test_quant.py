@@ -8,6 +8,7 @@ base model and a LoRA adapter, alone and in one mixed batch."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -89,6 +90,19 @@ def test_int4_packing_order():
     assert torch.equal(scale, torch.ones(1, 2)) and torch.equal(lo, torch.zeros(1, 2))
     assert packed[0, 0] == 0 | (15 << 4) and packed[0, 5] == 5 | (10 << 4)
     assert torch.equal(dequantize_int4(packed, scale, lo), w)
+
+
+@pytest.mark.parametrize("march", KERNEL_BUILDS)
+def test_each_build_says_which_integer_dot_products_it_does(march):
+    """qa8.c's path (logged at start): AVX-512 VNNI where the CPU has it, else AVX2, else
+    plain C; the x86-64 builds pin what they can use."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    expected = {"x86-64": 0, "x86-64-v3": 1}.get(march)
+    if expected is None:  # native
+        expected = 2 if {"avx512_vnni", "avx512bw"} <= flags else \
+            1 if {"avx2", "fma"} <= flags else 0
+    assert kernels_for(march).qa8_path() == expected
 
 
 def test_activations_round_to_int8_in_blocks_with_their_own_scale():
