@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "peft_dtypes": peft.dtypes, "hf_dtypes": hf.dtypes}
             print(f"server on {info.device} in {info.dtype}; PEFT base {peft.dtypes['base']}, "
                   f"LoRA {peft.dtypes['lora']}; HF {hf.dtypes}", flush=True)
+            # Warm-up: every adapter loaded on demand (from disk into a slot) and each
+            # side's prompts seen once, so the runs measure the steady state, not the
+            # first loads (a cold start is the loadtest's and the soak's concern)
+            load(server.target, ("", *names), a.clients, 2 * (len(names) + 1), 4)
             for run in range(a.runs):
                 # Each ratio's two sides run back to back (base, mixed, PEFT), the
                 # baselines in this process while the server idles: this VM's speed
