@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.adapters import write_adapters
 from benchmarks.common import median, print_table, write_results
 from server.config import EngineConfig
 from server.engine.engine import Engine
@@ -56,15 +57,15 @@ def engine_with_prompt(model_dir: Path, tmp: str, variant: str, max_batch_size: 
     return engine, list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _generate(engine: Engine, ids: list[int], new_tokens: int, rows: int = 1) -> float:
+def _generate(engine: Engine, ids: list[int], new_tokens: int, rows: int = 1,
+              adapters: list[str] = ()) -> float:
     """Seconds a decode step while `rows` requests decode together: from the moment every
     request has its first token (all prefills done) to the last finish, over the steps
-    between."""
+    between. Request r names adapters[r % len(adapters)] when there are adapters."""
     tag = time.monotonic_ns()
-    handles = [engine.submit(GenerationRequest(f"p{tag}-{r}", ids,
-                                               stopping=StoppingParams(new_tokens,
-                                                                       ignore_eos=True)))
-               for r in range(rows)]
+    handles = [engine.submit(GenerationRequest(
+        f"p{tag}-{r}", ids, adapter_id=adapters[r % len(adapters)] if adapters else "",
+        stopping=StoppingParams(new_tokens, ignore_eos=True))) for r in range(rows)]
     first, last = [0.0] * rows, [0.0] * rows
 
     def collect(r: int) -> None:  # one reader a request: stamps when the events arrive
@@ -132,6 +133,8 @@ def _split(stats: pstats.Stats) -> dict[str, float]:
     return {"engine_step_s": loop, "model_forward_s": model, "matmuls_s": matmuls,
             "output_head_s": cum.get("model.py:_logits", 0.0),
             "between_matmuls_s": max(0.0, decode - matmuls),
+            # LoraHooks.linear (server/adapters/slots.py): the adapters' deltas
+            "adapters_s": cum.get("slots.py:linear", 0.0),
             "model_other_s": max(0.0, model - decode),
             "engine_outside_model_s": max(0.0, loop - model)}
 
@@ -143,21 +146,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rows", type=int, default=1,
                    help="requests decoding together (1: one stream; 32: the 32-client batch)")
+    p.add_argument("--adapters", type=int, default=0,
+                   help="rank-16 all-projection LoRA adapters named round-robin by the rows")
     p.add_argument("--top", type=int, default=25, help="functions listed per profile")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     model_dir = provision_default_model()
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        adapters = write_adapters(model_dir, Path(tmp), a.adapters, 16) if a.adapters else []
         for variant in a.variants.split(","):
             engine, ids = engine_with_prompt(model_dir, tmp, variant, max(4, a.rows),
                                              (256 << 20) * max(1, a.rows // 4))
-            _drive(engine, lambda e=engine, i=ids: _generate(e, i, 8))  # warm-up
-            per_token = _drive(engine, lambda e=engine, i=ids: [
-                _generate(e, i, a.new_tokens, a.rows) for _ in range(a.runs)])
+            for name in adapters:
+                engine.registry.load(name)
+
+            def run(e=engine, i=ids, n=a.new_tokens):
+                return _generate(e, i, n, a.rows, adapters)
+            _drive(engine, lambda e=engine, i=ids: _generate(e, i, 8, a.rows, adapters))  # warm-up
+            per_token = _drive(engine, lambda: [run() for _ in range(a.runs)])
             prof = cProfile.Profile()
             prof.enable()
-            _drive(engine, lambda e=engine, i=ids: _generate(e, i, a.new_tokens, a.rows))
+            _drive(engine, run)
             prof.disable()
             stats = pstats.Stats(prof)
             split = _split(stats)
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                          key=lambda kv: -kv[1])[: a.top]
             results[variant] = {
                 "rows": a.rows,
+                "adapters": a.adapters,
                 "ms_per_step": 1e3 * median(per_token),
                 "tokens_per_s": a.rows / median(per_token),
                 "profiled_ms_per_step": {k.removesuffix("_s"): 1e3 * v / steps
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             print_table(f"{a.rows} row(s), {variant}", rows)
             del engine
     name = "profile-decode" if a.rows == 1 else f"profile-decode-{a.rows}rows"
+    name += f"-{a.adapters}adapters" if a.adapters else ""
     path = write_results(name, {"variants": results,
                                             "settings": vars(a) | {"out": a.out and str(a.out)}},
                          a.out)

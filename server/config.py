@@ -118,6 +118,14 @@ class EngineConfig:
         "auto", help="auto (bf16 on CUDA; on a CPU with avx512_bf16 or AMX, bf16 weights "
         "with fp32 activations, as --quantize bf16; fp32 elsewhere), float32, bfloat16, "
         "float16")
+    # auto: server.engine.engine.pick_adapter_dtype
+    adapter_dtype: str = setting(
+        "auto", choices=("auto", "float32", "bfloat16"),
+        help="the LoRA slot tables' dtype (activations and the adapters' sums stay in the "
+        "activations' dtype). auto: bf16 where the base's weights are bf16 (what --dtype "
+        "auto serves on a CPU with bf16: half the bytes a step of adapters streams), the "
+        "activations' dtype elsewhere; float32 keeps adapters exact in fp32 over bf16 weights; "
+        "bfloat16 under fp32 activations needs the CPU kernels; default %(default)s")
     # intra-op threads of the engine thread; 0: server.resources.usable_cpus
     threads: int = setting(
         0, minimum=0, invalid="must be 0 (every core) or more",

@@ -83,27 +83,30 @@ class Kernels:
         self.path = path
 
     def lora(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
-             segs: np.ndarray, threads: int) -> None:
+             segs: np.ndarray, threads: int, table_dtype: torch.dtype) -> None:
         """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; desc as
-        `LoraSlotTable.native_desc`. x and out are CPU tensors with unit column stride in the
-        table's dtype: fp32, or bf16, where the delta is summed in fp32 and added to out
-        once (PEFT adds its bf16 delta the same way)."""
+        `LoraSlotTable.native_desc`, over slot tables of `table_dtype`. x and out are CPU
+        tensors with unit column stride, both fp32 or both bf16; fp32 tables take fp32 rows,
+        bf16 tables either (widened in registers, the delta summed in fp32 and added to a
+        bf16 out once, as PEFT adds its bf16 delta)."""
         if x.dtype != out.dtype or x.dtype not in (torch.float32, torch.bfloat16) \
                 or x.stride(1) != 1 or out.stride(1) != 1 or x.device.type != "cpu" \
-                or x.shape[0] != out.shape[0]:
-            raise ValueError("lora kernel: x and out must be CPU tensors of as many rows, "
-                             "both float32 or both bfloat16, with unit column stride")
+                or x.shape[0] != out.shape[0] or table_dtype not in (torch.float32, torch.bfloat16) \
+                or (table_dtype == torch.float32 and x.dtype != torch.float32):
+            raise ValueError(f"lora kernel: x {x.dtype} and out {out.dtype} over {table_dtype} "
+                             "tables: x and out must be CPU tensors of as many rows with unit "
+                             "column stride, both float32 or both bfloat16; float32 tables "
+                             "take float32 rows only")
+        fn = self.lora_segments if table_dtype == torch.float32 else self.lora_segments_bf16
         if x.dtype == torch.float32:
-            fn, xf, y = self.lora_segments, x, out
+            xf, y = x, out
         else:
-            fn, xf = self.lora_segments_bf16, x.float()
-            y = torch.zeros(out.shape, dtype=torch.float32)
+            xf, y = x.float(), torch.zeros(out.shape, dtype=torch.float32)
         if fn(xf.data_ptr(), xf.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
               desc.ctypes.data, segs.ctypes.data, len(segs), threads):
             raise MemoryError("lora kernel: no memory for its scratch")
         if y is not out:
             out += y
-
 
 
 class DecodeOps:

@@ -55,6 +55,7 @@ class LoraSlotTable:
         self.spec = spec
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.dtype = dtype  # bf16 tables may serve fp32 rows (the native kernel; BLAS widens)
         self.groups = group_modules(spec)
         shapes = group_shapes(spec)
         L, S, r = spec.num_layers, num_slots, max_rank
@@ -210,15 +211,16 @@ class LoraHooks:
         if self.native is not None:
             segs, threads = self.native
             table.kernel.lora(x if x.stride(1) == 1 else x.contiguous(), out,
-                              table.native_desc[group][layer], segs, threads)
+                              table.native_desc[group][layer], segs, threads, table.dtype)
         A = table.A_layers[group][layer]
         for slot, start, end in self.segments:
             present = table.present(table.targets[slot], layer, group)
             if not present:
                 continue
-            t = x[start:end] @ A[slot]
+            t = x[start:end] @ A[slot].to(x.dtype)
             for _, idx, off, size, B in present:
-                out[start:end, off : off + size].addmm_(t[:, idx * r : (idx + 1) * r], B[slot])
+                out[start:end, off : off + size].addmm_(t[:, idx * r : (idx + 1) * r],
+                                                        B[slot].to(x.dtype))
         b = self.batched
         if b is None:
             return

@@ -23,7 +23,7 @@
 
 #define NR 4          /* rows done together */
 #define NB 4          /* vectors of columns done together */
-#define CHUNK (4 * NB * W) /* output columns of one expand work item */
+#define CHUNK 512 /* output columns of one expand work item (a multiple of W) */
 
 /* Calls fn(..., n, nb) with n and nb as constants, so the accumulators live in registers. */
 #define DISPATCH(fn, n, nb, ...)                                                    \
@@ -37,6 +37,14 @@
     case 33: fn(__VA_ARGS__, 4, 1); break; case 34: fn(__VA_ARGS__, 4, 2); break;  \
     case 35: fn(__VA_ARGS__, 4, 3); break; case 36: fn(__VA_ARGS__, 4, 4); break;  \
     }
+
+/* The scalar tails' multiply-add: fused wherever the CPU fuses (as the vector body does),
+   so that both table types' tails round alike whatever the compiler contracts. */
+#ifdef __FMA__
+#define SFMA(a, b, c) __builtin_fmaf(a, b, c)
+#else
+#define SFMA(a, b, c) ((a) * (b) + (c))
+#endif
 
 #define WT float
 #define WLOAD(p) VLOAD(p)

@@ -41,27 +41,6 @@ NAME(shrink_block)(const float *x, int64_t xs, const WT *a, int64_t in_f, int64_
         }
 }
 
-/* y[k][c0 : c0 + nb*W] += t[k][0:r] @ bm[:, c0 : c0 + nb*W] for k < n; bm is [r, sz]. */
-static inline __attribute__((always_inline)) void
-NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t r, int64_t sz, int64_t c0,
-             float *y, int64_t ys, const int n, const int nb)
-{
-    vec acc[NR][NB];
-    for (int k = 0; k < n; k++)
-        for (int b = 0; b < nb; b++) acc[k][b] = VLOAD(y + k * ys + c0 + b * W);
-    for (int64_t q = 0; q < r; q++) {
-        const WT *bq = bm + q * sz + c0;
-        vec bv[NB];
-        for (int b = 0; b < nb; b++) bv[b] = WLOAD(bq + b * W);
-        for (int k = 0; k < n; k++) {
-            vec tv = VSET1(t[k * ts + q]);
-            for (int b = 0; b < nb; b++) acc[k][b] = VFMA(tv, bv[b], acc[k][b]);
-        }
-    }
-    for (int k = 0; k < n; k++)
-        for (int b = 0; b < nb; b++) VSTORE(y + k * ys + c0 + b * W, acc[k][b]);
-}
-
 static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t in_f,
                         int64_t ncols, float *t, int64_t ts, int n)
 {
@@ -82,7 +61,8 @@ static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t i
             const WT *ai = a + i * ncols + vcols;
             for (int k = 0; k < n; k++) {
                 const float xv = x[k * xs + i];
-                for (int64_t c = 0; c < tail; c++) acc[k][c] += xv * WSCALAR(ai[c]);
+                for (int64_t c = 0; c < tail; c++)
+                    acc[k][c] = SFMA(xv, WSCALAR(ai[c]), acc[k][c]);
             }
         }
         for (int k = 0; k < n; k++)
@@ -90,21 +70,53 @@ static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t i
     }
 }
 
+/* y[k][c0 : c0 + nb*W] += t[k][q0:q1] @ bm[q0:q1, c0 : c0 + nb*W] for k < n; bm is [r, sz]. */
+static inline __attribute__((always_inline)) void
+NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t q0, int64_t q1, int64_t sz,
+             int64_t c0, float *y, int64_t ys, const int n, const int nb)
+{
+    vec acc[NR][NB];
+    for (int k = 0; k < n; k++)
+        for (int b = 0; b < nb; b++) acc[k][b] = VLOAD(y + k * ys + c0 + b * W);
+    for (int64_t q = q0; q < q1; q++) {
+        const WT *bq = bm + q * sz + c0;
+        vec bv[NB];
+        for (int b = 0; b < nb; b++) bv[b] = WLOAD(bq + b * W);
+        for (int k = 0; k < n; k++) {
+            vec tv = VSET1(t[k * ts + q]);
+            for (int b = 0; b < nb; b++) acc[k][b] = VFMA(tv, bv[b], acc[k][b]);
+        }
+    }
+    for (int k = 0; k < n; k++)
+        for (int b = 0; b < nb; b++) VSTORE(y + k * ys + c0 + b * W, acc[k][b]);
+}
+
+/* y[k][c_begin : c_end] += t[k][0:r] @ bm[:, c_begin : c_end] for k < n. QB rows of bm at
+   a time, each swept across the columns, so bm is read as QB contiguous runs (all r rows
+   of a few columns at a time would be r strided runs, which the hardware prefetcher
+   follows badly) while y is read and written r / QB times from L1. Each y element still
+   sums y + t[0] b[0] + t[1] b[1] + ... in that order. */
+#define QB 4
 static void NAME(expand_rows)(const float *t, int64_t ts, const WT *bm, int64_t r, int64_t sz,
                         int64_t c_begin, int64_t c_end, float *y, int64_t ys, int n)
 {
-    int64_t vend = c_begin + (c_end - c_begin) / W * W;
-    for (int64_t c0 = c_begin; c0 < vend; c0 += NB * W) {
-        int nb = (int)((vend - c0) / W < NB ? (vend - c0) / W : NB);
-        DISPATCH(NAME(expand_block), n, nb, t, ts, bm, r, sz, c0, y, ys)
+    const int64_t vend = c_begin + (c_end - c_begin) / W * W;
+    for (int64_t q0 = 0; q0 < r; q0 += QB) {
+        const int64_t q1 = q0 + QB < r ? q0 + QB : r;
+        for (int64_t c0 = c_begin; c0 < vend; c0 += NB * W) {
+            int nb = (int)((vend - c0) / W < NB ? (vend - c0) / W : NB);
+            DISPATCH(NAME(expand_block), n, nb, t, ts, bm, q0, q1, sz, c0, y, ys)
+        }
     }
     for (int64_t c = vend; c < c_end; c++)
         for (int k = 0; k < n; k++) {
             float acc = y[k * ys + c];
-            for (int64_t q = 0; q < r; q++) acc += t[k * ts + q] * WSCALAR(bm[q * sz + c]);
+            for (int64_t q = 0; q < r; q++)
+                acc = SFMA(t[k * ts + q], WSCALAR(bm[q * sz + c]), acc);
             y[k * ys + c] = acc;
         }
 }
+#undef QB
 
 /* desc: in_f, A (pointer), ncols, r, nmods, bits (pointer), bits stride, then per module
    B (pointer), column offset in y, size. bits[slot * stride]: the modules the slot's

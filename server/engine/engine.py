@@ -108,6 +108,29 @@ def pick_precision(name: str, device: torch.device, quantize: str = "none",
     return torch.float32, "bf16"
 
 
+def pick_adapter_dtype(name: str, dtype: torch.dtype, quantize: str, kernels: bool
+                       ) -> torch.dtype:
+    """The LoRA slot tables' dtype for `--adapter-dtype name` under activations of `dtype`
+    over weights of `quantize` mode; kernels: the engine has the CPU kernels (the only path
+    that takes bf16 tables under fp32 activations).
+
+    auto: bf16 over bf16 weights (`--quantize bf16`: a decode step of adapters is bound by
+    the bytes of slot table it streams, so fp32 tables over a 2.5x faster base cost the
+    adapters' overhead ratio), else the activations' dtype. bf16 tables round the adapters'
+    weights once (B with its scale folded in); the deltas are still summed in fp32."""
+    if name == "auto":
+        return torch.bfloat16 if quantize == "bf16" and kernels else dtype
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    if want == dtype:
+        return want
+    if want == torch.bfloat16 and dtype == torch.float32 and kernels:
+        return want
+    raise ValueError(f"--adapter-dtype {name} under {str(dtype).removeprefix('torch.')} "
+                     "activations: the slot tables must be the activations' dtype, or bf16 "
+                     "under float32 activations with the CPU kernels (--cpu-kernels auto or "
+                     "native on a CPU)")
+
+
 class _State(RequestState):
     """A request's state in the PyTorch engine: its adapter and the slot it holds."""
 
@@ -173,11 +196,14 @@ class Engine(RequestLoop):
                      "with the native kernels", " and ".join(self.model.native_fallbacks()))
         buckets = config.lora_slots or default_buckets(config.max_lora_rank,
                                                        config.max_active_adapters)
-        self.table = SlotBuckets(self.spec, buckets, config.max_active_adapters, self.dtype,
-                                 self.device, self.ops.kernels)
-        log.info("adapter slots: up to %d adapters on the device; LoRA slots by rank %s "
+        self.adapter_dtype = pick_adapter_dtype(config.adapter_dtype, self.dtype, self.quantize,
+                                                self.ops.kernels is not None)
+        self.table = SlotBuckets(self.spec, buckets, config.max_active_adapters,
+                                 self.adapter_dtype, self.device, self.ops.kernels)
+        log.info("adapter slots: up to %d adapters on the device; LoRA slots by rank %s in %s "
                  "(%.0f MiB when every bucket is in use; a bucket is allocated on first use)",
                  config.max_active_adapters, self.table.describe(),
+                 str(self.adapter_dtype).removeprefix("torch."),
                  self.table.capacity_bytes / (1 << 20))
         self.fingerprint = model_fingerprint(model_dir)
         if metrics is None:  # one private set, shared by the engine and its registry

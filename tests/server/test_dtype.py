@@ -11,7 +11,8 @@ import pytest
 import torch
 from support import make_lora
 
-from server.engine.engine import BF16_CPU_FLAGS, auto_dtype, cpu_flags, pick_precision
+from server.engine.engine import (BF16_CPU_FLAGS, auto_dtype, cpu_flags, pick_adapter_dtype,
+                                  pick_precision)
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -62,6 +63,30 @@ def test_auto_keeps_a_quantize_asked_for_with_fp32_activations(quantize, cpu_ker
     if torch.cuda.is_available():
         assert pick_precision("auto", torch.device("cuda"), quantize, cpu_kernels) == (
             torch.bfloat16, quantize)
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize(("name", "dtype", "quantize", "kernels", "expected"), [
+    ("auto", F32, "bf16", True, BF16),  # what --dtype auto serves on a bf16 CPU
+    ("auto", F32, "bf16", False, F32),  # bf16 tables under fp32 rows need the kernel
+    ("auto", F32, "none", True, F32),
+    ("auto", F32, "w8a8", True, F32),
+    ("auto", BF16, "none", False, BF16),  # --dtype bfloat16: tables follow the activations
+    ("float32", F32, "bf16", True, F32),  # exact fp32 adapters over bf16 weights
+    ("bfloat16", F32, "none", True, BF16),
+    ("bfloat16", BF16, "none", False, BF16),
+])
+def test_adapter_dtype(name, dtype, quantize, kernels, expected):
+    assert pick_adapter_dtype(name, dtype, quantize, kernels) == expected
+
+
+@pytest.mark.parametrize(("name", "dtype", "kernels"), [
+    ("bfloat16", F32, False), ("float32", BF16, True), ("float32", torch.float16, False)])
+def test_adapter_dtype_refused_where_no_kernel_takes_it(name, dtype, kernels):
+    with pytest.raises(ValueError, match=f"--adapter-dtype {name} under"):
+        pick_adapter_dtype(name, dtype, "none", kernels)
 
 
 NEW_TOKENS = 24

@@ -151,6 +151,41 @@ def test_native_kernel_matches_reference_for_any_shape(spec, max_rank, march, dt
             assert torch.equal(out[0], base[0])  # the base row is untouched
 
 
+@pytest.mark.parametrize("march", KERNEL_BUILDS)
+def test_bf16_tables_under_fp32_rows_equal_fp32_tables_of_the_rounded_weights(march):
+    """--adapter-dtype bfloat16 under fp32 activations (the default over bf16 weights): the
+    kernel widens the bf16 tables in registers and sums in fp32 in the fp32 kernel's order,
+    and a segment longer than native.MAX_ROWS goes to BLAS on the widened slot; so the
+    result is bit for bit that of fp32 tables holding the bf16-rounded weights, on every
+    build. A long fp32 table against a bf16 row is refused."""
+    all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    by_slot = {2: _bf16_exact(_random_lora(ODD_SPEC, 24, all_modules, 1)),
+               0: _bf16_exact(_random_lora(ODD_SPEC, 7, ["q_proj", "down_proj"], 2))}
+    tables = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        tables[dtype] = LoraSlotTable(ODD_SPEC, num_slots=3, max_rank=24, dtype=dtype,
+                                      device="cpu", kernel=kernels_for(march))
+        for slot, weights in by_slot.items():
+            tables[dtype].write(slot, weights)
+    long = native.MAX_ROWS + 2
+    segments = [(0, 1, 3), (2, 3, 8), (2, 8, 8 + long)]
+    torch.manual_seed(0)
+    for layer in range(ODD_SPEC.num_layers):
+        for group, (in_f, outs) in group_shapes(ODD_SPEC).items():
+            x = torch.randn(8 + long, in_f)
+            base = torch.randn(8 + long, sum(outs))
+            got = {}
+            for dtype, table in tables.items():
+                got[dtype] = base.clone()
+                LoraHooks(table, segments).linear(layer, group, x, got[dtype])
+            assert torch.equal(got[torch.float32], got[torch.bfloat16]), (layer, group)
+            assert not torch.equal(got[torch.float32][1:], base[1:])  # the adapters did add
+    with pytest.raises(ValueError, match="float32 tables take float32 rows only"):
+        LoraHooks(tables[torch.float32], [(0, 0, 2)]).linear(
+            0, "qkv", torch.zeros(2, ODD_SPEC.hidden_size, dtype=torch.bfloat16),
+            torch.zeros(2, 8, dtype=torch.bfloat16))
+
+
 def test_native_rows_are_the_same_alone_and_in_any_mix(adapters):
     """A row's delta does not depend on the other rows of its step, bit for bit."""
     table = LoraSlotTable(SPEC, num_slots=3, max_rank=16, dtype=torch.float32, device="cpu",
