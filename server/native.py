@@ -89,9 +89,10 @@ class Kernels:
         tensors with unit column stride, both fp32 or both bf16; fp32 tables take fp32 rows,
         bf16 tables either (widened in registers, the delta summed in fp32 and added to a
         bf16 out once, as PEFT adds its bf16 delta)."""
-        if x.dtype != out.dtype or x.dtype not in (torch.float32, torch.bfloat16) \
+        dtypes = (torch.float32, torch.bfloat16)
+        if x.dtype != out.dtype or x.dtype not in dtypes or table_dtype not in dtypes \
                 or x.stride(1) != 1 or out.stride(1) != 1 or x.device.type != "cpu" \
-                or x.shape[0] != out.shape[0] or table_dtype not in (torch.float32, torch.bfloat16) \
+                or x.shape[0] != out.shape[0] \
                 or (table_dtype == torch.float32 and x.dtype != torch.float32):
             raise ValueError(f"lora kernel: x {x.dtype} and out {out.dtype} over {table_dtype} "
                              "tables: x and out must be CPU tensors of as many rows with unit "

@@ -11,8 +11,13 @@ import pytest
 import torch
 from support import make_lora
 
-from server.engine.engine import (BF16_CPU_FLAGS, auto_dtype, cpu_flags, pick_adapter_dtype,
-                                  pick_precision)
+from server.engine.engine import (
+    BF16_CPU_FLAGS,
+    auto_dtype,
+    cpu_flags,
+    pick_adapter_dtype,
+    pick_precision,
+)
 from switchboard.v1 import switchboard_pb2 as pb
 from switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
