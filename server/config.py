@@ -173,7 +173,9 @@ class EngineConfig:
         "more, bf16 weights under fp32 activations: 32 or more): 1.3-1.9x faster "
         "projections in a 32-row step, for twice the weights' memory; one stream keeps the "
         "C kernel on the plain weights. auto: on for bf16 weights (--quantize bf16, what "
-        "--dtype auto serves on a CPU with bf16), off for fp32; default %(default)s")
+        "--dtype auto serves on a CPU with bf16), and for fp32 weights when the copy takes "
+        "at most a quarter of the memory left (MemAvailable, capped by a cgroup limit); "
+        "default %(default)s")
     allow_pickle: bool = setting(False, help="allow adapter_model.bin (pickle) files")
     # none; int8, int4, bf16, w8a8, w4a8 (server.engine.quant); nf4 (bitsandbytes)
     quantize: str = setting("none", reads="--quantize")

@@ -1,4 +1,5 @@
-"""What CPU this process may use: its affinity, capped by a cgroup CPU quota.
+"""What CPU this process may use: its affinity, capped by a cgroup CPU quota; and how much
+memory it may still take: the kernel's MemAvailable, capped by a cgroup memory limit.
 
 A container with a CPU limit still sees every host core in `sched_getaffinity`, so an
 engine that sized its thread pool from that would run more threads than the quota lets
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMINFO = Path("/proc/meminfo")
 
 
 def affinity_cpus() -> int:
@@ -49,3 +51,31 @@ def usable_cpus(root: Path = CGROUP_ROOT, affinity: int | None = None) -> int:
     if quota is not None:
         cpus = min(cpus, max(1, math.floor(quota)))
     return max(1, cpus)
+
+
+def available_memory(root: Path = CGROUP_ROOT, meminfo: Path = MEMINFO) -> int | None:
+    """Bytes this process could still allocate: /proc/meminfo's MemAvailable, lowered to
+    what the cgroup's memory limit leaves (v2 memory.max - memory.current, v1
+    memory.limit_in_bytes - memory.usage_in_bytes; no limit: "max", or v1's huge number);
+    None when neither can be read."""
+    left = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                left = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes",
+                                    "memory/memory.usage_in_bytes"),
+                                   ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            if limit == "max":
+                break
+            cgroup_left = max(0, int(limit) - int((root / usage_file).read_text()))
+        except (OSError, ValueError):
+            continue
+        left = cgroup_left if left is None else min(left, cgroup_left)
+        break
+    return left

@@ -26,7 +26,7 @@ from server.engine.types import EngineError, ErrorEvent, GenerationRequest
 from server.metrics import ServerMetrics
 from server.model_store import model_fingerprint, stop_token_ids
 from server.output_policy import OutputPolicies
-from server.resources import usable_cpus
+from server.resources import available_memory, usable_cpus
 from server.scheduler.scheduler import Entry, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,22 @@ def pick_adapter_dtype(name: str, dtype: torch.dtype, quantize: str, kernels: bo
                      "native on a CPU)")
 
 
+def prepack_auto(device: torch.device, dtype: torch.dtype, quantize: str, copy_bytes: int,
+                 available: int | None) -> bool:
+    """--prepack-weights auto: on the CPU, on for bf16 weights (their only fast GEMM), and
+    for fp32 weights when oneDNN's second copy (`copy_bytes`) takes at most a quarter of the
+    memory left (`available`, server.resources.available_memory; unknown: off): a 32-row
+    step's projections 1.9x faster, the base alone with 32 clients 1.5x (docs/performance.md),
+    for twice the weights' memory. Off for everything else (int8/int4/w8a8/w4a8 keep their
+    own layouts, CUDA has no such copy)."""
+    if device.type != "cpu":
+        return False
+    if quantize == "bf16":
+        return True
+    return (quantize == "none" and dtype == torch.float32 and available is not None
+            and 4 * copy_bytes <= available)
+
+
 class _State(RequestState):
     """A request's state in the PyTorch engine: its adapter and the slot it holds."""
 
@@ -188,8 +204,7 @@ class Engine(RequestLoop):
             KVCache.bytes_per_token(self.spec, self.dtype))
         self.ops = ModelOps.pick(config.cpu_kernels, self.device, self.dtype)
         self.model.use_ops(self.ops)
-        if config.prepack_weights == "on" or (config.prepack_weights == "auto"
-                                              and self.quantize == "bf16"):
+        if self._prepack(config.prepack_weights):
             self.model.prepack()
         if self.ops.fused_decode and self.model.native_fallbacks():
             log.info("cpu kernels: decode steps run %s with PyTorch ops, the rest of the step "
@@ -223,6 +238,19 @@ class Engine(RequestLoop):
                          thread_name="engine", metrics=metrics,
                          output_policies=output_policies)
         self.eos_ids = self._eos_ids()
+
+    def _prepack(self, mode: str) -> bool:
+        """--prepack-weights `mode`: on, off, or auto (`prepack_auto`, logged)."""
+        if mode != "auto":
+            return mode == "on"
+        copy = self.model.plain_projection_bytes()
+        left = available_memory()
+        on = prepack_auto(self.device, self.dtype, self.quantize, copy, left)
+        if self.device.type == "cpu" and self.quantize == "none" and self.dtype == torch.float32:
+            log.info("prepack weights (auto): %s; oneDNN's copy of the projections is %.0f MiB, "
+                     "%s MiB of memory left", "on" if on else "off", copy / (1 << 20),
+                     "unknown" if left is None else f"{left / (1 << 20):.0f}")
+        return on
 
     # ---- the Engine protocol (server.engine.protocol), besides the lifecycle's ----------
     def info(self) -> EngineInfo:

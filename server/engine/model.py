@@ -235,6 +235,11 @@ class DecoderModel(nn.Module):
         """Run with `ops` (server.engine.ops.ModelOps.pick) from the next step on."""
         self.ops = ops
 
+    def plain_projection_bytes(self) -> int:
+        """The bytes of the plain Projections' weights (what `prepack` copies for them)."""
+        return sum(m.weight.numel() * m.weight.element_size() for m in self.modules()
+                   if type(m) is Projection)
+
     def prepack(self) -> int:
         """--prepack-weights: each plain Projection (fp32 or bf16) and each bf16-weight
         QuantizedProjection on the CPU keeps oneDNN's copy of its weight

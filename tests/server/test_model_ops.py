@@ -9,6 +9,8 @@ import torch
 from support import KERNEL_BUILDS, kernels_for, make_tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from server.config import EngineConfig
+from server.engine.engine import Engine, prepack_auto
 from server.engine.loading import load_model
 from server.engine.model import KVCache, StepInputs, _rope
 from server.engine.ops import TORCH_OPS, ModelOps
@@ -269,3 +271,35 @@ def test_prepack_packs_every_plain_projection_of_a_model(tmp_path):
     assert model.prepack() == 4 * len(model.layers)
     after = model.ops.linear(layer.gate_up, x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize(("device", "dtype", "quantize", "copy", "left", "expected"), [
+    (CPU, torch.float32, "none", 1 << 30, 4 << 30, True),  # a quarter of what is left
+    (CPU, torch.float32, "none", (1 << 30) + 1, 4 << 30, False),
+    (CPU, torch.float32, "none", 1 << 20, None, False),  # memory left unknown
+    (CPU, torch.float32, "bf16", 8 << 30, 1 << 30, True),  # bf16 weights: always
+    (CPU, torch.float32, "int8", 0, 4 << 30, False),  # their own layout
+    (CPU, torch.float32, "w8a8", 0, 4 << 30, False),
+    (CPU, torch.bfloat16, "none", 1 << 20, 4 << 30, False),  # --dtype bfloat16: asked only
+    (CUDA, torch.float32, "none", 1 << 20, 4 << 30, False),
+])
+def test_prepack_auto(device, dtype, quantize, copy, left, expected):
+    assert prepack_auto(device, dtype, quantize, copy, left) == expected
+
+
+def test_an_fp32_engine_prepacks_by_default_when_memory_allows(tmp_path):
+    """--prepack-weights auto on this machine (a tiny model's copy is far under a quarter
+    of any memory left here); off keeps the plain weights only."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    model_dir = make_tiny_model(tmp_path / "m")
+    packed = {}
+    for mode in ("auto", "off"):
+        engine = Engine(model_dir, tmp_path / "adapters", EngineConfig(
+            dtype="float32", prepack_weights=mode, kv_cache_bytes=8 << 20, max_seq_len=64))
+        packed[mode] = sum(getattr(m, "packed_nbytes", 0) for m in engine.model.modules())
+        assert engine.memory()["base_model"] >= engine.model.plain_projection_bytes()
+    assert packed == {"auto": engine.model.plain_projection_bytes(), "off": 0}

@@ -307,6 +307,27 @@ def adapter_root(tiny_model, tmp_path_factory):
     return root
 
 
+def _bf16_adapter(adapter_dir: Path, out: Path) -> Path:
+    """A copy of a PEFT LoRA adapter holding what bf16 slot tables hold (--adapter-dtype
+    bfloat16): A rounded to bf16, B with its scale folded in rounded to bf16 (then the scale
+    taken out again, which PEFT puts back), kept in fp32."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = {}
+    for key, t in load_file(adapter_dir / "adapter_model.safetensors").items():
+        if "lora_B" in key:
+            t = (t * scale).bfloat16().float() / scale
+        tensors[key] = t.bfloat16().float() if "lora_A" in key else t
+    out.mkdir(parents=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def _oracle(hf, adapter_dir):
     """(adapter or '', prompt index) -> (tokens, logprobs) of PEFT's greedy generate."""
     from peft import PeftModel
@@ -345,17 +366,22 @@ def _request(adapter: str, prompt: list[int]) -> pb.GenerateRequest:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "kernels"), [("int8", "native"), ("int4", "native"),
-                                               ("int4", "torch"), ("bf16", "native"),
-                                               ("w8a8", "native"), ("w4a8", "native"),
-                                               ("w8a8", "torch")])
-def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_root,
-                                                            start_server, mode, kernels):
-    oracle = _oracle(_dequantized_hf_model(tiny_model, mode), adapter_root / "r16-all")
+@pytest.mark.parametrize(("mode", "kernels", "adapter_dtype"), [
+    ("int8", "native", "auto"), ("int4", "native", "auto"), ("int4", "torch", "auto"),
+    ("bf16", "native", "auto"), ("bf16", "native", "float32"), ("w8a8", "native", "auto"),
+    ("w4a8", "native", "auto"), ("w8a8", "torch", "auto")])
+def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_root, tmp_path,
+                                                            start_server, mode, kernels,
+                                                            adapter_dtype):
+    """bf16 weights with --adapter-dtype auto keep bf16 slot tables: the oracle's adapter
+    holds the same rounded weights (and with float32, the adapter as saved)."""
+    adapter = adapter_root / "r16-all"
+    if mode == "bf16" and adapter_dtype == "auto":
+        adapter = _bf16_adapter(adapter, tmp_path / "r16-all")
+    oracle = _oracle(_dequantized_hf_model(tiny_model, mode), adapter)
     from transformers import AutoModelForCausalLM
 
-    plain = _oracle(AutoModelForCausalLM.from_pretrained(tiny_model).eval(),
-                    adapter_root / "r16-all")
+    plain = _oracle(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), adapter)
     # the quantized weights change some greedy tokens, or this test proves little
     assert any(oracle[k][0] != plain[k][0] for k in oracle)
     # w8a8/w4a8: so does the rounding of the activations (against the same weights alone).
@@ -365,15 +391,21 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
     # which must be a near tie in the oracle (its logprobs of the two tokens within the
     # tolerance), and the server must be closer to the oracle than to the same weights
     # without rounded activations (mean logprob difference over what was compared).
-    tolerance, weights_only = 1e-3, None
-    distance: dict[str, list[float]] = {"oracle": [], "weights only": []}
-    if mode in ACT8_MODES:
-        weights_only = _oracle(_dequantized_hf_model(tiny_model, ACT8_MODES[mode]),
-                               adapter_root / "r16-all")
-        assert any(oracle[k][0] != weights_only[k][0] for k in oracle)
+    # bf16 weights: the server must be closer to the oracle of its adapter dtype than to
+    # the other's (the adapters' rounding is otherwise below the tolerance).
+    tolerance, act8, near = 1e-3, mode in ACT8_MODES, None
+    distance: dict[str, list[float]] = {"oracle": [], "other": []}
+    if act8:  # the same weights without rounded activations
+        near = _oracle(_dequantized_hf_model(tiny_model, ACT8_MODES[mode]), adapter)
+        assert any(oracle[k][0] != near[k][0] for k in oracle)
         tolerance = 5e-2
+    elif mode == "bf16":
+        near = _oracle(_dequantized_hf_model(tiny_model, mode),
+                       adapter_root / "r16-all" if adapter_dtype == "auto"
+                       else _bf16_adapter(adapter, tmp_path / "rounded"))
     server = start_server("--base-model", tiny_model, "--adapter-dir", adapter_root,
                           "--quantize", mode, "--cpu-kernels", kernels, "--max-batch-size", 8,
+                          "--adapter-dtype", adapter_dtype,
                           "--max-tokens-per-step", 24, "--max-seq-len", 256,
                           "--kv-cache-memory", "32MiB")
     stub = pb_grpc.TextGenerationStub(grpc.insecure_channel(server.target))
@@ -384,15 +416,14 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
         name = f"{label} {key or 'base'} prompt {i}"
         tokens, logprobs, dists = oracle[(key, i)]
         got = list(result.token_ids)
-        n = len(tokens)
-        if weights_only is not None:
-            n = _first_difference(got, tokens)
-            if n < len(tokens):
-                gap = float(dists[n][tokens[n]] - dists[n][got[n]])
-                assert gap < tolerance, f"{name}: token {n} differs, not a near tie ({gap})"
-            other, other_lps = weights_only[(key, i)][:2]
+        n = _first_difference(got, tokens) if act8 else len(tokens)
+        if n < len(tokens):
+            gap = float(dists[n][tokens[n]] - dists[n][got[n]])
+            assert gap < tolerance, f"{name}: token {n} differs, not a near tie ({gap})"
+        if near is not None:
+            other, other_lps = near[(key, i)][:2]
             same = min(n, _first_difference(other, tokens))
-            for ref, lps in (("oracle", logprobs), ("weights only", other_lps)):
+            for ref, lps in (("oracle", logprobs), ("other", other_lps)):
                 distance[ref] += [abs(a - b) for a, b in
                                   zip(result.logprobs[:same], lps[:same], strict=True)]
         assert got[:n] == tokens[:n], name
@@ -417,6 +448,6 @@ def test_greedy_parity_with_peft_on_the_dequantized_weights(tiny_model, adapter_
     assert not errors
     for (key, i), result in results.items():  # mixed: multi-row steps, chunked prefills
         check(result, key, i, "mixed")
-    if weights_only is not None:
+    if near is not None:
         mean = {ref: sum(d) / len(d) for ref, d in distance.items()}
-        assert mean["oracle"] < mean["weights only"], mean
+        assert mean["oracle"] < mean["other"], mean

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.resources import cgroup_cpu_quota, usable_cpus
+from server.resources import available_memory, cgroup_cpu_quota, usable_cpus
 
 
 def v2(root: Path, text: str) -> Path:
@@ -53,3 +53,39 @@ def test_threads_follow_the_lower_of_affinity_and_quota(tmp_path, text, affinity
 
 def test_this_machine_gets_at_least_one_thread():
     assert usable_cpus() >= 1
+
+
+def meminfo(path: Path, available_kib: int) -> Path:
+    path.write_text(f"MemTotal:       24000000 kB\nMemFree:         1000000 kB\n"
+                    f"MemAvailable:   {available_kib} kB\n")
+    return path
+
+
+def test_available_memory_is_memavailable_without_a_cgroup_limit(tmp_path):
+    info = meminfo(tmp_path / "meminfo", 2_000_000)
+    assert available_memory(tmp_path / "none", info) == 2_000_000 * 1024
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "memory.max").write_text("max\n")
+    (tmp_path / "v2" / "memory.current").write_text("123\n")
+    assert available_memory(tmp_path / "v2", info) == 2_000_000 * 1024
+    assert available_memory(tmp_path, tmp_path / "no-meminfo") is None
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_available_memory_is_capped_by_what_the_cgroup_limit_leaves(tmp_path, layout):
+    limit, used = 3 << 30, 1 << 30
+    if layout == "v2":
+        root = tmp_path
+        (root / "memory.max").write_text(f"{limit}\n")
+        (root / "memory.current").write_text(f"{used}\n")
+    else:
+        root = tmp_path
+        (root / "memory").mkdir()
+        (root / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (root / "memory" / "memory.usage_in_bytes").write_text(f"{used}\n")
+    big, small = meminfo(tmp_path / "big", 20_000_000), meminfo(tmp_path / "small", 1_000_000)
+    assert available_memory(root, big) == limit - used
+    assert available_memory(root, small) == 1_000_000 * 1024  # the host's is lower
+    (root / ("memory.current" if layout == "v2" else "memory/memory.usage_in_bytes")
+     ).write_text(f"{limit + 5}\n")  # over its limit (reclaim pending): nothing left
+    assert available_memory(root, big) == 0
