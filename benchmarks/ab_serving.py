@@ -7,8 +7,10 @@ own through --before-arg / --after-arg), both up for the whole run. The serving
 benchmark's 16 rank-16 all-projection adapters (benchmarks.serving.make_adapters), 32
 streaming gRPC clients, each request naming the next adapter, --new-tokens each; per
 round, each side's base-only load then its 16-adapter load, the sides' order swapped every
-round. Reported: per side the median tok/s, and the median over rounds of the per-round
-ratio after / before (the two measured minutes apart, not an hour).
+round. Reported: per side the median tok/s and the adapters' overhead ratio (median over
+rounds of 16 adapters / base only), and the median over rounds of the per-round ratio
+after / before (the two measured minutes apart, not an hour). Two settings of one tree:
+`--before . --after .` with --before-arg / --after-arg.
 
     python -m benchmarks.ab_serving --before 8fd529f [--after .] [--rounds 4]
         [--requests 32] [--new-tokens 64] [--dtype float32]
@@ -95,8 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "after_tokens_per_s": median(after),
                          "ratio_after_before": median(
             [x / y for x, y in zip(after, before, strict=True)])}
+    for side in sides:
+        summary[f"{side}_overhead_ratio"] = median(
+            [x / y for x, y in zip(results[side]["adapters"], results[side]["base"],
+                                   strict=True)])
     print_table(f"after ({a.after}) against before ({a.before}), median of {a.rounds} rounds",
-                [(f"{k} {m}", v) for k, d in summary.items() for m, v in d.items()])
+                [(f"{k} {m}", v) for k, d in summary.items() if isinstance(d, dict)
+                 for m, v in d.items()]
+                + [(k, v) for k, v in summary.items() if not isinstance(v, dict)])
     result = {**summary, "rounds": results, "settings": vars(a) | {"out": a.out and str(a.out)}}
     path = write_results("ab-serving", result, a.out)
     print(f"wrote {path}")

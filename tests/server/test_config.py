@@ -28,6 +28,7 @@ FLAGS: dict[str, list[str]] = {
     "watch_seconds": ["--watch", "2"],
     "engine.device": ["--device", "cpu"],
     "engine.dtype": ["--dtype", "float32"],
+    "engine.adapter_dtype": ["--adapter-dtype", "bfloat16"],
     "engine.max_batch_size": ["--max-batch-size", "3"],
     "engine.max_tokens_per_step": ["--max-tokens-per-step", "64"],
     "engine.max_queue": ["--max-queue", "9"],
