@@ -243,13 +243,13 @@ class Engine(RequestLoop):
         """--prepack-weights `mode`: on, off, or auto (`prepack_auto`, logged)."""
         if mode != "auto":
             return mode == "on"
-        copy = self.model.plain_projection_bytes()
+        copy = self.model.plain_weight_bytes()
         left = available_memory()
         on = prepack_auto(self.device, self.dtype, self.quantize, copy, left)
         if self.device.type == "cpu" and self.quantize == "none" and self.dtype == torch.float32:
-            log.info("prepack weights (auto): %s; oneDNN's copy of the projections is %.0f MiB, "
-                     "%s MiB of memory left", "on" if on else "off", copy / (1 << 20),
-                     "unknown" if left is None else f"{left / (1 << 20):.0f}")
+            log.info("prepack weights (auto): %s; oneDNN's copy of the projections and the "
+                     "head is %.0f MiB, %s MiB of memory left", "on" if on else "off",
+                     copy / (1 << 20), "unknown" if left is None else f"{left / (1 << 20):.0f}")
         return on
 
     # ---- the Engine protocol (server.engine.protocol), besides the lifecycle's ----------
@@ -264,7 +264,7 @@ class Engine(RequestLoop):
     def memory(self) -> dict[str, int]:
         weights = sum(t.numel() * t.element_size()
                       for t in (*self.model.parameters(), *self.model.buffers()))
-        weights += sum(getattr(m, "packed_nbytes", 0) for m in self.model.modules())
+        weights += self.model.packed_nbytes
         return {"base_model": weights, "kv_cache": self.kv.nbytes,
                 "prefix_cache": self.prefix_cache.nbytes,
                 "adapter_slots": self.table.nbytes, "adapters_host": self.registry.host_usage()}

@@ -142,8 +142,12 @@ class ModelOps:
                 return native_linear(self.kernels, x, proj.weight, proj.bias)
         return proj.forward(x)
 
-    def logits(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [R, hidden] @ w [vocab, hidden]^T (the output head), as `linear` chooses."""
+    def logits(self, w: torch.Tensor, x: torch.Tensor, packed: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """x [R, hidden] @ w [vocab, hidden]^T (the output head), as `linear` chooses
+        (packed: the head's pre-packed copy, --prepack-weights)."""
+        if packed is not None and x.shape[0] >= PACKED_ROWS:
+            return linear_packed(x, w, packed)
         if self.kernels is not None and x.shape[0] < FEW_ROWS:
             return native_linear(self.kernels, x, w, None)
         return torch.mm(w, x.T).T

@@ -267,10 +267,12 @@ def test_prepack_packs_every_plain_projection_of_a_model(tmp_path):
     model.build_rope(64)
     x = torch.randn(12, model.spec.hidden_size)
     layer = model.layers[0]
-    before = model.ops.linear(layer.gate_up, x)
+    before = model.ops.linear(layer.gate_up, x), model._logits(x)
     assert model.prepack() == 4 * len(model.layers)
-    after = model.ops.linear(layer.gate_up, x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    assert model.lm_head_packed is not None  # and the head
+    after = model.ops.linear(layer.gate_up, x), model._logits(x)
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -300,6 +302,8 @@ def test_an_fp32_engine_prepacks_by_default_when_memory_allows(tmp_path):
     for mode in ("auto", "off"):
         engine = Engine(model_dir, tmp_path / "adapters", EngineConfig(
             dtype="float32", prepack_weights=mode, kv_cache_bytes=8 << 20, max_seq_len=64))
-        packed[mode] = sum(getattr(m, "packed_nbytes", 0) for m in engine.model.modules())
-        assert engine.memory()["base_model"] >= engine.model.plain_projection_bytes()
-    assert packed == {"auto": engine.model.plain_projection_bytes(), "off": 0}
+        packed[mode] = engine.model.packed_nbytes
+        assert engine.memory()["base_model"] == packed[mode] + sum(
+            t.numel() * t.element_size() for t in (*engine.model.parameters(),
+                                                   *engine.model.buffers()))
+    assert packed == {"auto": engine.model.plain_weight_bytes(), "off": 0}
