@@ -135,6 +135,31 @@ int NAME(lora_segments)(const float *x, int64_t xs, float *y, int64_t ys, int64_
     const int64_t nchunks = (max_size + CHUNK - 1) / CHUNK;
     float *t = malloc(sizeof(float) * (size_t)(ntok * ncols));
     if (!t) return -1;
+    if (nsegs >= 2 * threads) {
+        /* Enough segments to share: each thread takes whole segments, shrink then expand,
+           so no barrier splits the call and each slot's A and B stream back to back. */
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t j = 0; j < nsegs; j++) {
+            int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
+            if (!bits[s * stride]) continue;
+            for (int64_t t0 = start; t0 < end; t0 += NR) {
+                const int n = (int)(end - t0 < NR ? end - t0 : NR);
+                NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
+                                  t + t0 * ncols, ncols, n);
+                for (int64_t m = 0; m < nmods; m++) {
+                    const int64_t *md = mods + 3 * m;
+                    if (bits[s * stride] >> m & 1)
+                        NAME(expand_rows)(t + t0 * ncols + m * r, ncols,
+                                          (const WT *)md[0] + s * r * md[2], r, md[2], 0,
+                                          md[2], y + t0 * ys + md[1], ys, n);
+                }
+            }
+        }
+        free(t);
+        return 0;
+    }
+    /* Few segments (one stream, a few adapters): shrink by segment, then expand by
+       (segment, module, column chunk), so that both threads have work. */
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(dynamic, 1)
