@@ -13,6 +13,12 @@ def test_nonfinite_rows():
     logits[1, 3] = float("nan")
     logits[3, 0] = float("inf")
     assert nonfinite_rows(logits) == [1, 3]
+    logits[0, 2], logits[0, 5] = float("inf"), float("-inf")  # a NaN sum
+    logits[2, 9] = float("-inf")
+    assert nonfinite_rows(logits) == [0, 1, 2, 3]
+    assert nonfinite_rows(logits.bfloat16()) == [0, 1, 2, 3]
+    big = torch.full((2, 49152), 3e33)  # finite, large logits are not flagged
+    assert nonfinite_rows(big) == []
     assert nonfinite_rows(torch.zeros(0, 10)) == []
 
 
