@@ -30,7 +30,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -82,29 +81,33 @@ class Kernels:
             setattr(self, name, fn)
         self.path = path
 
-    def lora(self, x: torch.Tensor, out: torch.Tensor, desc: np.ndarray,
-             segs: np.ndarray, threads: int, table_dtype: torch.dtype) -> None:
-        """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; desc as
-        `LoraSlotTable.native_desc`, over slot tables of `table_dtype`. x and out are CPU
-        tensors with unit column stride, both fp32 or both bf16; fp32 tables take fp32 rows,
-        bf16 tables either (widened in registers, the delta summed in fp32 and added to a
-        bf16 out once, as PEFT adds its bf16 delta)."""
-        dtypes = (torch.float32, torch.bfloat16)
-        if x.dtype != out.dtype or x.dtype not in dtypes or table_dtype not in dtypes \
-                or x.stride(1) != 1 or out.stride(1) != 1 or x.device.type != "cpu" \
-                or x.shape[0] != out.shape[0] \
-                or (table_dtype == torch.float32 and x.dtype != torch.float32):
+    def lora(self, x: torch.Tensor, out: torch.Tensor, desc: int, segs: int, nsegs: int,
+             threads: int, table_dtype: torch.dtype) -> None:
+        """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; desc: the
+        address of a `LoraSlotTable.native_desc` array (the table's own, kept alive by it),
+        over slot tables of `table_dtype`; segs: the address of nsegs (slot, start, end)
+        int64 triples, starts and ends within x's rows (`LoraHooks` keeps the array). x and out are CPU tensors with unit column stride, both
+        fp32 or both bf16; fp32 tables take fp32 rows, bf16 tables either (widened in
+        registers, the delta summed in fp32 and added to a bf16 out once, as PEFT adds its
+        bf16 delta). A decode step makes ~120 of these calls: the checks are attribute
+        comparisons only."""
+        dtype = x.dtype
+        if dtype is not out.dtype or x.stride(1) != 1 or out.stride(1) != 1 \
+                or x.shape[0] != out.shape[0] or x.device.type != "cpu" \
+                or not (dtype is torch.float32 or (dtype is torch.bfloat16
+                                                   and table_dtype is torch.bfloat16)) \
+                or table_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"lora kernel: x {x.dtype} and out {out.dtype} over {table_dtype} "
                              "tables: x and out must be CPU tensors of as many rows with unit "
                              "column stride, both float32 or both bfloat16; float32 tables "
                              "take float32 rows only")
-        fn = self.lora_segments if table_dtype == torch.float32 else self.lora_segments_bf16
-        if x.dtype == torch.float32:
+        fn = self.lora_segments if table_dtype is torch.float32 else self.lora_segments_bf16
+        if dtype is torch.float32:
             xf, y = x, out
         else:
             xf, y = x.float(), torch.zeros(out.shape, dtype=torch.float32)
-        if fn(xf.data_ptr(), xf.stride(0), y.data_ptr(), y.stride(0), x.shape[0],
-              desc.ctypes.data, segs.ctypes.data, len(segs), threads):
+        if fn(xf.data_ptr(), xf.stride(0), y.data_ptr(), y.stride(0), x.shape[0], desc,
+              segs, nsegs, threads):
             raise MemoryError("lora kernel: no memory for its scratch")
         if y is not out:
             out += y

@@ -74,6 +74,9 @@ class LoraSlotTable:
         self.kernel = kernel
         self.group_bits = np.zeros((S, L, len(GROUPS)), dtype=np.int64)
         self.native_desc = {g: [self._desc(g, layer) for layer in range(L)] for g in GROUPS}
+        # their addresses, looked up once (numpy's .ctypes is microseconds a call)
+        self.native_desc_ptr = {g: [d.ctypes.data for d in descs]
+                                for g, descs in self.native_desc.items()}
 
     def _desc(self, group: str, layer: int) -> np.ndarray:
         A = self.A_layers[group][layer]
@@ -198,20 +201,23 @@ class LoraHooks:
                  batched: BatchedRows | None = None) -> None:
         self.table = table
         self.batched = batched
-        self.native = None  # (segments [n, 3] int64, threads) for the kernel
+        # for the kernel: (segments [n, 3] int64, their address, n, threads)
+        self.native = None
         if table.kernel is not None:
             short = [s for s in segments if s[2] - s[1] <= native.MAX_ROWS]
             if short:
-                self.native = (np.array(short, dtype=np.int64), torch.get_num_threads())
+                segs = np.array(short, dtype=np.int64)
+                self.native = (segs, segs.ctypes.data, len(segs), torch.get_num_threads())
             segments = [s for s in segments if s[2] - s[1] > native.MAX_ROWS]
         self.segments = segments  # (slot, start, end): tokens [start, end) use `slot`
 
     def linear(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         table, r = self.table, self.table.max_rank
         if self.native is not None:
-            segs, threads = self.native
+            _, segs, nsegs, threads = self.native
             table.kernel.lora(x if x.stride(1) == 1 else x.contiguous(), out,
-                              table.native_desc[group][layer], segs, threads, table.dtype)
+                              table.native_desc_ptr[group][layer], segs, nsegs, threads,
+                              table.dtype)
         A = table.A_layers[group][layer]
         for slot, start, end in self.segments:
             present = table.present(table.targets[slot], layer, group)
