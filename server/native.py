@@ -86,10 +86,10 @@ class Kernels:
         """out[t, cols(m)] += x[t] @ A[slot] @ B_m[slot] for the segments' tokens; desc: the
         address of a `LoraSlotTable.native_desc` array (the table's own, kept alive by it),
         over slot tables of `table_dtype`; segs: the address of nsegs (slot, start, end)
-        int64 triples, starts and ends within x's rows (`LoraHooks` keeps the array). x and out are CPU tensors with unit column stride, both
-        fp32 or both bf16; fp32 tables take fp32 rows, bf16 tables either (widened in
-        registers, the delta summed in fp32 and added to a bf16 out once, as PEFT adds its
-        bf16 delta). A decode step makes ~120 of these calls: the checks are attribute
+        int64 triples, starts and ends within x's rows (`LoraHooks` keeps the array). x and
+        out are CPU tensors with unit column stride, both fp32 or both bf16; fp32 tables
+        take fp32 rows, bf16 tables either (widened in registers, the delta summed in fp32
+        and added to a bf16 out once, as PEFT adds its bf16 delta). A decode step makes ~120 of these calls: the checks are attribute
         comparisons only."""
         dtype = x.dtype
         if dtype is not out.dtype or x.stride(1) != 1 or out.stride(1) != 1 \
