@@ -89,8 +89,8 @@ class Kernels:
         int64 triples, starts and ends within x's rows (`LoraHooks` keeps the array). x and
         out are CPU tensors with unit column stride, both fp32 or both bf16; fp32 tables
         take fp32 rows, bf16 tables either (widened in registers, the delta summed in fp32
-        and added to a bf16 out once, as PEFT adds its bf16 delta). A decode step makes ~120 of these calls: the checks are attribute
-        comparisons only."""
+        and added to a bf16 out once, as PEFT adds its bf16 delta). A decode step makes ~120
+        of these calls: the checks are attribute comparisons only."""
         dtype = x.dtype
         if dtype is not out.dtype or x.stride(1) != 1 or out.stride(1) != 1 \
                 or x.shape[0] != out.shape[0] or x.device.type != "cpu" \
