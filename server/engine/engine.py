@@ -137,8 +137,8 @@ def prepack_auto(device: torch.device, dtype: torch.dtype, quantize: str, copy_b
     for fp32 weights when oneDNN's second copy (`copy_bytes`) takes at most a quarter of the
     memory left (`available`, server.resources.available_memory; unknown: off): a 32-row
     step's projections 1.8x faster and its head 1.9x, the base alone with 32 clients served
-    about 2x (docs/performance.md), for twice the weights' memory. Off for everything else (int8/int4/w8a8/w4a8 keep their
-    own layouts, CUDA has no such copy)."""
+    about 2x (docs/performance.md), for twice the weights' memory. Off for everything else
+    (int8/int4/w8a8/w4a8 keep their own layouts, CUDA has no such copy)."""
     if device.type != "cpu":
         return False
     if quantize == "bf16":
