@@ -18,6 +18,9 @@ NAME(shrink_block)(const float *x, int64_t xs, const WT *a, int64_t in_f, int64_
     for (; i + P <= in_f; i += P)
         for (int p = 0; p < P; p++) {
             const WT *ai = a + (i + p) * ncols + c0;
+            /* non-temporal: the tables are read once a step and should not evict the
+               step's activations (served bf16 A/B: the adapter side +2.5% net) */
+            __builtin_prefetch((const char *)ai + 1024, 0, 0);
             vec av[NB];
             for (int b = 0; b < nb; b++) av[b] = WLOAD(ai + b * W);
             for (int k = 0; k < n; k++) {
@@ -80,6 +83,7 @@ NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t q0, int64_t
         for (int b = 0; b < nb; b++) acc[k][b] = VLOAD(y + k * ys + c0 + b * W);
     for (int64_t q = q0; q < q1; q++) {
         const WT *bq = bm + q * sz + c0;
+        __builtin_prefetch((const char *)bq + 512, 0, 0);
         vec bv[NB];
         for (int b = 0; b < nb; b++) bv[b] = WLOAD(bq + b * W);
         for (int k = 0; k < n; k++) {
