@@ -122,12 +122,40 @@ static void NAME(expand_rows)(const float *t, int64_t ts, const WT *bm, int64_t 
 }
 #undef QB
 
-/* desc: in_f, A (pointer), ncols, r, nmods, bits (pointer), bits stride, then per module
-   B (pointer), column offset in y, size. bits[slot * stride]: the modules the slot's
-   adapter targets in this (layer, group). segs: nsegs x (slot, start, end), tokens < ntok.
-   Returns 0, or -1 when the scratch cannot be allocated. */
-int NAME(lora_segments)(const float *x, int64_t xs, float *y, int64_t ys, int64_t ntok,
-                  const int64_t *desc, const int64_t *segs, int64_t nsegs, int64_t threads)
+/* Enough segments to share: each thread takes whole segments, shrink then expand, so no
+   barrier splits the call and each slot's A and B stream back to back. */
+static void NAME(by_segment)(const float *x, int64_t xs, float *y, int64_t ys, float *t,
+                             const int64_t *desc, const int64_t *segs, int64_t nsegs,
+                             int64_t threads)
+{
+    const int64_t in_f = desc[0], ncols = desc[2], r = desc[3], nmods = desc[4];
+    const int64_t *bits = (const int64_t *)desc[5], stride = desc[6];
+    const WT *A = (const WT *)desc[1];
+    const int64_t *mods = desc + 7;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t j = 0; j < nsegs; j++) {
+        int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
+        if (!bits[s * stride]) continue;
+        for (int64_t t0 = start; t0 < end; t0 += NR) {
+            const int n = (int)(end - t0 < NR ? end - t0 : NR);
+            NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
+                              t + t0 * ncols, ncols, n);
+            for (int64_t m = 0; m < nmods; m++) {
+                const int64_t *md = mods + 3 * m;
+                if (bits[s * stride] >> m & 1)
+                    NAME(expand_rows)(t + t0 * ncols + m * r, ncols,
+                                      (const WT *)md[0] + s * r * md[2], r, md[2], 0,
+                                      md[2], y + t0 * ys + md[1], ys, n);
+            }
+        }
+    }
+}
+
+/* Few segments (one stream, a few adapters): shrink by segment, then expand by (segment,
+   module, column chunk), so that every thread has work. */
+static void NAME(by_chunk)(const float *x, int64_t xs, float *y, int64_t ys, float *t,
+                           const int64_t *desc, const int64_t *segs, int64_t nsegs,
+                           int64_t threads)
 {
     const int64_t in_f = desc[0], ncols = desc[2], r = desc[3], nmods = desc[4];
     const int64_t *bits = (const int64_t *)desc[5], stride = desc[6];
@@ -137,33 +165,6 @@ int NAME(lora_segments)(const float *x, int64_t xs, float *y, int64_t ys, int64_
     for (int64_t m = 0; m < nmods; m++)
         if (mods[3 * m + 2] > max_size) max_size = mods[3 * m + 2];
     const int64_t nchunks = (max_size + CHUNK - 1) / CHUNK;
-    float *t = malloc(sizeof(float) * (size_t)(ntok * ncols));
-    if (!t) return -1;
-    if (nsegs >= 2 * threads) {
-        /* Enough segments to share: each thread takes whole segments, shrink then expand,
-           so no barrier splits the call and each slot's A and B stream back to back. */
-        #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-        for (int64_t j = 0; j < nsegs; j++) {
-            int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
-            if (!bits[s * stride]) continue;
-            for (int64_t t0 = start; t0 < end; t0 += NR) {
-                const int n = (int)(end - t0 < NR ? end - t0 : NR);
-                NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
-                                  t + t0 * ncols, ncols, n);
-                for (int64_t m = 0; m < nmods; m++) {
-                    const int64_t *md = mods + 3 * m;
-                    if (bits[s * stride] >> m & 1)
-                        NAME(expand_rows)(t + t0 * ncols + m * r, ncols,
-                                          (const WT *)md[0] + s * r * md[2], r, md[2], 0,
-                                          md[2], y + t0 * ys + md[1], ys, n);
-                }
-            }
-        }
-        free(t);
-        return 0;
-    }
-    /* Few segments (one stream, a few adapters): shrink by segment, then expand by
-       (segment, module, column chunk), so that both threads have work. */
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(dynamic, 1)
@@ -189,6 +190,21 @@ int NAME(lora_segments)(const float *x, int64_t xs, float *y, int64_t ys, int64_
                             y + t0 * ys + md[1], ys, (int)(end - t0 < NR ? end - t0 : NR));
         }
     }
+}
+
+/* desc: in_f, A (pointer), ncols, r, nmods, bits (pointer), bits stride, then per module
+   B (pointer), column offset in y, size. bits[slot * stride]: the modules the slot's
+   adapter targets in this (layer, group). segs: nsegs x (slot, start, end), tokens < ntok.
+   Returns 0, or -1 when the scratch cannot be allocated. */
+int NAME(lora_segments)(const float *x, int64_t xs, float *y, int64_t ys, int64_t ntok,
+                  const int64_t *desc, const int64_t *segs, int64_t nsegs, int64_t threads)
+{
+    float *t = malloc(sizeof(float) * (size_t)(ntok * desc[2]));  /* [ntok, ncols] */
+    if (!t) return -1;
+    if (nsegs >= 2 * threads)
+        NAME(by_segment)(x, xs, y, ys, t, desc, segs, nsegs, threads);
+    else
+        NAME(by_chunk)(x, xs, y, ys, t, desc, segs, nsegs, threads);
     free(t);
     return 0;
 }
