@@ -76,6 +76,11 @@ def auto_dtype(device_type: str, flags: frozenset[str] | set[str]) -> torch.dtyp
     return torch.float32
 
 
+# --dtype and --adapter-dtype names
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def pick_precision(name: str, device: torch.device, quantize: str = "none",
                    cpu_kernels: str = "auto") -> tuple[torch.dtype, str]:
     """(the activations' dtype, the weights' `--quantize` mode) for `--dtype name`.
@@ -89,9 +94,7 @@ def pick_precision(name: str, device: torch.device, quantize: str = "none",
     ops, no C kernels)."""
     if name != "auto":
         try:
-            return {"float32": torch.float32, "fp32": torch.float32,
-                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                    "float16": torch.float16, "fp16": torch.float16}[name], quantize
+            return DTYPE_NAMES[name], quantize
         except KeyError:
             raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16, "
                              "float16") from None
@@ -120,7 +123,7 @@ def pick_adapter_dtype(name: str, dtype: torch.dtype, quantize: str, kernels: bo
     weights once (B with its scale folded in); the deltas are still summed in fp32."""
     if name == "auto":
         return torch.bfloat16 if quantize == "bf16" and kernels else dtype
-    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    want = DTYPE_NAMES[name]
     if want == dtype:
         return want
     if want == torch.bfloat16 and dtype == torch.float32 and kernels:
