@@ -27,6 +27,7 @@
 #define NR 4          /* rows done together */
 #define NB 4          /* vectors of columns done together */
 #define CHUNK 512 /* output columns of one expand work item (a multiple of W) */
+#define QB 4      /* rows of B an expand block reads */
 
 /* Calls fn(..., n, nb) with n and nb as constants, so the accumulators live in registers. */
 #define DISPATCH(fn, n, nb, ...)                                                    \
@@ -48,6 +49,37 @@
 #else
 #define SFMA(a, b, c) ((a) * (b) + (c))
 #endif
+
+/* Memory to prefetch into L2 a few lines at a time, spread over `steps` ticks of other
+   work (pf_tick): by_segment fetches a segment's B while its shrink streams A, and the
+   thread's next segment's A while this one's expand reads B. Two streams are in flight
+   instead of one, and each phase finds most of its lines in L2 (16 adapters x 2 rows,
+   2 threads, Zen 5: bf16 tables 8.0 -> 6.6 ms a step, fp32 12.8 -> 12.0). */
+#define PF_REGIONS 4  /* a group has at most 3 modules */
+#define PF_LINE 64
+typedef struct {
+    const char *p[PF_REGIONS];
+    int64_t lines[PF_REGIONS], total, done, off, tick, steps;
+    int nreg, reg;
+} prefetch_plan;
+
+static inline void pf_add(prefetch_plan *c, const void *p, int64_t bytes)
+{
+    if (c->nreg == PF_REGIONS) return;
+    c->p[c->nreg] = p;
+    c->lines[c->nreg++] = (bytes + PF_LINE - 1) / PF_LINE;
+    c->total += (bytes + PF_LINE - 1) / PF_LINE;
+}
+
+static inline __attribute__((always_inline)) void pf_tick(prefetch_plan *c)
+{
+    if (c->tick >= c->steps) return;
+    const int64_t target = ++c->tick * c->total / c->steps;
+    for (; c->done < target; c->done++) {
+        __builtin_prefetch(c->p[c->reg] + c->off * PF_LINE, 0, 2);
+        if (++c->off == c->lines[c->reg]) c->off = 0, c->reg++;
+    }
+}
 
 #define WT float
 #define WLOAD(p) VLOAD(p)

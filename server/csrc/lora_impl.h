@@ -4,10 +4,11 @@
    t and y are fp32 for both. */
 
 /* t[k][c0 : c0 + nb*W] = x[k] @ a[:, c0 : c0 + nb*W] for k < n; a is [in_f, ncols].
-   P partial sums over i (P from nb, never from n) keep enough FMAs in flight. */
+   P partial sums over i (P from nb, never from n) keep enough FMAs in flight. pf, when
+   not NULL, ticks once a row of a. */
 static inline __attribute__((always_inline)) void
 NAME(shrink_block)(const float *x, int64_t xs, const WT *a, int64_t in_f, int64_t ncols,
-             int64_t c0, float *t, int64_t ts, const int n, const int nb)
+             int64_t c0, float *t, int64_t ts, prefetch_plan *pf, const int n, const int nb)
 {
     const int P = nb == 1 ? 4 : nb == 2 ? 2 : 1;
     vec acc[4][NR][NB];
@@ -21,6 +22,7 @@ NAME(shrink_block)(const float *x, int64_t xs, const WT *a, int64_t in_f, int64_
             /* non-temporal: the tables are read once a step and should not evict the
                step's activations (served bf16 A/B: the adapter side +2.5% net) */
             __builtin_prefetch((const char *)ai + 1024, 0, 0);
+            if (pf) pf_tick(pf);
             vec av[NB];
             for (int b = 0; b < nb; b++) av[b] = WLOAD(ai + b * W);
             for (int k = 0; k < n; k++) {
@@ -45,12 +47,13 @@ NAME(shrink_block)(const float *x, int64_t xs, const WT *a, int64_t in_f, int64_
 }
 
 static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t in_f,
-                        int64_t ncols, float *t, int64_t ts, int n)
+                        int64_t ncols, float *t, int64_t ts, int n, prefetch_plan *pf)
 {
     int64_t vcols = ncols / W * W;
     for (int64_t c0 = 0; c0 < vcols; c0 += NB * W) {
         int nb = (int)((vcols - c0) / W < NB ? (vcols - c0) / W : NB);
-        DISPATCH(NAME(shrink_block), n, nb, x, xs, a, in_f, ncols, c0, t, ts)
+        DISPATCH(NAME(shrink_block), n, nb, x, xs, a, in_f, ncols, c0, t, ts,
+                 c0 == 0 ? pf : NULL)
     }
     /* The last ncols % W columns (all of a rank-8 bucket's o and down columns with
        AVX-512): i outermost, so a's rows are read once, contiguously, and the compiler
@@ -73,11 +76,13 @@ static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t i
     }
 }
 
-/* y[k][c0 : c0 + nb*W] += t[k][q0:q1] @ bm[q0:q1, c0 : c0 + nb*W] for k < n; bm is [r, sz]. */
+/* y[k][c0 : c0 + nb*W] += t[k][q0:q1] @ bm[q0:q1, c0 : c0 + nb*W] for k < n; bm is [r, sz].
+   pf, when not NULL, ticks once a block. */
 static inline __attribute__((always_inline)) void
 NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t q0, int64_t q1, int64_t sz,
-             int64_t c0, float *y, int64_t ys, const int n, const int nb)
+             int64_t c0, float *y, int64_t ys, prefetch_plan *pf, const int n, const int nb)
 {
+    if (pf) pf_tick(pf);
     vec acc[NR][NB];
     for (int k = 0; k < n; k++)
         for (int b = 0; b < nb; b++) acc[k][b] = VLOAD(y + k * ys + c0 + b * W);
@@ -100,16 +105,16 @@ NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t q0, int64_t
    of a few columns at a time would be r strided runs, which the hardware prefetcher
    follows badly) while y is read and written r / QB times from L1. Each y element still
    sums y + t[0] b[0] + t[1] b[1] + ... in that order. */
-#define QB 4
 static void NAME(expand_rows)(const float *t, int64_t ts, const WT *bm, int64_t r, int64_t sz,
-                        int64_t c_begin, int64_t c_end, float *y, int64_t ys, int n)
+                        int64_t c_begin, int64_t c_end, float *y, int64_t ys, int n,
+                        prefetch_plan *pf)
 {
     const int64_t vend = c_begin + (c_end - c_begin) / W * W;
     for (int64_t q0 = 0; q0 < r; q0 += QB) {
         const int64_t q1 = q0 + QB < r ? q0 + QB : r;
         for (int64_t c0 = c_begin; c0 < vend; c0 += NB * W) {
             int nb = (int)((vend - c0) / W < NB ? (vend - c0) / W : NB);
-            DISPATCH(NAME(expand_block), n, nb, t, ts, bm, q0, q1, sz, c0, y, ys)
+            DISPATCH(NAME(expand_block), n, nb, t, ts, bm, q0, q1, sz, c0, y, ys, pf)
         }
     }
     for (int64_t c = vend; c < c_end; c++)
@@ -120,10 +125,11 @@ static void NAME(expand_rows)(const float *t, int64_t ts, const WT *bm, int64_t 
             y[k * ys + c] = acc;
         }
 }
-#undef QB
 
 /* Enough segments to share: each thread takes whole segments, shrink then expand, so no
-   barrier splits the call and each slot's A and B stream back to back. */
+   barrier splits the call and each slot's A and B stream back to back. A thread claims
+   its next segment before it starts this one, to prefetch the next A during this expand
+   (prefetch_plan). */
 static void NAME(by_segment)(const float *x, int64_t xs, float *y, int64_t ys, float *t,
                              const int64_t *desc, const int64_t *segs, int64_t nsegs,
                              int64_t threads)
@@ -132,21 +138,39 @@ static void NAME(by_segment)(const float *x, int64_t xs, float *y, int64_t ys, f
     const int64_t *bits = (const int64_t *)desc[5], stride = desc[6];
     const WT *A = (const WT *)desc[1];
     const int64_t *mods = desc + 7;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t j = 0; j < nsegs; j++) {
-        int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
-        if (!bits[s * stride]) continue;
-        for (int64_t t0 = start; t0 < end; t0 += NR) {
-            const int n = (int)(end - t0 < NR ? end - t0 : NR);
-            NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
-                              t + t0 * ncols, ncols, n);
-            for (int64_t m = 0; m < nmods; m++) {
-                const int64_t *md = mods + 3 * m;
-                if (bits[s * stride] >> m & 1)
-                    NAME(expand_rows)(t + t0 * ncols + m * r, ncols,
-                                      (const WT *)md[0] + s * r * md[2], r, md[2], 0,
-                                      md[2], y + t0 * ys + md[1], ys, n);
+    int64_t claimed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t j = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+        while (j < nsegs) {
+            const int64_t next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+            const int64_t s = segs[3 * j], start = segs[3 * j + 1], end = segs[3 * j + 2];
+            const int64_t sbits = bits[s * stride];
+            prefetch_plan b_plan = {.steps = in_f}, a_plan = {0};  /* ticks: A rows, B blocks */
+            for (int64_t m = 0; m < nmods; m++)
+                if (sbits >> m & 1) {
+                    const int64_t sz = mods[3 * m + 2];
+                    pf_add(&b_plan, (const WT *)mods[3 * m] + s * r * sz,
+                           (int64_t)sizeof(WT) * r * sz);
+                    a_plan.steps += (r + QB - 1) / QB * ((sz / W + NB - 1) / NB);
+                }
+            if (next < nsegs && bits[segs[3 * next] * stride])
+                pf_add(&a_plan, A + segs[3 * next] * in_f * ncols,
+                       (int64_t)sizeof(WT) * in_f * ncols);
+            for (int64_t t0 = start; sbits && t0 < end; t0 += NR) {
+                const int n = (int)(end - t0 < NR ? end - t0 : NR);
+                NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
+                                  t + t0 * ncols, ncols, n, t0 == start ? &b_plan : NULL);
+                for (int64_t m = 0; m < nmods; m++) {
+                    const int64_t *md = mods + 3 * m;
+                    if (sbits >> m & 1)
+                        NAME(expand_rows)(t + t0 * ncols + m * r, ncols,
+                                          (const WT *)md[0] + s * r * md[2], r, md[2], 0,
+                                          md[2], y + t0 * ys + md[1], ys, n,
+                                          t0 == start ? &a_plan : NULL);
+                }
             }
+            j = next;
         }
     }
 }
@@ -173,7 +197,7 @@ static void NAME(by_chunk)(const float *x, int64_t xs, float *y, int64_t ys, flo
             if (!bits[s * stride]) continue;
             for (int64_t t0 = start; t0 < end; t0 += NR)
                 NAME(shrink_rows)(x + t0 * xs, xs, A + s * in_f * ncols, in_f, ncols,
-                            t + t0 * ncols, ncols, (int)(end - t0 < NR ? end - t0 : NR));
+                            t + t0 * ncols, ncols, (int)(end - t0 < NR ? end - t0 : NR), NULL);
         }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < nsegs * nmods * nchunks; item++) {
@@ -187,7 +211,8 @@ static void NAME(by_chunk)(const float *x, int64_t xs, float *y, int64_t ys, flo
             const WT *bm = (const WT *)md[0] + s * r * sz;
             for (int64_t t0 = start; t0 < end; t0 += NR)
                 NAME(expand_rows)(t + t0 * ncols + m * r, ncols, bm, r, sz, c_begin, c_end,
-                            y + t0 * ys + md[1], ys, (int)(end - t0 < NR ? end - t0 : NR));
+                            y + t0 * ys + md[1], ys, (int)(end - t0 < NR ? end - t0 : NR),
+                            NULL);
         }
     }
 }

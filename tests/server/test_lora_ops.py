@@ -110,11 +110,15 @@ def _bf16_exact(weights: LoraWeights) -> LoraWeights:
 @pytest.mark.parametrize("march", KERNEL_BUILDS)
 @pytest.mark.parametrize("spec,max_rank", [(SPEC, 64), (ODD_SPEC, 5), (ODD_SPEC, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_kernel_matches_reference_for_any_shape(spec, max_rank, march, dtype):
+@pytest.mark.parametrize("many", [False, True], ids=["by_chunk", "by_segment"])
+def test_native_kernel_matches_reference_for_any_shape(spec, max_rank, march, dtype, many):
     """Short segments (the kernel) and one longer than native.MAX_ROWS (BLAS) in one step,
     ranks below the table's max rank, modules some adapters do not target; every build
     (AVX-512, AVX2, plain C) of the kernel; fp32 and bf16 slot tables (bf16: the delta is
-    summed in fp32 and rounded once into the bf16 output, so the bound is one bf16 step)."""
+    summed in fp32 and rounded once into the bf16 output, so the bound is one bf16 step).
+    Both of the kernel's work splits at 2 threads: 3 short segments (by chunk) and 8, some
+    of more than NR = 4 rows, some of slots that target nothing in a group (by segment,
+    each thread prefetching its next segment's tables)."""
     table = LoraSlotTable(spec, num_slots=4, max_rank=max_rank, dtype=dtype,
                           device="cpu", kernel=kernels_for(march))
     all_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -126,10 +130,17 @@ def test_native_kernel_matches_reference_for_any_shape(spec, max_rank, march, dt
     for slot, weights in by_slot.items():
         table.write(slot, weights)
     long = native.MAX_ROWS + 3
-    token_slots = [None, 0, 1, 1, 1, 1, 1, 3, 3] + [0] * long
-    segments = [(0, 1, 2), (1, 2, 7), (3, 7, 9), (0, 9, 9 + long)]
+    token_slots = [None, 0, 1, 1, 1, 1, 1, 3, 3]
+    segments = [(0, 1, 2), (1, 2, 7), (3, 7, 9)]
+    if many:
+        token_slots += [1, 0, 0, 0, 0, 0, 3, 1]
+        segments += [(1, 9, 10), (0, 10, 15), (3, 15, 16), (1, 16, 17)]
+    n_short = len(token_slots)
+    token_slots += [0] * long
+    segments.append((0, n_short, n_short + long))
     hooks = LoraHooks(table, segments)
-    assert hooks.segments == [(0, 9, 9 + long)] and len(hooks.native[0]) == 3
+    assert hooks.segments == [segments[-1]] and len(hooks.native[0]) == len(segments) - 1
+    hooks.native = (*hooks.native[:3], 2)  # two threads: len(segments) - 1 >= 4 by segment
     shapes = {g: (in_f, sum(outs)) for g, (in_f, outs) in group_shapes(spec).items()}
     torch.manual_seed(0)
     for layer in range(spec.num_layers):
@@ -145,7 +156,8 @@ def test_native_kernel_matches_reference_for_any_shape(spec, max_rank, march, dt
                 torch.testing.assert_close(out, base + ref, atol=1e-4, rtol=1e-4)
             else:  # the long segment (BLAS in bf16) rounds on the way: bf16's tolerance
                 exact = (base.float() + ref).to(dtype)
-                torch.testing.assert_close(out[:9], exact[:9], atol=1e-2, rtol=8e-3)
+                torch.testing.assert_close(out[:n_short], exact[:n_short], atol=1e-2,
+                                           rtol=8e-3)
                 torch.testing.assert_close(out.float(), base.float() + ref, atol=0.5,
                                            rtol=0.03)
             assert torch.equal(out[0], base[0])  # the base row is untouched
