@@ -77,7 +77,7 @@ static void NAME(shrink_rows)(const float *x, int64_t xs, const WT *a, int64_t i
 }
 
 /* y[k][c0 : c0 + nb*W] += t[k][q0:q1] @ bm[q0:q1, c0 : c0 + nb*W] for k < n; bm is [r, sz].
-   pf, when not NULL, ticks once a block. */
+   pf, when not NULL, ticks once a block (by_segment's: its b_plan has fetched bm). */
 static inline __attribute__((always_inline)) void
 NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t q0, int64_t q1, int64_t sz,
              int64_t c0, float *y, int64_t ys, prefetch_plan *pf, const int n, const int nb)
@@ -88,7 +88,7 @@ NAME(expand_block)(const float *t, int64_t ts, const WT *bm, int64_t q0, int64_t
         for (int b = 0; b < nb; b++) acc[k][b] = VLOAD(y + k * ys + c0 + b * W);
     for (int64_t q = q0; q < q1; q++) {
         const WT *bq = bm + q * sz + c0;
-        __builtin_prefetch((const char *)bq + 512, 0, 0);
+        if (!pf) __builtin_prefetch((const char *)bq + 512, 0, 0);  /* else B is in L2 */
         vec bv[NB];
         for (int b = 0; b < nb; b++) bv[b] = WLOAD(bq + b * W);
         for (int k = 0; k < n; k++) {
