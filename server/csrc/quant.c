@@ -11,8 +11,9 @@
    int4: q [N, K/2] bytes, per (n, group of G inputs) scale s and minimum lo [N, K/G]:
          w[n, k] = lo[n, g] + s[n, g] * u[n, k], u in 0..15; a group's 32 inputs i < 16 and
          16 + i share byte i of each 16-byte block (low nibble, high nibble). G = 32 * b.
-   Rows are done NR at a time so each weight is unpacked once per NR rows; output channels
-   are split over the OpenMP team. A row alone (a decode step of one stream) is summed in
+   Rows are done NR at a time so each weight is unpacked once per NR rows (with AVX-512,
+   from TILE_ROWS rows: once a call, into tiles; q8_tiles below); output channels are
+   split over the OpenMP team. A row alone (a decode step of one stream) is summed in
    4 chains, rows in a batch in one chain each: the two agree to fp32 rounding. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -123,10 +124,175 @@ rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int wt, const 
     }
 }
 
+
+#if W == 16
+/* A batch of rows with AVX-512 (int8 and int4, from TILE_ROWS rows): each thread
+   dequantizes TN output channels at a time into an fp32 scratch [TN][K] in L1 (once a
+   call, where the NR-row path converts every weight once per NR rows), then runs TR rows
+   at a time against it, 512-bit FMAs into TR x TN accumulators. Each (row, channel) sums
+   in 16 lanes over k and then across the lanes: the same for every row of the batch, and
+   within fp32 rounding of the NR-row path. The default model's projections and head at
+   32 rows, 2 threads, Zen 5: int8 1.17x and int4 1.30x the NR-row path's speed (16 rows:
+   1.04x, 1.12x); TN x TR = 4 x 6, 8 x 3, 4 x 4 and 8 x 2 were slower. */
+#define TILE_ROWS 16
+#define TN 2
+#define TR 12
+
+/* acc[r][j] = x[r] . wt[j] for r < nr, j < TN; wt [TN][K] fp32 in the scratch. */
+static inline __attribute__((always_inline)) void
+tile_dot(const float *x, int64_t xs, const float *wt, int64_t k_len, int nr, float *out)
+{
+    __m512 acc[TR][TN];
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < TN; j++) acc[r][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= k_len; k += 16) {
+        __m512 w[TN];
+        for (int j = 0; j < TN; j++) w[j] = _mm512_loadu_ps(wt + j * k_len + k);
+        for (int r = 0; r < nr; r++) {
+            const __m512 xv = _mm512_loadu_ps(x + r * xs + k);
+            for (int j = 0; j < TN; j++) acc[r][j] = _mm512_fmadd_ps(xv, w[j], acc[r][j]);
+        }
+    }
+    if (k < k_len) {
+        const __mmask16 mk = (__mmask16)((1u << (k_len - k)) - 1);
+        __m512 w[TN];
+        for (int j = 0; j < TN; j++) w[j] = _mm512_maskz_loadu_ps(mk, wt + j * k_len + k);
+        for (int r = 0; r < nr; r++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, x + r * xs + k);
+            for (int j = 0; j < TN; j++) acc[r][j] = _mm512_fmadd_ps(xv, w[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < TN; j++) out[r * TN + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+/* out[r][j] = x[r0 + r] . wt[j] for every row of the batch, TR rows at a time. */
+static void tile_rows(const float *x, int64_t xs, int64_t m, const float *wt, int64_t k_len,
+                      float *out)
+{
+    for (int64_t r0 = 0; r0 < m; r0 += TR) {
+        const float *xr = x + r0 * xs;
+        float *o = out + r0 * TN;
+        switch (m - r0 < TR ? (int)(m - r0) : TR) { /* constant nr: registers */
+        case 12: tile_dot(xr, xs, wt, k_len, 12, o); break;
+        case 11: tile_dot(xr, xs, wt, k_len, 11, o); break;
+        case 10: tile_dot(xr, xs, wt, k_len, 10, o); break;
+        case 9: tile_dot(xr, xs, wt, k_len, 9, o); break;
+        case 8: tile_dot(xr, xs, wt, k_len, 8, o); break;
+        case 7: tile_dot(xr, xs, wt, k_len, 7, o); break;
+        case 6: tile_dot(xr, xs, wt, k_len, 6, o); break;
+        case 5: tile_dot(xr, xs, wt, k_len, 5, o); break;
+        case 4: tile_dot(xr, xs, wt, k_len, 4, o); break;
+        case 3: tile_dot(xr, xs, wt, k_len, 3, o); break;
+        case 2: tile_dot(xr, xs, wt, k_len, 2, o); break;
+        default: tile_dot(xr, xs, wt, k_len, 1, o); break;
+        }
+    }
+}
+
+/* q8_matmul for m >= TILE_ROWS rows. Returns -1 with no memory for the scratch. */
+static int q8_tiles(const float *x, int64_t xs, int64_t m, const int8_t *q, const float *s,
+                    const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
+                    int64_t threads)
+{
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *wt = malloc(sizeof(float) * (size_t)(TN * k_len + TN * m));
+        if (!wt) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        float *out = wt + TN * k_len;
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n_out; n0 += TN) {
+            if (!wt) continue;
+            const int tn = n_out - n0 < TN ? (int)(n_out - n0) : TN;
+            for (int j = 0; j < TN; j++) {
+                float *w = wt + j * k_len;
+                if (j >= tn) { memset(w, 0, sizeof(float) * (size_t)k_len); continue; }
+                const int8_t *qn = q + (n0 + j) * k_len;
+                int64_t k = 0;
+                for (; k + 16 <= k_len; k += 16)
+                    _mm512_storeu_ps(w + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                        _mm_loadu_si128((const __m128i *)(qn + k)))));
+                for (; k < k_len; k++) w[k] = (float)qn[k];
+            }
+            tile_rows(x, xs, m, wt, k_len, out);
+            for (int j = 0; j < tn; j++) {
+                const float sn = s[n0 + j], b = bias ? bias[n0 + j] : 0.0f;
+                for (int64_t r = 0; r < m; r++) y[r * ys + n0 + j] = sn * out[r * TN + j] + b;
+            }
+        }
+        free(wt);
+    }
+    return failed ? -1 : 0;
+}
+
+/* q4_matmul for m >= TILE_ROWS rows (xsum as there): the scratch holds s[g] * u, as the
+   NR-row path's multiplied weights. */
+static int q4_tiles(const float *x, int64_t xs, const float *xsum, int64_t m,
+                    const uint8_t *q, const float *s, const float *lo, const float *bias,
+                    int64_t n_out, int64_t k_len, int64_t group, float *y, int64_t ys,
+                    int64_t threads)
+{
+    const int64_t ng = k_len / group;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *wt = malloc(sizeof(float) * (size_t)(TN * k_len + TN * m));
+        if (!wt) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        float *out = wt + TN * k_len;
+        const __m128i mask = _mm_set1_epi8(0x0f);
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n_out; n0 += TN) {
+            if (!wt) continue;
+            const int tn = n_out - n0 < TN ? (int)(n_out - n0) : TN;
+            for (int j = 0; j < TN; j++) {
+                float *w = wt + j * k_len;
+                if (j >= tn) { memset(w, 0, sizeof(float) * (size_t)k_len); continue; }
+                const uint8_t *qn = q + (n0 + j) * (k_len / 2);
+                const float *sn = s + (n0 + j) * ng;
+                for (int64_t k = 0; k < k_len; k += 32) {
+                    const __m512 sg = _mm512_set1_ps(sn[k / group]);
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(qn + k / 2));
+                    const __m128i lo4 = _mm_and_si128(b, mask);
+                    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                    _mm512_storeu_ps(w + k, _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo4)), sg));
+                    _mm512_storeu_ps(w + k + 16, _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi4)), sg));
+                }
+            }
+            tile_rows(x, xs, m, wt, k_len, out);
+            for (int j = 0; j < tn; j++) {
+                const float *lon = lo + (n0 + j) * ng;
+                const float b = bias ? bias[n0 + j] : 0.0f;
+                for (int64_t r = 0; r < m; r++) {
+                    float off = 0.0f;
+                    for (int64_t g = 0; g < ng; g++) off += lon[g] * xsum[r * ng + g];
+                    y[r * ys + n0 + j] = out[r * TN + j] + off + b;
+                }
+            }
+        }
+        free(wt);
+    }
+    return failed ? -1 : 0;
+}
+#endif
+
 void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const float *s,
                const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
                int64_t threads)
 {
+#if W == 16
+    if (m >= TILE_ROWS && q8_tiles(x, xs, m, q, s, bias, n_out, k_len, y, ys, threads) == 0)
+        return;
+#endif
     rows_matmul(x, xs, m, q, WT_I8, s, bias, n_out, k_len, y, ys, threads);
 }
 
@@ -230,6 +396,13 @@ int q4_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const flo
             for (int64_t k = g * group; k < (g + 1) * group; k++) t += x[r * xs + k];
             xsum[r * ng + g] = t;
         }
+#if W == 16
+    if (m >= TILE_ROWS && q4_tiles(x, xs, xsum, m, q, s, lo, bias, n_out, k_len, group, y, ys,
+                                   threads) == 0) {
+        free(xsum);
+        return 0;
+    }
+#endif
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < n_out; n++) {
         const uint8_t *qn = q + n * (k_len / 2);
