@@ -12,7 +12,7 @@
          w[n, k] = lo[n, g] + s[n, g] * u[n, k], u in 0..15; a group's 32 inputs i < 16 and
          16 + i share byte i of each 16-byte block (low nibble, high nibble). G = 32 * b.
    Rows are done NR at a time so each weight is unpacked once per NR rows (with AVX-512,
-   from TILE_ROWS rows: once a call, into tiles; q8_tiles below); output channels are
+   from TILE_ROWS rows: once a call, into tiles; `tiles` below); output channels are
    split over the OpenMP team. A row alone (a decode step of one stream) is summed in
    4 chains, rows in a batch in one chain each: the two agree to fp32 rounding. */
 #include <stdint.h>
@@ -126,7 +126,7 @@ rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int wt, const 
 
 
 #if W == 16
-/* A batch of rows with AVX-512 (int8 and int4, from TILE_ROWS rows): each thread
+/* A batch of rows with AVX-512 (int8 and int4, from TILE_ROWS rows; `tiles`): each thread
    dequantizes TN output channels at a time into an fp32 scratch [TN][K] in L1 (once a
    call, where the NR-row path converts every weight once per NR rows), then runs TR rows
    at a time against it, 512-bit FMAs into TR x TN accumulators. Each (row, channel) sums
@@ -191,95 +191,101 @@ static void tile_rows(const float *x, int64_t xs, int64_t m, const float *wt, in
     }
 }
 
-/* q8_matmul for m >= TILE_ROWS rows. Returns -1 with no memory for the scratch. */
-static int q8_tiles(const float *x, int64_t xs, int64_t m, const int8_t *q, const float *s,
-                    const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
-                    int64_t threads)
+/* The weights of a tiled call: int8 (q, s) or int4 (q, s, lo, group, and xsum: the rows'
+   sums over each group, as q4_matmul computes them). */
+typedef struct {
+    const void *q;
+    const float *s, *lo, *xsum;
+    int64_t group;
+} tile_weights;
+
+/* w = channel n's weights in fp32: int8 q[n] (its scale comes after the dot product), or
+   int4 s[n, g] * u[n] (lo's part comes after: tile_result), as the NR-row paths have them. */
+static inline __attribute__((always_inline)) void
+tile_dequantize(const tile_weights *tw, const int int4, int64_t n, int64_t k_len, float *w)
 {
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        float *wt = malloc(sizeof(float) * (size_t)(TN * k_len + TN * m));
-        if (!wt) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        float *out = wt + TN * k_len;
-        #pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < n_out; n0 += TN) {
-            if (!wt) continue;
-            const int tn = n_out - n0 < TN ? (int)(n_out - n0) : TN;
-            for (int j = 0; j < TN; j++) {
-                float *w = wt + j * k_len;
-                if (j >= tn) { memset(w, 0, sizeof(float) * (size_t)k_len); continue; }
-                const int8_t *qn = q + (n0 + j) * k_len;
-                int64_t k = 0;
-                for (; k + 16 <= k_len; k += 16)
-                    _mm512_storeu_ps(w + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                        _mm_loadu_si128((const __m128i *)(qn + k)))));
-                for (; k < k_len; k++) w[k] = (float)qn[k];
-            }
-            tile_rows(x, xs, m, wt, k_len, out);
-            for (int j = 0; j < tn; j++) {
-                const float sn = s[n0 + j], b = bias ? bias[n0 + j] : 0.0f;
-                for (int64_t r = 0; r < m; r++) y[r * ys + n0 + j] = sn * out[r * TN + j] + b;
-            }
-        }
-        free(wt);
+    int64_t k = 0;
+    if (!int4) {
+        const int8_t *qn = (const int8_t *)tw->q + n * k_len;
+        for (; k + 16 <= k_len; k += 16)
+            _mm512_storeu_ps(w + k, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(qn + k)))));
+        for (; k < k_len; k++) w[k] = (float)qn[k];
+        return;
     }
-    return failed ? -1 : 0;
+    const int64_t group = tw->group;
+    const uint8_t *qn = (const uint8_t *)tw->q + n * (k_len / 2);
+    const float *sn = tw->s + n * (k_len / group);
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    for (; k < k_len; k += 32) {
+        const __m512 sg = _mm512_set1_ps(sn[k / group]);
+        const __m128i b = _mm_loadu_si128((const __m128i *)(qn + k / 2));
+        const __m128i lo4 = _mm_and_si128(b, mask);
+        const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        _mm512_storeu_ps(w + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo4)), sg));
+        _mm512_storeu_ps(w + k + 16,
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi4)), sg));
+    }
 }
 
-/* q4_matmul for m >= TILE_ROWS rows (xsum as there): the scratch holds s[g] * u, as the
-   NR-row path's multiplied weights. */
-static int q4_tiles(const float *x, int64_t xs, const float *xsum, int64_t m,
-                    const uint8_t *q, const float *s, const float *lo, const float *bias,
-                    int64_t n_out, int64_t k_len, int64_t group, float *y, int64_t ys,
-                    int64_t threads)
+/* y[r, n] without the bias, from the dot product of row r with tile_dequantize's weights. */
+static inline __attribute__((always_inline)) float
+tile_result(const tile_weights *tw, const int int4, int64_t n, int64_t r, int64_t k_len,
+            float dot)
 {
-    const int64_t ng = k_len / group;
+    if (!int4) return tw->s[n] * dot;
+    const int64_t ng = k_len / tw->group;
+    const float *lon = tw->lo + n * ng, *xsr = tw->xsum + r * ng;
+    float off = 0.0f;
+    for (int64_t g = 0; g < ng; g++) off += lon[g] * xsr[g];
+    return dot + off;
+}
+
+/* One thread's share of `tiles` (its channels of the team's static split); int4 a constant
+   at both calls, so each weight type gets its own loop. */
+static inline __attribute__((always_inline)) void
+tiles_thread(const float *x, int64_t xs, int64_t m, const tile_weights *tw, const int int4,
+             const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
+             int *failed)
+{
+    float *wt = malloc(sizeof(float) * (size_t)(TN * k_len + TN * m));
+    if (!wt) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    float *out = wt + TN * k_len;
+    #pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < n_out; n0 += TN) {
+        if (!wt) continue;
+        const int tn = n_out - n0 < TN ? (int)(n_out - n0) : TN;
+        for (int j = 0; j < TN; j++) {
+            if (j < tn) tile_dequantize(tw, int4, n0 + j, k_len, wt + j * k_len);
+            else memset(wt + j * k_len, 0, sizeof(float) * (size_t)k_len);
+        }
+        tile_rows(x, xs, m, wt, k_len, out);
+        for (int j = 0; j < tn; j++) {
+            const float b = bias ? bias[n0 + j] : 0.0f;
+            for (int64_t r = 0; r < m; r++)
+                y[r * ys + n0 + j] = tile_result(tw, int4, n0 + j, r, k_len,
+                                                 out[r * TN + j]) + b;
+        }
+    }
+    free(wt);
+}
+
+/* q8_matmul and q4_matmul (tw->lo set) for m >= TILE_ROWS rows. Returns -1 with no memory
+   for the scratch (the caller then takes the NR-row path). */
+static int tiles(const float *x, int64_t xs, int64_t m, const tile_weights *tw,
+                 const float *bias, int64_t n_out, int64_t k_len, float *y, int64_t ys,
+                 int64_t threads)
+{
     int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        float *wt = malloc(sizeof(float) * (size_t)(TN * k_len + TN * m));
-        if (!wt) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        float *out = wt + TN * k_len;
-        const __m128i mask = _mm_set1_epi8(0x0f);
-        #pragma omp for schedule(static)
-        for (int64_t n0 = 0; n0 < n_out; n0 += TN) {
-            if (!wt) continue;
-            const int tn = n_out - n0 < TN ? (int)(n_out - n0) : TN;
-            for (int j = 0; j < TN; j++) {
-                float *w = wt + j * k_len;
-                if (j >= tn) { memset(w, 0, sizeof(float) * (size_t)k_len); continue; }
-                const uint8_t *qn = q + (n0 + j) * (k_len / 2);
-                const float *sn = s + (n0 + j) * ng;
-                for (int64_t k = 0; k < k_len; k += 32) {
-                    const __m512 sg = _mm512_set1_ps(sn[k / group]);
-                    const __m128i b = _mm_loadu_si128((const __m128i *)(qn + k / 2));
-                    const __m128i lo4 = _mm_and_si128(b, mask);
-                    const __m128i hi4 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-                    _mm512_storeu_ps(w + k, _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo4)), sg));
-                    _mm512_storeu_ps(w + k + 16, _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi4)), sg));
-                }
-            }
-            tile_rows(x, xs, m, wt, k_len, out);
-            for (int j = 0; j < tn; j++) {
-                const float *lon = lo + (n0 + j) * ng;
-                const float b = bias ? bias[n0 + j] : 0.0f;
-                for (int64_t r = 0; r < m; r++) {
-                    float off = 0.0f;
-                    for (int64_t g = 0; g < ng; g++) off += lon[g] * xsum[r * ng + g];
-                    y[r * ys + n0 + j] = out[r * TN + j] + off + b;
-                }
-            }
-        }
-        free(wt);
+    if (tw->lo) {
+        #pragma omp parallel num_threads(threads)
+        tiles_thread(x, xs, m, tw, 1, bias, n_out, k_len, y, ys, &failed);
+    } else {
+        #pragma omp parallel num_threads(threads)
+        tiles_thread(x, xs, m, tw, 0, bias, n_out, k_len, y, ys, &failed);
     }
     return failed ? -1 : 0;
 }
@@ -290,7 +296,8 @@ void q8_matmul(const float *x, int64_t xs, int64_t m, const int8_t *q, const flo
                int64_t threads)
 {
 #if W == 16
-    if (m >= TILE_ROWS && q8_tiles(x, xs, m, q, s, bias, n_out, k_len, y, ys, threads) == 0)
+    const tile_weights tw = {q, s, NULL, NULL, 0};
+    if (m >= TILE_ROWS && tiles(x, xs, m, &tw, bias, n_out, k_len, y, ys, threads) == 0)
         return;
 #endif
     rows_matmul(x, xs, m, q, WT_I8, s, bias, n_out, k_len, y, ys, threads);
@@ -397,8 +404,8 @@ int q4_matmul(const float *x, int64_t xs, int64_t m, const uint8_t *q, const flo
             xsum[r * ng + g] = t;
         }
 #if W == 16
-    if (m >= TILE_ROWS && q4_tiles(x, xs, xsum, m, q, s, lo, bias, n_out, k_len, group, y, ys,
-                                   threads) == 0) {
+    const tile_weights tw = {q, s, lo, xsum, group};
+    if (m >= TILE_ROWS && tiles(x, xs, m, &tw, bias, n_out, k_len, y, ys, threads) == 0) {
         free(xsum);
         return 0;
     }
