@@ -138,7 +138,7 @@ rows_matmul(const float *x, int64_t xs, int64_t m, const void *w, int wt, const 
 #define TN 2
 #define TR 12
 
-/* acc[r][j] = x[r] . wt[j] for r < nr, j < TN; wt [TN][K] fp32 in the scratch. */
+/* out[r * TN + j] = x[r] . wt[j] for r < nr, j < TN; wt [TN][K] fp32 in the scratch. */
 static inline __attribute__((always_inline)) void
 tile_dot(const float *x, int64_t xs, const float *wt, int64_t k_len, int nr, float *out)
 {
